@@ -1,0 +1,13 @@
+import os
+
+import pytest
+import torch
+
+# Tests are CPU, fp32, deterministic.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
