@@ -51,6 +51,7 @@ bench: env
 # Re-create the trained artifacts in data/ (chapters 3 and 4), seeded.
 data: env
 	$(PY) -m dslib.train --out data
+	$(PY) -m dslib.moe_train --out data
 
 strip:
 	$(PY) -m nbstripout notebooks/*.ipynb
