@@ -521,8 +521,11 @@ def write_checkpoint(
             "weight_map": {n: f for f, names in zip(files, shards) for n in names},
         }
         (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    if fp8 and not cfg.quantization_config:
+    has_fp8 = any(s.dtype == FP8_DTYPE for s in stored.values())
+    if has_fp8 and not cfg.quantization_config:
         cfg = cfg.replace(quantization_config=fp8_quantization_config(scale_fmt, block))
+    elif not has_fp8 and cfg.quantization_config:  # e.g. a model loaded from FP8 and saved dequantised
+        cfg = cfg.replace(quantization_config=None)
     float_dtypes = [s.dtype for n, s in stored.items() if s.dtype.is_floating_point and s.dtype != FP8_DTYPE
                     and not n.endswith((SCALE_SUFFIX,) + KEEP_FP32)]
     if float_dtypes:
