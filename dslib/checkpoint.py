@@ -218,7 +218,8 @@ def dequantize_fp8_blocks(
 ) -> torch.Tensor:
     """W[i, j] = float(q[i, j]) * scale_inv[i // block, j // block], cropped to q's shape; returned as `dtype`.
 
-    The product is formed in fp32 (exact: an e4m3 value times an fp32 scale), then cast once.
+    The product is formed in fp32 (exact: an e4m3 value times an fp32 scale), in place on one fp32 copy of the
+    tiles (peak temporary: 4 bytes per weight), then cast once.
     """
     if q.dim() != 2 or scale_inv.shape != scale_shape(tuple(q.shape), block):
         raise CheckpointError(
@@ -227,8 +228,16 @@ def dequantize_fp8_blocks(
             f"{tuple(scale_inv.shape)}. The scale belongs to another tensor or the block size is wrong."
         )
     rows, cols = q.shape
-    scale = scale_inv.float().repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]  # [rows, cols]
-    return (q.float() * scale).to(dtype)
+    rb, cb = scale_inv.shape
+    if rows % block == 0 and cols % block == 0:  # the common case: scale whole tiles in place, no padding
+        w = q.to(torch.float32)
+        w.view(rb, block, cb, block).mul_(scale_inv.float()[:, None, :, None])
+    else:  # a partial edge block (kv_a_proj_with_mqa's 576 rows): pad to whole tiles, scale, crop
+        w = torch.zeros(rb * block, cb * block, dtype=torch.float32, device=q.device)
+        w[:rows, :cols] = q.to(torch.float32)
+        w.view(rb, block, cb, block).mul_(scale_inv.float()[:, None, :, None])
+        w = w[:rows, :cols]
+    return w.to(dtype) if dtype != torch.float32 else w.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -270,11 +279,82 @@ class TensorSource(ABC):
         return {g: sum(specs[n].nbytes for n in names) for g, names in self.groups()}
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class SafetensorsFile:
+    """Reads one .safetensors file without memory-mapping it.
+
+    The format is 8 bytes (little-endian u64 n) + n bytes of JSON header {name: {dtype, shape, data_offsets}}
+    + the raw little-endian tensor bytes. The header is validated against the file size on open (this is where a
+    truncated or corrupt file is caught); `read(name)` reads exactly one tensor's bytes with `readinto`, so the
+    process holds only what it asked for (file pages stay in the OS page cache, not in the process).
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise ValueError(f"{size} bytes, too short for a header")
+                n = int.from_bytes(head, "little")
+                if n > min(size - 8, 100_000_000):
+                    raise ValueError(f"header of {n} bytes does not fit a file of {size} bytes")
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            self.data_start = 8 + n
+            self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+            covered = 0
+            for name, e in header.items():
+                dtype = _SAFETENSORS_DTYPES.get(e["dtype"])
+                if dtype is None:
+                    raise ValueError(f"tensor {name} has dtype {e['dtype']}, which dslib cannot load")
+                shape, (begin, stop) = tuple(int(x) for x in e["shape"]), e["data_offsets"]
+                if stop - begin != math.prod(shape) * dtype.itemsize or begin < 0:
+                    raise ValueError(f"tensor {name}: {stop - begin} bytes for shape {list(shape)} {e['dtype']}")
+                self.entries[name] = (dtype, shape, begin, stop)
+                covered = max(covered, stop)
+            if self.data_start + covered != size:
+                raise ValueError(f"the header describes {self.data_start + covered} bytes, the file has {size}")
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
+            raise CheckpointError(
+                f"{self.path} is not a readable safetensors file ({err}). It is corrupt or truncated (an interrupted "
+                "copy/download?): copy or download it again."
+            ) from None
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def spec(self, name: str) -> TensorSpec:
+        dtype, shape, _, _ = self.entries[name]
+        return TensorSpec(shape, dtype)
+
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor `name` in a fresh CPU buffer, or read straight into `out` (a contiguous CPU tensor of the same
+        dtype and shape, e.g. the parameter it is destined for)."""
+        dtype, shape, begin, stop = self.entries[name]
+        if out is None or out.dtype != dtype or tuple(out.shape) != shape or out.device.type != "cpu" or not out.is_contiguous():
+            out = torch.empty(shape, dtype=dtype)
+        raw = out.view(-1).view(torch.uint8) if out.numel() else torch.empty(0, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            got = f.readinto(memoryview(raw.numpy()))
+        if got != stop - begin:
+            raise CheckpointError(f"{self.path}: {name} ends early ({got} of {stop - begin} bytes): the file is truncated.")
+        return out
+
+
 class SafetensorsSource(TensorSource):
     """A checkpoint folder: `config.json` + `model.safetensors`, or `model.safetensors.index.json` + shards.
 
-    Only headers are read at construction (that is where a corrupt or missing shard is reported); tensor data is
-    memory-mapped one shard at a time by `open`. Files are opened read-only and never changed.
+    Only headers are read at construction (that is where a corrupt or missing shard is reported); tensors are read
+    one at a time by `open(shard)`. Files are opened read-only and never changed.
     """
 
     def __init__(self, path: str | Path):
@@ -311,61 +391,28 @@ class SafetensorsSource(TensorSource):
                 f"{len(missing)} shard(s) listed in {INDEX_FILE} are absent from {self.path}: "
                 f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Copy/download the missing files."
             )
-        self._files = files
-        self._specs: dict[str, TensorSpec] = {}
-        self._names: dict[str, list[str]] = {}
-        for f in files:
-            with self._safe_open(f) as handle:
-                names = list(handle.keys())
-                for n in names:
-                    sl = handle.get_slice(n)
-                    self._specs[n] = TensorSpec(tuple(sl.get_shape()), _safetensors_dtype(sl.get_dtype(), f, n))
-            self._names[f] = names
+        self._files = {f: SafetensorsFile(self.path / f) for f in files}
+        self._specs = {n: sf.spec(n) for sf in self._files.values() for n in sf.keys()}
         if weight_map is not None:
             for name, f in weight_map.items():
-                if name not in self._names.get(f, ()):
+                if name not in self._files[f].entries:
                     raise CheckpointError(
                         f"{INDEX_FILE} says {name} is in {f}, but that shard does not hold it. The index and the "
                         "shards come from different checkpoints: restore both from the same one."
                     )
 
-    @contextlib.contextmanager
-    def _safe_open(self, file: str):
-        from safetensors import SafetensorError, safe_open
-
-        path = self.path / file
-        try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(
-                f"{path} is not a readable safetensors file ({err}). It is corrupt or truncated (an interrupted "
-                "copy/download?): copy or download it again."
-            ) from None
-        with handle:
-            yield handle
-
     def specs(self) -> dict[str, TensorSpec]:
         return dict(self._specs)
 
     def groups(self) -> list[tuple[str, list[str]]]:
-        return [(f, list(self._names[f])) for f in self._files]
+        return [(f, sf.keys()) for f, sf in self._files.items()]
 
     @contextlib.contextmanager
     def open(self, group: str):
-        with self._safe_open(group) as handle:
-            yield handle.get_tensor
+        yield self._files[group].read
 
     def file_sizes(self) -> dict[str, int]:
         return {f: (self.path / f).stat().st_size for f in self._files}
-
-
-def _safetensors_dtype(code: str, file: str, name: str) -> torch.dtype:
-    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-             "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-    if code not in table:
-        raise CheckpointError(f"{file}: tensor {name} has dtype {code}, which dslib cannot load.")
-    return table[code]
 
 
 def _seed_of(seed: int, name: str) -> int:
@@ -631,16 +678,24 @@ def _device_for(name: str, device: torch.device, device_map: dict[str, str] | No
     return torch.device(device_map[best])
 
 
-def _assign(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
-    """Put `value` where `name` lives in the module tree (parameter or buffer), replacing a meta placeholder."""
-    module_name, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    if leaf in module._parameters:
-        module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
-    elif leaf in module._buffers:
-        module._buffers[leaf] = value
-    else:  # should not happen: names were checked against the state dict
-        raise CheckpointError(f"{name}: no parameter or buffer of that name in the model.")
+def _allocate(module: torch.nn.Module, prefix: str, dtype: torch.dtype, device: torch.device,
+              device_map: dict[str, str] | None) -> dict[str, torch.Tensor]:
+    """Give every tensor of `module.state_dict()` its final storage (empty, final dtype and device) before any
+    reading: the model is allocated once, and the loader only copies into it, so temporaries never interleave
+    with parameters on the heap and no parameter keeps a view of a memory-mapped shard alive."""
+    slots = {}
+    for name, old in module.state_dict(keep_vars=True).items():
+        full = prefix + name
+        target = torch.float32 if full.endswith(KEEP_FP32) else dtype
+        new = torch.empty(old.shape, dtype=target, device=_device_for(full, device, device_map))
+        module_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(module_name)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = torch.nn.Parameter(new, requires_grad=False)
+        else:
+            owner._buffers[leaf] = new
+        slots[full] = new
+    return slots
 
 
 @contextlib.contextmanager
@@ -661,6 +716,39 @@ def _parameters_on_meta():
         torch.nn.Module.register_parameter = original
 
 
+def _fill(module: torch.nn.Module, prefix: str, source: TensorSource, device: torch.device, dtype: torch.dtype,
+          device_map: dict[str, str] | None, progress: bool) -> None:
+    """Read every tensor `prefix + name` of `module.state_dict()` from `source` into `module`, one group at a time:
+    copy out of the group, dequantise FP8 blocks (on the target device), cast, place. Checks names/shapes first."""
+    cfg = source.config
+    block = _block_size(cfg)
+    expected = {prefix + n: tuple(t.shape) for n, t in module.state_dict().items()}
+    specs = source.specs()
+    if prefix:  # a part of the model: only its own tensors matter
+        specs = {n: s for n, s in specs.items() if n.startswith(prefix)}
+    check_against_model(specs, expected, cfg, source.description)
+    groups = [(g, [n for n in names if n in expected]) for g, names in source.groups()]
+    groups = [(g, names) for g, names in groups if names]
+    where = {n: g for g, names in source.groups() for n in names}
+    slots = _allocate(module, prefix, dtype, device, device_map)
+    bar = _progress(len(groups), "loading", progress)
+    for group, names in groups:
+        with source.open(group) as get:
+            for name in names:
+                slot = slots[name]
+                tensor = get(name, out=slot) if isinstance(source, SafetensorsSource) else get(name)
+                if tensor is slot:  # read straight into place (same dtype and shape on the CPU)
+                    continue
+                if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                    scale_name = name + SCALE_SUFFIX
+                    scale = get(scale_name) if where[scale_name] == group else source.read(scale_name)
+                    tensor = dequantize_fp8_blocks(tensor.to(slot.device), scale.to(slot.device), torch.float32, block)
+                slot.copy_(tensor)  # casts to the slot's dtype, moves to its device
+                del tensor
+        bar.update(1)
+    bar.close()
+
+
 def load_pretrained(
     path: str | Path | TensorSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
     device_map: dict[str, str] | None = None, progress: bool = True,
@@ -676,33 +764,24 @@ def load_pretrained(
     from dslib.model import DeepseekV32ForCausalLM
 
     source = path if isinstance(path, TensorSource) else SafetensorsSource(path)
-    cfg = source.config
     device = torch.device(device)
-    block = _block_size(cfg)
     with _parameters_on_meta():
-        model = DeepseekV32ForCausalLM(cfg)
-    expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    specs = source.specs()
-    check_against_model(specs, expected, cfg, source.description)
-    where = {n: g for g, names in source.groups() for n in names}
-    loaded = 0
-    bar = _progress(len(source.groups()), "loading", progress)
-    for group, names in source.groups():
-        with source.open(group) as get:
-            for name in names:
-                if name not in expected:  # MTP tensors and scales (read with their weight)
-                    continue
-                tensor = get(name)
-                if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                    scale_name = name + SCALE_SUFFIX
-                    scale = get(scale_name) if where[scale_name] == group else source.read(scale_name)
-                    tensor = dequantize_fp8_blocks(tensor.to(device), scale.to(device), torch.float32, block)
-                target = torch.float32 if name.endswith(KEEP_FP32) else dtype
-                _assign(model, name, tensor.to(device=_device_for(name, device, device_map), dtype=target))
-                loaded += 1
-        bar.update(1)
-    bar.close()
-    if loaded != len(expected):  # cannot happen after check_against_model; a guard for custom sources
-        raise CheckpointError(f"{source.description}: loaded {loaded} of {len(expected)} tensors.")
+        model = DeepseekV32ForCausalLM(source.config)
+    _fill(model, "", source, device, dtype, device_map, progress)
     model.place(device, device_map)  # buffers (RoPE tables) follow their layer
     return model.eval()
+
+
+def load_layer(path: str | Path | TensorSource, layer_idx: int, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32, *, progress: bool = False) -> "torch.nn.Module":
+    """One decoder layer (`model.layers.{layer_idx}.*`) of a checkpoint or source, read exactly as
+    `load_pretrained` reads it: e.g. a full-size layer of the 671B model from a `RandomSource` on one GPU."""
+    from dslib.model import DecoderLayer
+
+    source = path if isinstance(path, TensorSource) else SafetensorsSource(path)
+    if not 0 <= layer_idx < source.config.num_hidden_layers:
+        raise ValueError(f"layer_idx={layer_idx} is outside 0..{source.config.num_hidden_layers - 1}.")
+    with _parameters_on_meta():
+        layer = DecoderLayer(source.config, layer_idx)
+    _fill(layer, f"model.layers.{layer_idx}.", source, torch.device(device), dtype, None, progress)
+    return layer.to(device).eval()
