@@ -483,8 +483,25 @@ def decode_costs(cfg: ModelConfig, context_len: int, *, gqa_groups: int = 8, dty
 
 
 @torch.no_grad()
-def decode_step_time(mla: MLA, num_keys: int, mode: str, *, batch: int = 1, repeats: int = 5) -> float:
-    """Median wall time (s) of `mla.attend` for one new token over `num_keys` cached latents (random data)."""
+def decode_step_time(mla: MLA, num_keys: int, mode: str, *, batch: int = 1, repeats: int = 5,
+                     reduce: str = "median", threads: int | None = None) -> float:
+    """Wall time (s) of `mla.attend` for one new token over `num_keys` cached latents (random data).
+
+    `reduce`: "median" of `repeats` runs, or "min" (best of `repeats`: on a shared machine the least disturbed).
+    `threads`: run with this many intra-op threads (restored afterwards); one thread avoids waiting on a busy core.
+    """
+    if reduce not in ("median", "min"):
+        raise ValueError(f"reduce must be 'median' or 'min', got {reduce!r}.")
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _time_attend(mla, num_keys, mode, batch, repeats, reduce)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _time_attend(mla: MLA, num_keys: int, mode: str, batch: int, repeats: int, reduce: str) -> float:
     p = next(mla.parameters())
     cfg = mla.cfg
     H = cfg.num_attention_heads
@@ -499,7 +516,7 @@ def decode_step_time(mla: MLA, num_keys: int, mode: str, *, batch: int = 1, repe
         start = time.perf_counter()
         mla.attend(q_nope, q_rope, kv_latent, k_rope, pos, mode=mode)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times) if reduce == "median" else min(times)
 
 
 # --------------------------------------------------------------------------------------------- FP8 cache format
@@ -549,10 +566,11 @@ class MLAStack(nn.Module):
     """An attention-only toy: token embeddings, then `num_layers` × (x += MLA(RMSNorm(x))). No FFN, no head.
 
     Chapter 5 builds the real decoder; this one only produces attention maps of several layers to look at.
-    `attention_maps(ids [B, T]) -> [L, B, H, T, T]`.
+    `attention_maps(ids [B, T]) -> [L, B, H, T, T]`. `init_std` redraws every projection matrix from
+    N(0, init_std²): PyTorch's default init gives near-uniform random attention, a larger spread shows structure.
     """
 
-    def __init__(self, cfg: ModelConfig, num_layers: int | None = None):
+    def __init__(self, cfg: ModelConfig, num_layers: int | None = None, init_std: float | None = None):
         super().__init__()
         self.cfg = cfg
         n = num_layers or cfg.num_hidden_layers
@@ -561,6 +579,12 @@ class MLAStack(nn.Module):
             nn.ModuleDict({"input_layernorm": RMSNorm(cfg.hidden_size, cfg.rms_norm_eps), "self_attn": MLA(cfg, i)})
             for i in range(n)
         )
+        if init_std is not None:
+            with torch.no_grad():
+                for layer in self.layers:
+                    for module in layer["self_attn"].modules():
+                        if isinstance(module, nn.Linear):
+                            module.weight.normal_(0.0, init_std)
 
     @torch.no_grad()
     def attention_maps(self, ids: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,8 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     The same arithmetic (and order of fp32 operations) as transformers' `_compute_yarn_parameters`.
     """
     dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
-    wavelength = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # [dim/2], θ_i^-1
+    # Always on the CPU in fp32 (also under a `meta` device context): the table is tiny and must be exact.
+    wavelength = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)  # [dim/2], 1 / θ_i
     theta = 1.0 / wavelength
     params = _yarn_params(cfg)
     if params is None:
@@ -99,7 +100,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     low, high = yarn_correction_range(cfg)
     if low == high:
         high += 0.001  # avoid dividing by zero when the ramp collapses to a step
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)  # r_i
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)  # r_i
     slowed = 1.0 / (params["factor"] * wavelength)  # θ_i / factor
     keep = 1 - ramp  # share of the original frequency (written like transformers for bit-equal fp32 results)
     return slowed * (1 - keep) + theta * keep
