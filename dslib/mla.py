@@ -255,6 +255,7 @@ class MLA(nn.Module):
         mode: str = "absorbed",
         mask: torch.Tensor | None = None,
         return_probs: bool = False,
+        check_positions: bool = True,
     ):
         """Attention of T queries over S cached keys (keys are positions 0..S-1) -> `[B, T, H, v_head_dim]`.
 
@@ -263,6 +264,8 @@ class MLA(nn.Module):
         the query at position p iff s <= p), AND-ed with `mask` (bool `[B, T, S]`, True = may attend) if given.
         mode "naive" (MHA: per-head K/V from `expand_kv`) or "absorbed" (MQA over the latents); same result.
         With `return_probs=True` also returns the attention probabilities `[B, H, T, S]`.
+        `check_positions=False` skips the check that every query has its own key (it reads q_positions back from
+        the device, a sync per call); `forward` skips it when it made the positions itself.
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
@@ -273,7 +276,7 @@ class MLA(nn.Module):
                 f"queries have batch {B} but kv_latent {tuple(kv_latent.shape)} / k_rope {tuple(k_rope.shape)} "
                 "do not match it (expected [B, S, kv_lora_rank] and [B, S, rope])."
             )
-        if q_positions.numel() and int(q_positions.max()) >= S:
+        if check_positions and q_positions.numel() and int(q_positions.max()) >= S:
             raise ValueError(
                 f"A query sits at position {int(q_positions.max())} but only {S} keys (positions 0..{S - 1}) were "
                 "given: append the new tokens' latents to the cache before attending (MLA.forward does it)."
@@ -327,19 +330,21 @@ class MLA(nn.Module):
             raise ValueError(f"h must be [B, T, hidden_size={self.cfg.hidden_size}], got {tuple(h.shape)}.")
         B, T, _ = h.shape
         start = len(cache) if cache is not None else 0
-        if positions is None:
-            positions = torch.arange(start, start + T, device=h.device)
-        if int(positions.max()) >= self.cfg.max_position_embeddings:
+        given = positions is not None
+        last = int(positions.max()) if given else start + T - 1  # reading given positions back costs a sync
+        if last >= self.cfg.max_position_embeddings:
             raise ValueError(
-                f"position {int(positions.max())} is beyond max_position_embeddings="
-                f"{self.cfg.max_position_embeddings}. Shorten the sequence or use a config with a longer context."
+                f"position {last} is beyond max_position_embeddings={self.cfg.max_position_embeddings}. Shorten the "
+                "sequence or use a config with a longer context."
             )
+        if not given:
+            positions = torch.arange(start, start + T, device=h.device)
         cos, sin = self.rotary(positions)
         _, q_nope, q_rope = self.project_q(h, cos, sin)
         kv_latent, k_rope = self.project_kv(h, cos, sin)
         if cache is not None:
             kv_latent, k_rope = cache.append(kv_latent, k_rope)  # [B, S, kv_lora_rank], [B, S, rope]
-        out = self.attend(q_nope, q_rope, kv_latent, k_rope, positions, mode=mode, mask=mask)
+        out = self.attend(q_nope, q_rope, kv_latent, k_rope, positions, mode=mode, mask=mask, check_positions=given)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.v_head_dim))
 
     def attention_probs(self, h: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
