@@ -32,9 +32,8 @@ def test_tasks_produce_the_documented_answers():
             assert answer == "".join(sorted(x))
         elif name == "running_max":
             assert answer == "".join(max(x[: i + 1]) for i in range(len(x)))
-        elif name == "adjacent_sum":
-            d = [int(c) for c in x]
-            assert answer == "".join(str((d[i] + (d[i - 1] if i else 0)) % 10) for i in range(len(d)))
+        elif name == "complement":
+            assert answer == "".join(str(9 - int(c)) for c in x)
         elif name == "bracket_depth":
             depth = [x[: i + 1].count("(") - x[: i + 1].count(")") for i in range(len(x))]
             assert answer == "".join(map(str, depth)) and min(depth) >= 0
