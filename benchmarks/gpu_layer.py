@@ -38,17 +38,19 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dslib.checkpoint import RandomSource, load_layer  # noqa: E402
+from dslib.checkpoint import RandomSource, load_layer, load_pretrained  # noqa: E402
 from dslib.config import ModelConfig  # noqa: E402
 from dslib.devices import module_bytes  # noqa: E402
 from dslib.moe import moe_reference  # noqa: E402
 from dslib.sparse import DSACache  # noqa: E402
 
+# naive_*_max: the MHA-mode paths materialise [H, T, S] scores (prefill) or per-head K/V of the whole cache
+# (decode, B*L tokens), so they only run up to these sizes.
 FULL = dict(prefill=[2048, 4096, 8192, 16384, 32768, 65536], decode=[2048, 8192, 32768, 131072],
             decode_batch=[1, 16], moe_tokens=[1, 16, 128, 1024, 4096, 16384], naive_prefill_max=8192,
             naive_decode_max=32768)
 TINY = dict(prefill=[8, 32], decode=[8, 32], decode_batch=[1, 2], moe_tokens=[1, 16],
-            naive_prefill_max=32, naive_decode_max=32)
+            naive_prefill_max=32, naive_decode_max=64)
 
 
 # --------------------------------------------------------------------------------------------- timing
@@ -181,7 +183,7 @@ def bench_attention(attn, cfg, sizes, device, dtype, deadline, rows, env):
         for B in sizes["decode_batch"]:
             for L in sizes["decode"]:
                 h1 = (torch.randn(B, 1, d, generator=g, device=device) * 0.5).to(dtype)
-                variants = ["sparse", "dense_absorbed"] + (["dense_naive"] if L <= sizes["naive_decode_max"] else [])
+                variants = ["sparse", "dense_absorbed"] + (["dense_naive"] if B * L <= sizes["naive_decode_max"] else [])
                 for variant in variants:
                     if time.perf_counter() > deadline:
                         add("decode", variant, L, B, None, 0, "time budget spent")
@@ -246,6 +248,30 @@ def bench_ffn(layer, dense_layer, cfg, sizes, device, dtype, deadline, rows, env
                       flush=True)
 
 
+# --------------------------------------------------------------------------------------------- whole model
+def check_small_model_on_device(device) -> float:
+    """The same synthetic FP8 checkpoint of a small config, loaded on the CPU and on `device` (fp32, exact
+    matmuls), gives the same logits and greedy tokens: the loader's device path works. Returns the max |diff|."""
+    if device.type == "cpu":
+        return 0.0
+    cfg = ModelConfig.small(index_n_heads=16)
+    source = RandomSource(cfg, seed=7, fp8=True)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        on_cpu = load_pretrained(source, "cpu", progress=False)
+        on_dev = load_pretrained(source, device, progress=False)
+        ids = torch.randint(0, cfg.vocab_size, (2, 100), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            diff = float((on_dev(ids.to(device)).cpu() - on_cpu(ids)).abs().max())
+            same = torch.equal(on_dev.generate(ids.to(device), 8).cpu(), on_cpu.generate(ids, 8))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert diff < 1e-3 and same, f"small model on {device} differs from CPU: max |logit diff| {diff:.3g}, same tokens {same}"
+    print(f"small model on {device} == on CPU (max |logit diff| {diff:.2e}, same greedy tokens)", flush=True)
+    return diff
+
+
 # --------------------------------------------------------------------------------------------- main
 def write_csv(path: Path, rows: list[dict]) -> None:
     keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -296,6 +322,7 @@ def run(argv=None) -> None:
                indexer_matmul="fp32" if args.no_tf32 or device.type != "cuda" else "tf32")
     print(f"{env['config']} config on {gpu} ({device}), torch {torch.__version__}", flush=True)
 
+    check_small_model_on_device(device)
     # One MoE layer (index first_k_dense_replace) and one dense layer, through the checkpoint loading code.
     source = RandomSource(cfg, seed=args.seed, fp8=True, device=device)
     moe_idx = cfg.first_k_dense_replace

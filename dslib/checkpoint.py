@@ -161,6 +161,41 @@ def checkpoint_tensors(
     return table
 
 
+COMPONENTS = ("embeddings + head", "attention (MLA)", "indexer", "dense FFN", "routed experts", "shared experts",
+              "router", "norms", "FP8 scales")
+
+
+def component_of(name: str) -> str:
+    """Which part of the model a stored tensor belongs to (one of COMPONENTS), for byte breakdowns."""
+    if name.endswith(SCALE_SUFFIX):
+        return "FP8 scales"
+    if "norm" in name.rsplit(".", 2)[-2] or name.endswith(("k_norm.bias", "enorm.weight", "hnorm.weight")):
+        return "norms"
+    if "embed_tokens" in name or "lm_head" in name or "shared_head.head" in name or "eh_proj" in name:
+        return "embeddings + head"
+    if ".indexer." in name:
+        return "indexer"
+    if ".self_attn." in name:
+        return "attention (MLA)"
+    if ".mlp.experts." in name:
+        return "routed experts"
+    if ".mlp.shared_experts." in name:
+        return "shared experts"
+    if ".mlp.gate." in name:
+        return "router"
+    if ".mlp." in name:
+        return "dense FFN"
+    raise ValueError(f"{name}: not a DeepSeek-V3.2 tensor name")
+
+
+def bytes_by_component(table: dict[str, TensorSpec]) -> dict[str, int]:
+    """Sum of stored bytes per component (COMPONENTS order) of a tensor table."""
+    out = {c: 0 for c in COMPONENTS}
+    for name, spec in table.items():
+        out[component_of(name)] += spec.nbytes
+    return out
+
+
 def layer_of(name: str) -> int | None:
     """'model.layers.12.mlp.gate.weight' -> 12; None for tensors outside the decoder layers."""
     m = re.match(r"model\.layers\.(\d+)\.", name)
