@@ -275,6 +275,45 @@ def dequantize_fp8_blocks(
     return w.to(dtype) if dtype != torch.float32 else w.contiguous()
 
 
+class FP8Linear(torch.nn.Module):
+    """A bias-free Linear whose weight stays as stored: `weight` [out, in] e4m3 and `weight_scale_inv` [ceil(out/128),
+    ceil(in/128)] fp32, the checkpoint's own tensors and names. forward(x) dequantises the weight to x's dtype and
+    runs F.linear, one layer at a time, so the model holds 1 byte per weight (a GPU kernel with scaled FP8 matmuls
+    would fuse the two steps). How the weight is stored changes; how the layer computes does not."""
+
+    def __init__(self, in_features: int, out_features: int, block: int = FP8_BLOCK):
+        super().__init__()
+        self.in_features, self.out_features, self.block = in_features, out_features, block
+        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, dtype=FP8_DTYPE), requires_grad=False)
+        scale = scale_shape((out_features, in_features), block)
+        self.weight_scale_inv = torch.nn.Parameter(torch.empty(scale, dtype=torch.float32), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, dequantize_fp8_blocks(self.weight, self.weight_scale_inv, x.dtype, self.block))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 + {self.block}x{self.block} scales"
+
+
+# Linears that stay dequantised even with FP8 storage: MLA reads kv_b_proj's weight directly (W_UK / W_UV views
+# for the absorbed path), as DeepSeek's reference dequantises wkv_b once.
+KEEP_DEQUANTIZED = ("kv_b_proj",)
+
+
+def use_fp8_storage(model: torch.nn.Module, prefix: str = "", block: int = FP8_BLOCK) -> int:
+    """Swap every nn.Linear whose weight the release stores in FP8 for an `FP8Linear` (same names, so the
+    state_dict gains each `weight_scale_inv`). Returns how many were swapped. Use on a model about to be loaded."""
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{prefix}{name}.{child_name}" if name else f"{prefix}{child_name}"
+            if (type(child) is torch.nn.Linear and child.bias is None and child_name not in KEEP_DEQUANTIZED
+                    and is_fp8_weight(full + ".weight", tuple(child.weight.shape))):
+                setattr(module, child_name, FP8Linear(child.in_features, child.out_features, block))
+                swapped += 1
+    return swapped
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Sources: where stored tensors come from
 # ---------------------------------------------------------------------------------------------------------------
@@ -721,7 +760,10 @@ def _allocate(module: torch.nn.Module, prefix: str, dtype: torch.dtype, device: 
     slots = {}
     for name, old in module.state_dict(keep_vars=True).items():
         full = prefix + name
-        target = torch.float32 if full.endswith(KEEP_FP32) else dtype
+        if old.dtype == FP8_DTYPE or full.endswith(SCALE_SUFFIX):  # FP8 storage: kept as stored
+            target = old.dtype
+        else:
+            target = torch.float32 if full.endswith(KEEP_FP32) else dtype
         new = torch.empty(old.shape, dtype=target, device=_device_for(full, device, device_map))
         module_name, _, leaf = name.rpartition(".")
         owner = module.get_submodule(module_name)
@@ -774,7 +816,7 @@ def _fill(module: torch.nn.Module, prefix: str, source: TensorSource, device: to
                 tensor = get(name, out=slot) if isinstance(source, SafetensorsSource) else get(name)
                 if tensor is slot:  # read straight into place (same dtype and shape on the CPU)
                     continue
-                if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and slot.dtype != tensor.dtype:
                     scale_name = name + SCALE_SUFFIX
                     scale = get(scale_name) if where[scale_name] == group else source.read(scale_name)
                     tensor = dequantize_fp8_blocks(tensor.to(slot.device), scale.to(slot.device), torch.float32, block)
@@ -786,7 +828,7 @@ def _fill(module: torch.nn.Module, prefix: str, source: TensorSource, device: to
 
 def load_pretrained(
     path: str | Path | TensorSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
-    device_map: dict[str, str] | None = None, progress: bool = True,
+    device_map: dict[str, str] | None = None, progress: bool = True, keep_fp8: bool = False,
 ) -> "torch.nn.Module":
     """Load a DeepSeek-V3.2 checkpoint folder (or any TensorSource) into `dslib.model.DeepseekV32ForCausalLM`.
 
@@ -795,6 +837,8 @@ def load_pretrained(
     moved to its device and put into the module tree; then the shard is closed. MTP tensors are skipped.
     `device_map` (module prefix -> device, e.g. from `dslib.devices.plan_devices(...).device_map`) places
     layers on several devices; otherwise everything goes to `device`.
+    keep_fp8=True keeps the FP8 linears as stored (`FP8Linear`: 1 byte per weight + scales, dequantised per call),
+    the way the 671B model fits on 8 GPUs; it needs an FP8 checkpoint.
     """
     from dslib.model import DeepseekV32ForCausalLM
 
@@ -802,6 +846,13 @@ def load_pretrained(
     device = torch.device(device)
     with _parameters_on_meta():
         model = DeepseekV32ForCausalLM(source.config)
+        if keep_fp8:
+            if not any(s.dtype == FP8_DTYPE for s in source.specs().values()):
+                raise CheckpointError(
+                    f"keep_fp8=True keeps FP8 weights as stored, but {source.description} holds none. Load it "
+                    "without keep_fp8, or write an FP8 copy first (write_checkpoint(..., fp8=True))."
+                )
+            use_fp8_storage(model, block=_block_size(source.config))
     _fill(model, "", source, device, dtype, device_map, progress)
     model.place(device, device_map)  # buffers (RoPE tables) follow their layer
     return model.eval()

@@ -43,7 +43,9 @@ def module_of(name: str) -> str:
 
 def module_bytes(cfg: ModelConfig, storage: str = "fp8") -> dict[str, int]:
     """Weight bytes of each placement unit, in model order, for storage "fp8" (e4m3 + fp32 scales, the
-    rest bf16), "bf16" or "fp32". The MTP module is not counted (inference does not use it)."""
+    rest bf16), "bf16" or "fp32". The MTP module is not counted (inference does not use it). These are the
+    checkpoint's bytes; `load_pretrained(keep_fp8=True)` holds kv_b_proj dequantised (bf16: +17 MB per layer of the
+    671B model, well inside the default reserve)."""
     if storage not in STORAGE:
         raise ValueError(f"storage={storage!r}; use one of {list(STORAGE)}")
     return dict(_module_bytes(json.dumps(cfg.to_dict(), sort_keys=True), storage))

@@ -186,3 +186,30 @@ def test_bad_input_ids():
         model(torch.tensor([[5, 400]]))
     with pytest.raises(ValueError, match="exceed max_position_embeddings"):
         model(torch.zeros(1, CFG.max_position_embeddings + 1, dtype=torch.long))
+
+
+def test_keep_fp8_storage_gives_the_same_logits(sharded_fp8):
+    """FP8 storage (1 byte per weight, dequantised per call) computes exactly what the dequantised model computes,
+    and its state_dict is the FP8 checkpoint itself."""
+    from dslib.checkpoint import FP8Linear
+
+    plain = load_pretrained(sharded_fp8, progress=False)
+    fp8 = load_pretrained(sharded_fp8, progress=False, keep_fp8=True)
+    assert isinstance(fp8.model.layers[1].mlp.experts[0].up_proj, FP8Linear)
+    assert type(fp8.model.layers[1].self_attn.kv_b_proj) is torch.nn.Linear  # read directly by MLA: dequantised
+    stored = SafetensorsSource(sharded_fp8)
+    sd = fp8.state_dict()
+    for name, spec in stored.specs().items():
+        if spec.dtype == torch.float8_e4m3fn and "kv_b_proj" not in name:
+            assert sd[name].dtype == torch.float8_e4m3fn and torch.equal(sd[name + "_scale_inv"], stored.read(name + "_scale_inv"))
+    ids = torch.randint(0, CFG.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(fp8(ids), plain(ids))
+    fp8_bytes = sum(t.numel() * t.element_size() for t in sd.values())
+    assert fp8_bytes < 0.5 * sum(t.numel() * t.element_size() for t in plain.state_dict().values())
+
+
+def test_keep_fp8_needs_an_fp8_checkpoint(tmp_path):
+    path = write_checkpoint(RandomSource(CFG, seed=0, dtype=torch.float32), tmp_path / "fp32", progress=False)
+    with pytest.raises(CheckpointError, match="holds none"):
+        load_pretrained(path, keep_fp8=True, progress=False)

@@ -278,6 +278,25 @@ print(f"{sum(t.numel() for t in sd_file.values()) / 1e6:.2f}M parameters; the sh
       "identical weights")
 """)
 
+md(r"""
+**How a weight is stored vs how a layer computes.** The model above holds dequantised fp32 weights. With
+`keep_fp8=True` the FP8 linears stay as stored (`FP8Linear`: e4m3 weight + block scales, dequantised inside each
+call), which is how the 671B model fits on the GPUs of section 2. The layers' code does not change, and neither do
+the numbers:
+""")
+
+code(r"""
+stored = dslib.load_pretrained(path, keep_fp8=True, progress=False)
+ids = torch.randint(0, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(SEED))
+with torch.no_grad():
+    assert torch.equal(stored(ids), model(ids))
+held = {name: sum(t.numel() * t.element_size() for t in m.state_dict().values())
+        for name, m in (("fp32 weights", model), ("FP8 storage", stored))}
+assert held["FP8 storage"] < held["fp32 weights"] / 2
+print(", ".join(f"{k}: {v / 1e6:.1f} MB" for k, v in held.items()), "| identical logits")
+print(stored.model.layers[1].mlp.experts[0])
+""")
+
 code(r"""
 dslib.show(dslib.checkpoint._fill)
 """)
@@ -550,7 +569,7 @@ md(r"""
 - `dslib.model`: `DecoderLayer`, `DeepseekV32ForCausalLM` (logits, `new_cache`, greedy `generate`, placement on
   several devices) and `ModelCache`, with per-call switches `attention="sparse" | "dense" | "window"` and
   `mode="absorbed" | "naive"`; its `state_dict()` names are the official checkpoint's.
-- `dslib.checkpoint`: the tensor table from a config, FP8 block (de)quantisation, tensor sources (safetensors
+- `dslib.checkpoint`: the tensor table from a config, FP8 block (de)quantisation, `FP8Linear` storage, tensor sources (safetensors
   shards read one tensor at a time, a seeded random generator, a state dict), `write_checkpoint` /
   `save_pretrained` / `write_synthetic_checkpoint`, and `load_pretrained` / `load_layer` with clear errors for
   missing, corrupt or mismatched files. The loaded model matches transformers' `DeepseekV32ForCausalLM` (tests).
