@@ -69,11 +69,12 @@ def selection_figure(matrix, positions: Sequence[int], *, query: int | None = No
     m = _np(matrix).astype(float)
     pos = list(positions)
     n_keys = m.shape[1]
-    # 0 = future (not visible), 0.5 = visible but not selected, 1 = selected
+    # 0 = future (not visible), 1 = visible but not selected, 2 = selected. uint8 keeps the figure small (1 byte per
+    # cell): a widget output of more than ~64 KB stalls headless notebook runs (nbclient) until their timeout.
     visible = np.arange(n_keys)[None, :] <= np.asarray(pos)[:, None]
-    z = np.where(m > 0, 1.0, np.where(visible, 0.5, 0.0))
+    z = np.where(m > 0, 2, np.where(visible, 1, 0)).astype(np.uint8)
     fig = go.Figure(go.Heatmap(
-        z=z, x=np.arange(n_keys), y=pos, zmin=0, zmax=1, showscale=False,
+        z=z, x=np.arange(n_keys), y=pos, zmin=0, zmax=2, showscale=False,
         colorscale=[[0, "white"], [0.5, "#E5ECF6"], [1, COLORS["sparse"]]],
         hovertemplate="query %{y}, key %{x}<extra></extra>",
     ))
