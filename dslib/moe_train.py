@@ -2,6 +2,8 @@
 
     python -m dslib.moe_train --out data          # seeded; writes data/moe/ (three checkpoints + one log)
 
+(~3 CPU-minutes per setting; the settings run in parallel processes, one per core.)
+
 The same model is trained three times, once per balancing setting:
 
     none  no balancing: the router is free to overload a few experts
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -441,23 +444,54 @@ def load(out: str | Path = "data") -> tuple[dict[str, MoELM], dict[str, dict]]:
     return models, logs
 
 
+def _train_one(tcfg: TrainConfig) -> tuple[str, dict, dict]:
+    model, log = train(tcfg, progress=False)
+    return tcfg.setting, model.state_dict(), log
+
+
+def train_all(settings=SETTINGS, *, steps: int = TrainConfig.steps, seed: int = TrainConfig.seed, jobs: int = 1,
+              progress: bool = True, **overrides) -> tuple[dict[str, MoELM], dict[str, dict]]:
+    """Train one model per setting (`overrides`: other TrainConfig fields). `jobs` > 1 trains settings in parallel
+    processes, one thread each, so the results are the same as with jobs = 1."""
+    configs = [TrainConfig(setting=s, steps=steps, seed=seed, **overrides) for s in settings]
+    models, logs = {}, {}
+    if jobs > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(min(jobs, len(configs))) as pool:
+            for setting, state, log in pool.imap(_train_one, configs):
+                models[setting] = MoELM(model_config(**log["config"]["model"]))
+                models[setting].load_state_dict(state)
+                logs[setting] = log
+                _report(setting, log)
+    else:
+        for tcfg in configs:
+            models[tcfg.setting], logs[tcfg.setting] = train(tcfg, progress=progress)
+            _report(tcfg.setting, logs[tcfg.setting])
+    return models, logs
+
+
+def _report(setting: str, log: dict) -> None:
+    f = log["final"]
+    print(f"{setting:>5}: {log['seconds']:.0f} s, eval loss {f['loss']:.4f}, accuracy {f['accuracy']:.3f}, "
+          f"MaxVio {', '.join(f'{m:.2f}' for m in f['maxvio'])}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data", help="folder for moe/ (checkpoints and log); default data")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--jobs", type=int, default=min(len(SETTINGS), os.cpu_count() or 1),
+                        help="settings trained in parallel (one CPU thread each); default: one per core, at most 3")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    models, logs = {}, {}
-    for setting in args.settings:
-        tcfg = TrainConfig(setting=setting, steps=args.steps, seed=args.seed)
-        models[setting], logs[setting] = train(tcfg, progress=not args.no_progress)
-        f = logs[setting]["final"]
-        print(f"{setting:>5}: {logs[setting]['seconds']:.0f} s, eval loss {f['loss']:.3f}, accuracy {f['accuracy']:.3f}, "
-              f"MaxVio {', '.join(f'{m:.2f}' for m in f['maxvio'])}", flush=True)
+    start = time.perf_counter()
+    models, logs = train_all(args.settings, steps=args.steps, seed=args.seed, jobs=args.jobs,
+                             progress=not args.no_progress)
     save(args.out, models, logs)
-    print(f"wrote {log_path(args.out)} and {len(models)} checkpoints")
+    print(f"wrote {log_path(args.out)} and {len(models)} checkpoints in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -105,3 +105,15 @@ def test_lr_schedule():
     t = mt.TrainConfig(steps=1000, warmup=100, lr=1e-2)
     assert mt.lr_at(0, t) == pytest.approx(1e-4) and mt.lr_at(99, t) == pytest.approx(1e-2)
     assert mt.lr_at(1000, t) == pytest.approx(1e-3)
+
+
+@pytest.mark.slow
+def test_parallel_training_gives_the_same_models():
+    """--jobs trains settings in separate processes, one thread each: same numbers as one after the other."""
+    small = dict(steps=2, batch_size=8, eval_per_task=2, progress=False)
+    seq_models, seq_logs = mt.train_all(("none", "bias"), jobs=1, **small)
+    par_models, par_logs = mt.train_all(("none", "bias"), jobs=2, **small)
+    for s in ("none", "bias"):
+        assert seq_logs[s]["train_loss"] == par_logs[s]["train_loss"]
+        for k, v in seq_models[s].state_dict().items():
+            assert torch.equal(par_models[s].state_dict()[k], v), k
