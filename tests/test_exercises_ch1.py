@@ -18,15 +18,17 @@ def test_kv_bytes_per_token():
     assert "raised ZeroDivisionError" in ch1.check_kv_bytes_per_token(lambda *a: 1 / 0).message
 
 
-def test_h200_batch():
-    assert ch1.solution_h200_batch() == (3, 22)
-    assert ch1.check_h200_batch(*ch1.solution_h200_batch())
-    assert "None" in ch1.check_h200_batch(None, None).message
-    assert "rounds up" in ch1.check_h200_batch(4, 22).message
-    assert "GiB" in ch1.check_h200_batch(3, 24).message
-    assert "indexer keys" in ch1.check_h200_batch(3, 26).message
-    assert "bf16 MLA" in ch1.check_h200_batch(3, 15).message
-    assert "not it" in ch1.check_h200_batch(3, 7).message
+def test_max_context():
+    gqa, dsa = ch1.solution_max_context()
+    assert (gqa, dsa) == (13_446, 91_667)
+    assert ch1.check_max_context(gqa, dsa)
+    assert "None" in ch1.check_max_context(None, None).message
+    assert "rounds up" in ch1.check_max_context(gqa + 1, dsa).message
+    assert "GiB" in ch1.check_max_context(gqa, 98_426).message
+    assert "ONE request" in ch1.check_max_context(430_297, dsa).message
+    assert "indexer keys" in ch1.check_max_context(gqa, 110_112).message
+    assert "bf16 MLA" in ch1.check_max_context(gqa, 62_702).message
+    assert "is not it" in ch1.check_max_context(gqa, 7).message
 
 
 def test_generation_flops():

@@ -42,8 +42,9 @@ def test_kv_memory_figure():
     fig = kv.kv_memory_figure(sizes, capacity_bytes=141e9, capacity_name="one H200")
     bars = fig.data[0]
     assert list(bars.y) == pytest.approx([600, 40, 5, 6])
-    assert "4.26x" in bars.text[0] and len(set(bars.marker.color)) == 4
-    assert fig.layout.yaxis.type == "log" and "one H200" in fig.layout.annotations[0].text
+    assert "426% of one H200" in bars.text[0] and len(set(bars.marker.color)) == 4
+    assert fig.layout.yaxis.type == "log" and fig.layout.annotations[0].text == "one H200: 141 GB"
+    assert fig.layout.annotations[0].y == pytest.approx(2.149, abs=1e-3)  # log10(141): annotation in log units
     assert kv.kv_memory_figure(sizes, log_y=False).layout.yaxis.type is None
 
 
@@ -52,3 +53,4 @@ def test_param_accounting_figure():
     assert len(fig.data) == 2 and fig.layout.barmode == "stack"
     assert list(fig.data[0].x) == [30, 600]
     assert {a.text for a in fig.layout.annotations} == {"100.0B", "670.0B"}
+    assert fig.layout.legend.y < 0  # below the bars: several entries would cover the title

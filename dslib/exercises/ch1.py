@@ -1,7 +1,7 @@
 """Exercise checks of chapter 1 (KV caching).
 
 1. `check_kv_bytes_per_token(fn)`: the cache bytes one token adds to a dense (MHA/GQA/MQA) model.
-2. `check_h200_batch(gqa, dsa)`: how many 128K-token requests' caches fit in one H200.
+2. `check_max_context(gqa, dsa)`: the longest context 32 concurrent requests can have on one H200.
 3. `check_generation_flops(fn)`: total FLOPs of greedy generation with and without a cache.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dslib.kv_cache import generate
 
 __all__ = [
     "check_kv_bytes_per_token", "solution_kv_bytes_per_token",
-    "check_h200_batch", "solution_h200_batch", "CONTEXT_128K",
+    "check_max_context", "solution_max_context", "SERVING_BATCH",
     "check_generation_flops", "solution_generation_flops",
 ]
 
@@ -69,48 +69,60 @@ def check_kv_bytes_per_token(fn) -> Verdict:
 
 
 # ---------------------------------------------------------------------------------------------- exercise 2
-CONTEXT_128K = 131_072
+SERVING_BATCH = 32  # concurrent requests sharing one H200
 
 
-def _bytes_per_request() -> tuple[int, int]:
+def _bytes_per_token() -> tuple[int, int, ModelConfig]:
+    """Whole-model cache bytes per token: the GQA reference model in bf16, and DeepSeek-V3.2 (FP8 MLA + indexer)."""
     gqa = GQA_REFERENCE
     gqa_bytes = gqa["num_layers"] * dense_kv_bytes_per_token_per_layer(gqa["num_kv_heads"], gqa["head_dim"], 2)
     v32 = ModelConfig.deepseek_v32()
     dsa_bytes = v32.kv_cache_bytes("mla_fp8", 1) + v32.kv_cache_bytes("indexer", 1)
-    return gqa_bytes * CONTEXT_128K, dsa_bytes * CONTEXT_128K
+    return gqa_bytes, dsa_bytes, v32
 
 
-def solution_h200_batch() -> tuple[int, int]:
-    """Whole requests only: floor(memory / bytes of one 128K-token request), for GQA bf16 and V3.2's DSA cache."""
-    gqa, dsa = _bytes_per_request()
-    return int(H200_MEMORY_BYTES // gqa), int(H200_MEMORY_BYTES // dsa)
+def solution_max_context() -> tuple[int, int]:
+    """Whole tokens only: floor(memory / (batch * bytes per token)), for GQA bf16 and V3.2's DSA cache."""
+    gqa, dsa, _ = _bytes_per_token()
+    return int(H200_MEMORY_BYTES // (SERVING_BATCH * gqa)), int(H200_MEMORY_BYTES // (SERVING_BATCH * dsa))
 
 
-def check_h200_batch(gqa_batch, dsa_batch) -> Verdict:
-    """How many 131,072-token requests fit in one H200 (141 GB, cache only, weights ignored) for (a) the GQA
-    reference model in bf16 and (b) DeepSeek-V3.2's cache (FP8 MLA latent + FP8 indexer keys)?"""
-    if gqa_batch is None or dsa_batch is None:
+def check_max_context(gqa_tokens, dsa_tokens) -> Verdict:
+    """Serving 32 requests at once on one H200 (141 GB, cache only, weights ignored): the longest context each
+    request can have, in whole tokens, for (a) the GQA reference model in bf16 and (b) DeepSeek-V3.2's cache
+    (FP8 MLA latent + FP8 indexer keys)."""
+    if gqa_tokens is None or dsa_tokens is None:
         return not_yet("fill in both numbers (they are still None).")
-    want_gqa, want_dsa = solution_h200_batch()
-    gqa_bytes, dsa_bytes = _bytes_per_request()
-    v32 = ModelConfig.deepseek_v32()
+    want_gqa, want_dsa = solution_max_context()
+    gqa_bytes, dsa_bytes, v32 = _bytes_per_token()
     gib = 141 * 2**30
-    for name, got, want, per_request in (("GQA", gqa_batch, want_gqa, gqa_bytes), ("DSA", dsa_batch, want_dsa, dsa_bytes)):
+    mla_fp8 = v32.kv_cache_bytes("mla_fp8", 1)
+    mla_bf16 = v32.kv_cache_bytes("mla", 1)
+    for name, got, want, per_token in (("GQA", gqa_tokens, want_gqa, gqa_bytes), ("DSA", dsa_tokens, want_dsa, dsa_bytes)):
         if got == want:
             continue
         if not isinstance(got, (int, float)):
             return not_yet(f"the {name} answer {got!r} is not a number.")
-        if got == math.ceil(H200_MEMORY_BYTES / per_request):
-            return not_yet(f"{name}: {got} rounds up, but the last request would not fit; count whole requests.")
-        if got == int(gib // per_request):
-            return not_yet(f"{name}: {got} uses 141 GiB (2^30 bytes); the H200's 141 GB are 141e9 bytes.")
-        if name == "DSA" and got == int(H200_MEMORY_BYTES // v32.kv_cache_bytes("mla_fp8", CONTEXT_128K)):
-            return not_yet("DSA: that counts the FP8 latent only; V3.2 also caches the indexer keys (132 B/token/layer).")
-        if name == "DSA" and got == int(H200_MEMORY_BYTES // v32.kv_cache_bytes("mla", CONTEXT_128K)):
-            return not_yet("DSA: that is the bf16 MLA cache (1,152 B/token/layer); use the FP8 format (656) + indexer keys (132).")
-        return not_yet(f"{name}: {got} is not it. One request takes {per_request / 1e9:.2f} GB; how many whole ones fit in 141 GB?")
-    return correct(f"{want_gqa} requests with GQA vs {want_dsa} with DeepSeek-V3.2's cache: "
-                   f"{gqa_bytes / dsa_bytes:.1f}x more context per GPU.")
+        budget = H200_MEMORY_BYTES / SERVING_BATCH
+        slips = [
+            (math.ceil(budget / per_token), "it rounds up, but the last token would not fit; count whole tokens."),
+            (int(gib // (SERVING_BATCH * per_token)), "it uses 141 GiB (2^30 bytes); the H200's 141 GB are 141e9 bytes."),
+            (int(H200_MEMORY_BYTES // per_token), f"that is the context of ONE request; {SERVING_BATCH} share the memory."),
+        ]
+        if name == "DSA":
+            slips += [
+                (int(budget // mla_fp8), "that counts the FP8 latent only; V3.2 also caches the indexer keys "
+                                         "(132 B per token and layer)."),
+                (int(budget // mla_bf16), "that is the bf16 MLA cache (1,152 B per token and layer); use the FP8 "
+                                          "format (656) + indexer keys (132)."),
+            ]
+        hint = next((h for value, h in slips if got == value), "")
+        if hint:
+            return not_yet(f"{name}: {hint}")
+        return not_yet(f"{name}: {got:,} is not it. One token of one request takes {per_token:,} bytes (all layers); "
+                       f"how many tokens per request fit when {SERVING_BATCH} requests share 141 GB?")
+    return correct(f"{want_gqa:,} tokens per request with GQA vs {want_dsa:,} with DeepSeek-V3.2's cache: "
+                   f"{want_dsa / want_gqa:.1f}x longer contexts on the same GPU.")
 
 
 # ---------------------------------------------------------------------------------------------- exercise 3
@@ -145,15 +157,15 @@ def check_generation_flops(fn) -> Verdict:
         model = BaselineDecoder(cfg).eval()
     for prompt_len, new_tokens in ((4, 1), (4, 5)):  # few steps: counting FLOPs slows every op down
         for use_cache in (True, False):
-            measured = _measured_generation_flops(model, prompt_len, new_tokens, use_cache)
             got, failure = attempt(fn, cfg, prompt_len, new_tokens, use_cache)
             if failure is not None:  # a Verdict that is not ok is falsy
                 return failure
-            if got == measured:
-                continue
             case = f"prompt_len={prompt_len}, new_tokens={new_tokens}, use_cache={use_cache}"
             if not isinstance(got, (int, float)):
                 return not_yet(f"for {case} it returned {got!r}; return a number of FLOPs.")
+            measured = _measured_generation_flops(model, prompt_len, new_tokens, use_cache)
+            if got == measured:
+                continue
             hint = ""
             final = prompt_len + new_tokens
             if use_cache and got == measured + cfg.forward_flops(1, final):

@@ -62,7 +62,9 @@ def memory_vs_compute_figure(seq_lens: Sequence[int], cache_bytes: Sequence[floa
     fig.update_yaxes(title_text="bytes", row=1, col=1)
     fig.update_yaxes(title_text="FLOPs", row=1, col=2)
     fig.update_xaxes(title_text="sequence length (tokens)")
-    return styled(fig, "What grows with context length", "", "", height=400)
+    fig = styled(fig, "What grows with context length", "", "", height=460)
+    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.22, xanchor="left", x=0), margin=dict(t=80, b=110))
+    return fig
 
 
 def attention_time_figure(seq_lens: Sequence[int], seconds: Sequence[float], *, exponent: float | None = None,
@@ -84,19 +86,23 @@ def attention_time_figure(seq_lens: Sequence[int], seconds: Sequence[float], *, 
 
 def kv_memory_figure(sizes: Mapping[str, float], *, capacity_bytes: float | None = None,
                      capacity_name: str = "GPU memory", title: str = "KV cache size", log_y: bool = True) -> go.Figure:
-    """Bars of cache size (GB = 1e9 bytes) per scheme, labelled with GB and the multiple of `capacity_bytes`,
-    and a horizontal line at the capacity."""
+    """Bars of cache size (GB = 1e9 bytes) per scheme, labelled with GB and the share of `capacity_bytes`,
+    and a dashed horizontal line at the capacity."""
     labels = list(sizes)
     gb = [sizes[k] / 1e9 for k in labels]
-    text = [f"{g:,.2f} GB" + (f"<br>{g * 1e9 / capacity_bytes:.2f}x" if capacity_bytes else "") for g in gb]
+    text = [f"{g:,.2f} GB" + (f"<br>{g * 1e9 / capacity_bytes:.0%} of {capacity_name}" if capacity_bytes else "")
+            for g in gb]
     fig = go.Figure(go.Bar(x=labels, y=gb, text=text, textposition="outside", showlegend=False,
                            marker_color=[_scheme_color(k) for k in labels]))
     if capacity_bytes:
-        fig.add_hline(y=capacity_bytes / 1e9, line=dict(color="black", dash="dash"),
-                      annotation_text=f"{capacity_name}: {capacity_bytes / 1e9:,.0f} GB", annotation_position="top left")
+        cap = capacity_bytes / 1e9
+        fig.add_hline(y=cap, line=dict(color="black", dash="dash"))
+        # Annotations on a log axis take log10 of the value (shapes do not).
+        fig.add_annotation(x=1, xref="paper", xanchor="right", y=math.log10(cap) if log_y else cap, yanchor="bottom",
+                           text=f"{capacity_name}: {cap:,.0f} GB", showarrow=False)
     if log_y:
         top = max(gb + [capacity_bytes / 1e9 if capacity_bytes else 0])
-        low = min(g for g in gb if g > 0) if any(g > 0 for g in gb) else 1e-3
+        low = min((g for g in gb if g > 0), default=1e-3)
         fig.update_yaxes(type="log", range=[math.log10(low) - 0.5, math.log10(top) + 0.8])
     return styled(fig, title, "", "GB (log scale)" if log_y else "GB", height=430)
 
@@ -114,4 +120,7 @@ def param_accounting_figure(total: Mapping[str, float], active: Mapping[str, flo
     sums = [sum(active.values()) / 1e9, sum(total.values()) / 1e9]
     for y, s in zip(["used per token", "stored"], sums):
         fig.add_annotation(x=s, y=y, text=f"{s:,.1f}B", showarrow=False, xanchor="left", xshift=4)
-    return styled(fig, title, "billions of parameters", "", height=330)
+    fig = styled(fig, title, "billions of parameters", "", height=360)
+    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.25, xanchor="left", x=0, traceorder="normal"),
+                      margin=dict(b=120))
+    return fig
