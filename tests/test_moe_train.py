@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dslib import moe_train as mt
+from dslib.mla import MLA
 from dslib.moe import MoE
 
 
@@ -50,7 +51,7 @@ def test_loss_only_on_answers():
 def test_model_uses_dslib_moe_and_records_routing():
     cfg = mt.model_config()
     model = mt.MoELM(cfg)
-    assert all(isinstance(layer.mlp, MoE) for layer in model.layers)
+    assert all(isinstance(layer.mlp, MoE) and isinstance(layer.self_attn, MLA) for layer in model.layers)
     assert cfg.n_routed_experts // cfg.n_group == 4 and cfg.topk_group * 2 == cfg.n_group  # V3.2's shape / 8
     log = mt.RoutingLog()
     logits = model(torch.randint(0, mt.VOCAB, (2, 31)), record=log)
