@@ -454,7 +454,7 @@ for s in SETTINGS:
 """)
 
 md(r"""
-**Imbalance over training**, measured every few steps on a fixed evaluation set (512 sequences, all tasks), for
+**Imbalance over training**, measured every few steps on a fixed evaluation set (the same sequences each time, all tasks), for
 each layer:
 """)
 
