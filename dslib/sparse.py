@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from dslib.config import ModelConfig
-from dslib.indexer import IndexerKeyCache, LightningIndexer
+from dslib.indexer import IndexerKeyCache, LightningIndexer, index_scores
 from dslib.mla import MLA, LatentCache
 
 
@@ -316,6 +316,7 @@ class DSAttention(MLA):
         need_probs: bool = False,
         need_index_scores: bool = False,
         impl: str = "gather",
+        rows: torch.Tensor | None = None,
     ) -> AttentionStats:
         """A prefill (positions 0..T-1, no cache) that also returns what the indexer's training needs.
 
@@ -324,6 +325,8 @@ class DSAttention(MLA):
         probabilities, `[B, T, H, S]` for dense attention, `[B, T, H, k]` over the selection otherwise.
         impl: how a selection is computed, "gather" (`sparse_attention`, O(T·k)) or "masked"
         (`dense_masked_attention`, O(T·S), but fewer and larger matmuls: faster on a CPU for short sequences).
+        rows: `[B, P]` query positions; with dense attention the index scores and probabilities are then computed
+        and returned only for those rows (`[B, P, S]`, `[B, P, H, S]`) — all a loss over P positions needs.
         """
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}.")
@@ -334,8 +337,16 @@ class DSAttention(MLA):
         cos, sin = self.rotary(positions)
         q_latent, q_nope, q_rope = self.project_q(h, cos, sin)
         kv_latent, k_rope = self.project_kv(h, cos, sin)
+        if rows is not None and attention != "dense":
+            raise ValueError("rows= is for dense attention (a selection needs the index scores of every query).")
         scores = None
-        if attention == "sparse" or need_index_scores:
+        if rows is not None and need_index_scores:  # the indexer's queries only at `rows`, its keys everywhere
+            ix, take = self.indexer, rows.unsqueeze(-1)
+            cos_r, sin_r = self.rotary(rows)  # [B, P, rope/2]
+            q_i = ix.project_q(q_latent.detach().gather(1, take.expand(-1, -1, q_latent.shape[-1])), cos_r, sin_r)
+            w_i = ix.head_weights(h.detach().gather(1, take.expand(-1, -1, h.shape[-1])))
+            scores = index_scores(q_i, w_i, ix.project_k(h.detach(), cos, sin), rows)  # [B, P, T]
+        elif attention == "sparse" or need_index_scores:
             scores = self.indexer(h.detach(), q_latent.detach(), cos, sin, positions)  # [B, T, T]
         if attention == "dense":
             selected = None
@@ -352,6 +363,8 @@ class DSAttention(MLA):
                 allowed = allowed & selection_mask(selected, T)
             x, probs = dense_masked_attention(q_absorbed, q_rope, kv_latent, k_rope, allowed, self.softmax_scale,
                                               return_probs=True)  # probs [B, T, H, S]
+            if rows is not None and need_probs:
+                probs = probs.gather(1, rows.view(B, -1, 1, 1).expand(-1, -1, *probs.shape[2:]))  # [B, P, H, S]
             if selected is not None and need_probs:  # the probabilities of the selected keys, [B, T, H, k]
                 idx = selected.clamp(min=0).unsqueeze(2).expand(-1, -1, probs.shape[2], -1)
                 probs = probs.gather(-1, idx).masked_fill((selected < 0).unsqueeze(2), 0.0)

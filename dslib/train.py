@@ -111,15 +111,17 @@ class RecallModel(nn.Module):
         return self.lm_head(self.norm(x))
 
     def forward_train(self, tokens: torch.Tensor, attention: str = "dense", *, window: int | None = None,
-                      need_probs: bool = False, need_index_scores: bool = False, impl: str = "masked"):
-        """Like forward, also returning each layer's `AttentionStats` (selection, index scores, probabilities).
+                      need_probs: bool = False, need_index_scores: bool = False, impl: str = "masked",
+                      rows: torch.Tensor | None = None):
+        """Like forward, also returning each layer's `AttentionStats` (selection, index scores, probabilities;
+        for dense attention with `rows` [B, P] only at those query positions).
         impl="masked" by default: at L = 256 on a CPU the dense-masked path is faster than gathering (same numbers)."""
         x = self.embed(tokens)
         stats = []
         for layer in self.layers:
             s = layer.self_attn.forward_train(layer.input_layernorm(x), attention, window=window,
                                               need_probs=need_probs, need_index_scores=need_index_scores,
-                                              impl=impl)
+                                              impl=impl, rows=rows)
             stats.append(s)
             x = x + s.out
             x = x + layer.mlp(layer.post_attention_layernorm(x))
@@ -130,6 +132,12 @@ class RecallModel(nn.Module):
 
     def main_parameters(self):
         return [p for n, p in self.named_parameters() if ".indexer." not in n]
+
+
+def query_rows(batch: RecallBatch) -> torch.Tensor:
+    """`[B, n_pairs]` positions of the queries of each sequence (every sequence has the same number)."""
+    B = len(batch)
+    return batch.query_mask.nonzero()[:, 1].view(B, -1)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -225,12 +233,14 @@ def train_stage(
         for g, base in zip(opt.param_groups, base_lrs):
             g["lr"] = base * _schedule(step, steps, warmup)
         batch = make_batch(task, batch_size, gen)
-        logits, stats = model.forward_train(batch.tokens, attention, window=window,
+        # the task's KL only needs the query rows: score just those (each sequence has n_pairs of them)
+        rows = query_rows(batch) if stage == "warmup" and kl_positions == "task" else None
+        logits, stats = model.forward_train(batch.tokens, attention, window=window, rows=rows,
                                             need_probs=train_index, need_index_scores=stage == "warmup")
         loss = lm_loss(logits, batch.targets)
         kl = torch.zeros(())
         if train_index:
-            weight = batch.query_mask if kl_positions == "task" else None
+            weight = batch.query_mask if kl_positions == "task" and rows is None else None
             for s in stats:
                 if stage == "warmup":  # dense: KL over all causal keys
                     kl = kl + indexer_kl_loss(attention_target(s.probs), s.index_scores, weight)
@@ -305,20 +315,18 @@ def attention_analysis(model: RecallModel, batch: RecallBatch, *, k: int | None 
                                                     "hit_indexer", "hit_window")}
     for start in range(0, len(batch), batch_size):
         b = batch.slice(start, start + batch_size)
-        _, stats = model.forward_train(b.tokens, "dense", need_probs=True, need_index_scores=True)
-        T = b.tokens.shape[1]
-        pos = torch.arange(T)
-        qm = b.query_mask
-        src = b.source.clamp(min=0).unsqueeze(-1)  # [B, T, 1]
-        win = window_selection(pos, window).expand(len(b), -1, -1)
+        rows = query_rows(b)  # [B, P]: only the query rows are analysed
+        _, stats = model.forward_train(b.tokens, "dense", need_probs=True, need_index_scores=True, rows=rows)
+        src = b.source.gather(1, rows).unsqueeze(-1)  # [B, P, 1]
+        win = window_selection(rows, window)  # [B, P, window]
         for layer, s in enumerate(stats):
-            p = s.probs.float().mean(dim=2)  # [B, T, S] head average
-            top = topk_selection(s.index_scores, k, pos)
-            acc["recall_indexer"][layer].append(attention_recall(p, top)[qm])
-            acc["recall_window"][layer].append(attention_recall(p, win)[qm])
-            acc["mass_on_source"][layer].append(p.gather(-1, src).squeeze(-1)[qm])
-            acc["hit_indexer"][layer].append((top == src).any(-1)[qm])
-            acc["hit_window"][layer].append((win == src).any(-1)[qm])
+            p = s.probs.float().mean(dim=2)  # [B, P, S] head average
+            top = topk_selection(s.index_scores, k, rows)
+            acc["recall_indexer"][layer].append(attention_recall(p, top).flatten())
+            acc["recall_window"][layer].append(attention_recall(p, win).flatten())
+            acc["mass_on_source"][layer].append(p.gather(-1, src).flatten())
+            acc["hit_indexer"][layer].append((top == src).any(-1).flatten())
+            acc["hit_window"][layer].append((win == src).any(-1).flatten())
     return {name: [float(torch.cat(v).float().mean()) for v in per_layer] for name, per_layer in acc.items()}
 
 

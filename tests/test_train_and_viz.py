@@ -109,3 +109,16 @@ def test_exercise_checks():
     assert ex.check_flop_ratio(ex.solution_flop_ratio())
     assert "L²" in ex.check_flop_ratio(64).message
     assert not ex.check_flop_ratio(None)
+
+
+def test_rows_give_the_same_numbers_as_full():
+    m = _model().eval()
+    b = eval_set(TASK, 3)
+    rows = train.query_rows(b)
+    with torch.no_grad():
+        _, full = m.forward_train(b.tokens, "dense", need_probs=True, need_index_scores=True)
+        _, part = m.forward_train(b.tokens, "dense", need_probs=True, need_index_scores=True, rows=rows)
+    for f, p in zip(full, part):
+        idx = rows.unsqueeze(-1).expand(-1, -1, f.index_scores.shape[-1])
+        torch.testing.assert_close(p.index_scores, f.index_scores.gather(1, idx), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p.probs, f.probs.gather(1, rows.view(3, -1, 1, 1).expand(-1, -1, *f.probs.shape[2:])))
