@@ -321,12 +321,14 @@ class DSAttention(MLA):
         """A prefill (positions 0..T-1, no cache) that also returns what the indexer's training needs.
 
         The indexer always sees *detached* inputs (h and c^Q): its loss never moves the main model, and the
-        language-model loss never moves the indexer (REFERENCE.md §5). need_probs: the main attention's
-        probabilities, `[B, T, H, S]` for dense attention, `[B, T, H, k]` over the selection otherwise.
+        language-model loss never moves the indexer (REFERENCE.md §5). The top-k itself is chosen without
+        gradient (an index has none).
+        need_probs: the main attention's probabilities, `[B, T, H, S]` for dense attention, `[B, T, H, k]` over
+        the selection otherwise. need_index_scores: the index scores `[B, T, S]` (with gradient for the indexer).
+        rows: `[B, P]` query positions; probabilities and index scores are then returned only for those rows
+        (`[B, P, ...]`) — all a loss over P positions needs, and much cheaper for the indexer.
         impl: how a selection is computed, "gather" (`sparse_attention`, O(T·k)) or "masked"
         (`dense_masked_attention`, O(T·S), but fewer and larger matmuls: faster on a CPU for short sequences).
-        rows: `[B, P]` query positions; with dense attention the index scores and probabilities are then computed
-        and returned only for those rows (`[B, P, S]`, `[B, P, H, S]`) — all a loss over P positions needs.
         """
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}.")
@@ -337,37 +339,45 @@ class DSAttention(MLA):
         cos, sin = self.rotary(positions)
         q_latent, q_nope, q_rope = self.project_q(h, cos, sin)
         kv_latent, k_rope = self.project_kv(h, cos, sin)
-        if rows is not None and attention != "dense":
-            raise ValueError("rows= is for dense attention (a selection needs the index scores of every query).")
-        scores = None
-        if rows is not None and need_index_scores:  # the indexer's queries only at `rows`, its keys everywhere
+        h_i, q_i = h.detach(), q_latent.detach()  # the indexer's inputs: no gradient flows back into the model
+
+        def all_scores():
+            return self.indexer(h_i, q_i, cos, sin, positions)  # [B, T, T]
+
+        scores, selected = None, None
+        if attention == "sparse":
+            if need_index_scores and rows is None:
+                scores = all_scores()
+                selected = topk_selection(scores.detach(), self.index_topk, positions)
+            else:
+                with torch.no_grad():
+                    selected = topk_selection(all_scores(), self.index_topk, positions)
+        elif attention == "window":
+            selected = window_selection(positions, window or self.index_topk).expand(B, -1, -1)
+        if need_index_scores and rows is not None:  # the indexer's queries only at `rows`, its keys everywhere
             ix, take = self.indexer, rows.unsqueeze(-1)
             cos_r, sin_r = self.rotary(rows)  # [B, P, rope/2]
-            q_i = ix.project_q(q_latent.detach().gather(1, take.expand(-1, -1, q_latent.shape[-1])), cos_r, sin_r)
-            w_i = ix.head_weights(h.detach().gather(1, take.expand(-1, -1, h.shape[-1])))
-            scores = index_scores(q_i, w_i, ix.project_k(h.detach(), cos, sin), rows)  # [B, P, T]
-        elif attention == "sparse" or need_index_scores:
-            scores = self.indexer(h.detach(), q_latent.detach(), cos, sin, positions)  # [B, T, T]
-        if attention == "dense":
-            selected = None
-        elif attention == "sparse":
-            selected = topk_selection(scores, self.index_topk, positions)
-        else:
-            selected = window_selection(positions, window or self.index_topk).expand(B, -1, -1)
+            q_rows = ix.project_q(q_i.gather(1, take.expand(-1, -1, q_i.shape[-1])), cos_r, sin_r)
+            w_rows = ix.head_weights(h_i.gather(1, take.expand(-1, -1, h_i.shape[-1])))
+            scores = index_scores(q_rows, w_rows, ix.project_k(h_i, cos, sin), rows)  # [B, P, T]
+        elif need_index_scores and scores is None:
+            scores = all_scores()
+
         q_absorbed = torch.einsum("bthd,hdc->bthc", q_nope, self.w_uk())  # [B, T, H, kv_lora_rank]
         if selected is not None and impl == "gather":
-            x, probs = sparse_attention(q_absorbed, q_rope, kv_latent, k_rope, selected, self.softmax_scale, return_probs=True)
+            x, probs = sparse_attention(q_absorbed, q_rope, kv_latent, k_rope, selected, self.softmax_scale,
+                                        return_probs=True)  # probs [B, T, H, k]
         else:
             allowed = causal_mask(positions, T)
             if selected is not None:
                 allowed = allowed & selection_mask(selected, T)
             x, probs = dense_masked_attention(q_absorbed, q_rope, kv_latent, k_rope, allowed, self.softmax_scale,
                                               return_probs=True)  # probs [B, T, H, S]
-            if rows is not None and need_probs:
-                probs = probs.gather(1, rows.view(B, -1, 1, 1).expand(-1, -1, *probs.shape[2:]))  # [B, P, H, S]
             if selected is not None and need_probs:  # the probabilities of the selected keys, [B, T, H, k]
                 idx = selected.clamp(min=0).unsqueeze(2).expand(-1, -1, probs.shape[2], -1)
                 probs = probs.gather(-1, idx).masked_fill((selected < 0).unsqueeze(2), 0.0)
+        if rows is not None and need_probs:
+            probs = probs.gather(1, rows.view(B, -1, 1, 1).expand(-1, -1, *probs.shape[2:]))  # [B, P, H, ...]
         out = torch.einsum("bthc,hvc->bthv", x, self.w_uv())  # [B, T, H, v_head_dim]
         out = self.o_proj(out.reshape(B, T, self.num_heads * self.v_head_dim))
         return AttentionStats(out, selected, scores, probs if need_probs else None)

@@ -42,7 +42,8 @@ STAGES = ("dense", "warmup", "sparse")
 
 
 def experiment_config(task: RecallTask = RecallTask(), **overrides) -> ModelConfig:
-    """The experiment's model: 2 layers, d = 64, 2 MLA heads, 4 indexer heads x 32, top-k 32, plain RoPE."""
+    """The experiment's model: 2 layers, d = 64, 2 MLA heads (latent 64, nope 32 + rope 16, v 32), SwiGLU 128,
+    4 indexer heads x 32 dims, index_topk 32, plain RoPE (~200k parameters)."""
     base = dict(
         vocab_size=task.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         first_k_dense_replace=2, num_nextn_predict_layers=0, num_attention_heads=2, num_key_value_heads=2,
@@ -234,19 +235,18 @@ def train_stage(
             g["lr"] = base * _schedule(step, steps, warmup)
         batch = make_batch(task, batch_size, gen)
         # the task's KL only needs the query rows: score just those (each sequence has n_pairs of them)
-        rows = query_rows(batch) if stage == "warmup" and kl_positions == "task" else None
+        rows = query_rows(batch) if train_index and kl_positions == "task" else None
         logits, stats = model.forward_train(batch.tokens, attention, window=window, rows=rows,
-                                            need_probs=train_index, need_index_scores=stage == "warmup")
+                                            need_probs=train_index, need_index_scores=train_index)
         loss = lm_loss(logits, batch.targets)
         kl = torch.zeros(())
-        if train_index:
-            weight = batch.query_mask if kl_positions == "task" and rows is None else None
-            for s in stats:
-                if stage == "warmup":  # dense: KL over all causal keys
-                    kl = kl + indexer_kl_loss(attention_target(s.probs), s.index_scores, weight)
-                else:  # sparse: KL over the selected set only
-                    scores_sel = s.index_scores.gather(-1, s.selected.clamp(min=0)).masked_fill(s.selected < 0, float("-inf"))
-                    kl = kl + indexer_kl_loss(attention_target(s.probs), scores_sel, weight)
+        for s in stats if train_index else ():
+            if stage == "warmup":  # dense: KL over all causal keys
+                kl = kl + indexer_kl_loss(attention_target(s.probs), s.index_scores)
+            else:  # sparse: KL over the selected set only
+                sel = s.selected if rows is None else s.selected.gather(1, rows.unsqueeze(-1).expand(-1, -1, s.selected.shape[-1]))
+                scores_sel = s.index_scores.gather(-1, sel.clamp(min=0)).masked_fill(sel < 0, float("-inf"))
+                kl = kl + indexer_kl_loss(attention_target(s.probs), scores_sel)
         total = (loss if train_main else 0) + (kl if train_index else 0)
         opt.zero_grad(set_to_none=True)
         total.backward()
