@@ -17,6 +17,8 @@ Parameter names are the official checkpoint's (`q_a_proj`, ..., `o_proj`); `load
 """
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Mapping
 
 import torch
@@ -35,6 +37,11 @@ __all__ = [
     "causal_allowed",
     "attention_flops",
     "kv_bytes_read",
+    "decode_costs",
+    "decode_step_time",
+    "fp8_pack_latent",
+    "fp8_unpack_latent",
+    "MLAStack",
 ]
 
 MODES = ("absorbed", "naive")
@@ -248,6 +255,7 @@ class MLA(nn.Module):
         mode: str = "absorbed",
         mask: torch.Tensor | None = None,
         return_probs: bool = False,
+        check_positions: bool = True,
     ):
         """Attention of T queries over S cached keys (keys are positions 0..S-1) -> `[B, T, H, v_head_dim]`.
 
@@ -256,6 +264,8 @@ class MLA(nn.Module):
         the query at position p iff s <= p), AND-ed with `mask` (bool `[B, T, S]`, True = may attend) if given.
         mode "naive" (MHA: per-head K/V from `expand_kv`) or "absorbed" (MQA over the latents); same result.
         With `return_probs=True` also returns the attention probabilities `[B, H, T, S]`.
+        `check_positions=False` skips the check that every query has its own key (it reads q_positions back from
+        the device, a sync per call); `forward` skips it when it made the positions itself.
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
@@ -266,7 +276,7 @@ class MLA(nn.Module):
                 f"queries have batch {B} but kv_latent {tuple(kv_latent.shape)} / k_rope {tuple(k_rope.shape)} "
                 "do not match it (expected [B, S, kv_lora_rank] and [B, S, rope])."
             )
-        if q_positions.numel() and int(q_positions.max()) >= S:
+        if check_positions and q_positions.numel() and int(q_positions.max()) >= S:
             raise ValueError(
                 f"A query sits at position {int(q_positions.max())} but only {S} keys (positions 0..{S - 1}) were "
                 "given: append the new tokens' latents to the cache before attending (MLA.forward does it)."
@@ -320,19 +330,21 @@ class MLA(nn.Module):
             raise ValueError(f"h must be [B, T, hidden_size={self.cfg.hidden_size}], got {tuple(h.shape)}.")
         B, T, _ = h.shape
         start = len(cache) if cache is not None else 0
-        if positions is None:
-            positions = torch.arange(start, start + T, device=h.device)
-        if int(positions.max()) >= self.cfg.max_position_embeddings:
+        given = positions is not None
+        last = int(positions.max()) if given else start + T - 1  # reading given positions back costs a sync
+        if last >= self.cfg.max_position_embeddings:
             raise ValueError(
-                f"position {int(positions.max())} is beyond max_position_embeddings="
-                f"{self.cfg.max_position_embeddings}. Shorten the sequence or use a config with a longer context."
+                f"position {last} is beyond max_position_embeddings={self.cfg.max_position_embeddings}. Shorten the "
+                "sequence or use a config with a longer context."
             )
+        if not given:
+            positions = torch.arange(start, start + T, device=h.device)
         cos, sin = self.rotary(positions)
         _, q_nope, q_rope = self.project_q(h, cos, sin)
         kv_latent, k_rope = self.project_kv(h, cos, sin)
         if cache is not None:
             kv_latent, k_rope = cache.append(kv_latent, k_rope)  # [B, S, kv_lora_rank], [B, S, rope]
-        out = self.attend(q_nope, q_rope, kv_latent, k_rope, positions, mode=mode, mask=mask)
+        out = self.attend(q_nope, q_rope, kv_latent, k_rope, positions, mode=mode, mask=mask, check_positions=given)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.v_head_dim))
 
     def attention_probs(self, h: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -441,3 +453,152 @@ def kv_bytes_read(cfg: ModelConfig, num_keys: int, mode: str, *, dtype_bytes: in
     if mode == "naive":
         return num_keys * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * dtype_bytes
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+
+
+def decode_costs(cfg: ModelConfig, context_len: int, *, gqa_groups: int = 8, dtype_bytes: int = 2) -> dict[str, dict]:
+    """Cache and compute of decoding one token at `context_len`, whole model, per attention scheme.
+
+    For each of MHA (every head caches K and V), GQA with `gqa_groups` K/V heads of v_head_dim, MLA (bf16 latent
+    cache, absorbed mode) and MLA with FlashMLA's FP8 cache: bytes per token per layer, cache bytes of one sequence
+    (all layers), attention FLOPs per decoded token (all layers; MHA/GQA: 2·H·S·(d_k + d_v)), and the cache ratio
+    against MHA and GQA. Pure arithmetic on `cfg` (the chapter's calculator).
+    """
+    H, S, L = cfg.num_attention_heads, context_len, cfg.num_hidden_layers
+    mla_flops = attention_flops(cfg, 1, S, "absorbed")["total"]
+    rows = {
+        "MHA": (cfg.kv_bytes_per_token_per_layer("mha", dtype_bytes=dtype_bytes), 2 * H * S * (cfg.qk_head_dim + cfg.v_head_dim)),
+        f"GQA-{gqa_groups}": (
+            cfg.kv_bytes_per_token_per_layer("gqa", dtype_bytes=dtype_bytes, kv_heads=gqa_groups),
+            2 * H * S * 2 * cfg.v_head_dim,
+        ),
+        "MLA": (cfg.kv_bytes_per_token_per_layer("mla", dtype_bytes=dtype_bytes), mla_flops),
+        "MLA FP8": (cfg.kv_bytes_per_token_per_layer("mla_fp8"), mla_flops),
+    }
+    mha_bytes, gqa_bytes = rows["MHA"][0], rows[f"GQA-{gqa_groups}"][0]
+    return {
+        name: {
+            "bytes_per_token_per_layer": per_token,
+            "cache_bytes": per_token * L * S,
+            "flops_per_token": flops * L,
+            "vs_mha": mha_bytes / per_token,
+            "vs_gqa": gqa_bytes / per_token,
+        }
+        for name, (per_token, flops) in rows.items()
+    }
+
+
+@torch.no_grad()
+def decode_step_time(mla: MLA, num_keys: int, mode: str, *, batch: int = 1, repeats: int = 5,
+                     reduce: str = "median", threads: int | None = None) -> float:
+    """Wall time (s) of `mla.attend` for one new token over `num_keys` cached latents (random data).
+
+    `reduce`: "median" of `repeats` runs, or "min" (best of `repeats`: on a shared machine the least disturbed).
+    `threads`: run with this many intra-op threads (restored afterwards); one thread avoids waiting on a busy core.
+    """
+    if reduce not in ("median", "min"):
+        raise ValueError(f"reduce must be 'median' or 'min', got {reduce!r}.")
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _time_attend(mla, num_keys, mode, batch, repeats, reduce)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _time_attend(mla: MLA, num_keys: int, mode: str, batch: int, repeats: int, reduce: str) -> float:
+    p = next(mla.parameters())
+    cfg = mla.cfg
+    H = cfg.num_attention_heads
+    q_nope = torch.randn(batch, 1, H, cfg.qk_nope_head_dim, dtype=p.dtype, device=p.device)
+    q_rope = torch.randn(batch, 1, H, cfg.qk_rope_head_dim, dtype=p.dtype, device=p.device)
+    kv_latent = torch.randn(batch, num_keys, cfg.kv_lora_rank, dtype=p.dtype, device=p.device)
+    k_rope = torch.randn(batch, num_keys, cfg.qk_rope_head_dim, dtype=p.dtype, device=p.device)
+    pos = torch.tensor([num_keys - 1], device=p.device)
+    mla.attend(q_nope, q_rope, kv_latent, k_rope, pos, mode=mode)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mla.attend(q_nope, q_rope, kv_latent, k_rope, pos, mode=mode)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) if reduce == "median" else min(times)
+
+
+# --------------------------------------------------------------------------------------------- FP8 cache format
+FP8_TILE = 128  # one fp32 scale per 128 latent values (FlashMLA)
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def fp8_pack_latent(kv_latent: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
+    """FlashMLA's FP8 cache entry (REFERENCE.md §3.2): bytes `[B, S, c + 4·⌈c/128⌉ + 2·rope]` (656 for the 671B).
+
+    Per token: c e4m3 latent values | one fp32 scale per 128-value tile | the rope key in bf16 (kept precise).
+    scale = 2^⌈log2(amax / 448)⌉ (a power of two, "ue8m0"), stored value = x / scale.
+    """
+    B, S, c = kv_latent.shape
+    tiles = -(-c // FP8_TILE)
+    x = F.pad(kv_latent.float(), (0, tiles * FP8_TILE - c)).view(B, S, tiles, FP8_TILE)
+    amax = x.abs().amax(-1, keepdim=True).clamp_min(1e-4)  # [B, S, tiles, 1]
+    scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
+    q = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(B, S, -1)[..., :c]
+    parts = [
+        q.contiguous().view(torch.uint8),  # [B, S, c]
+        scale.view(B, S, tiles).contiguous().view(torch.uint8),  # [B, S, 4 * tiles]
+        k_rope.to(torch.bfloat16).contiguous().view(torch.uint8),  # [B, S, 2 * rope]
+    ]
+    return torch.cat(parts, dim=-1)
+
+
+def fp8_unpack_latent(packed: torch.Tensor, kv_lora_rank: int, rope_dim: int, dtype=torch.float32):
+    """Inverse of `fp8_pack_latent`: bytes `[B, S, 656]` -> (kv_latent `[B, S, c]`, k_rope `[B, S, rope]`) in dtype."""
+    c, tiles = kv_lora_rank, -(-kv_lora_rank // FP8_TILE)
+    expected = c + 4 * tiles + 2 * rope_dim
+    if packed.dtype != torch.uint8 or packed.shape[-1] != expected:
+        raise ValueError(
+            f"packed must be uint8 [B, S, {expected}] for kv_lora_rank={c}, rope={rope_dim}; got {packed.dtype} "
+            f"{tuple(packed.shape)}."
+        )
+    B, S, _ = packed.shape
+    q = packed[..., :c].contiguous().view(torch.float8_e4m3fn).float()  # [B, S, c]
+    scale = packed[..., c : c + 4 * tiles].contiguous().view(torch.float32)  # [B, S, tiles]
+    k_rope = packed[..., c + 4 * tiles :].contiguous().view(torch.bfloat16)
+    scale = scale.repeat_interleave(FP8_TILE, dim=-1)[..., :c]
+    return (q * scale).to(dtype), k_rope.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------- a stack for pictures
+class MLAStack(nn.Module):
+    """An attention-only toy: token embeddings, then `num_layers` × (x += MLA(RMSNorm(x))). No FFN, no head.
+
+    Chapter 5 builds the real decoder; this one only produces attention maps of several layers to look at.
+    `attention_maps(ids [B, T]) -> [L, B, H, T, T]`. `init_std` redraws every projection matrix from
+    N(0, init_std²): PyTorch's default init gives near-uniform random attention, a larger spread shows structure.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_layers: int | None = None, init_std: float | None = None):
+        super().__init__()
+        self.cfg = cfg
+        n = num_layers or cfg.num_hidden_layers
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            nn.ModuleDict({"input_layernorm": RMSNorm(cfg.hidden_size, cfg.rms_norm_eps), "self_attn": MLA(cfg, i)})
+            for i in range(n)
+        )
+        if init_std is not None:
+            with torch.no_grad():
+                for layer in self.layers:
+                    for module in layer["self_attn"].modules():
+                        if isinstance(module, nn.Linear):
+                            module.weight.normal_(0.0, init_std)
+
+    @torch.no_grad()
+    def attention_maps(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dim() != 2 or ids.dtype.is_floating_point:
+            raise ValueError(f"ids must be integer token ids [B, T], got {ids.dtype} {tuple(ids.shape)}.")
+        x = self.embed_tokens(ids)  # [B, T, d]
+        maps = []
+        for layer in self.layers:
+            h = layer["input_layernorm"](x)
+            maps.append(layer["self_attn"].attention_probs(h))  # [B, H, T, T]
+            x = x + layer["self_attn"](h)
+        return torch.stack(maps)

@@ -91,7 +91,8 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     The same arithmetic (and order of fp32 operations) as transformers' `_compute_yarn_parameters`.
     """
     dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
-    wavelength = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # [dim/2], θ_i^-1
+    # Always on the CPU in fp32 (also under a `meta` device context): the table is tiny and must be exact.
+    wavelength = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)  # [dim/2], 1 / θ_i
     theta = 1.0 / wavelength
     params = _yarn_params(cfg)
     if params is None:
@@ -99,7 +100,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     low, high = yarn_correction_range(cfg)
     if low == high:
         high += 0.001  # avoid dividing by zero when the ramp collapses to a step
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)  # r_i
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)  # r_i
     slowed = 1.0 / (params["factor"] * wavelength)  # θ_i / factor
     keep = 1 - ramp  # share of the original frequency (written like transformers for bit-equal fp32 results)
     return slowed * (1 - keep) + theta * keep
@@ -130,14 +131,15 @@ class RotaryEmbedding(nn.Module):
 
     `forward(positions)`: positions int64 `[T]` or `[B, T]` -> (cos, sin), fp32, each `[T, rope_dim // 2]` or
     `[B, T, rope_dim // 2]`. cos/sin are not rescaled (attention_factor 1, as in DeepSeek's reference).
-    The frequency table is a non-persistent buffer: it is derived from the config and never stored in a checkpoint.
+    The frequency table is derived from the config, so it is neither a parameter nor a buffer: it never enters a
+    checkpoint, and `model.to(torch.bfloat16)` cannot round it (it stays fp32 and follows the positions' device).
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.rope_dim = cfg.qk_rope_head_dim
         self.max_position_embeddings = cfg.max_position_embeddings
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.inv_freq = rope_inv_freq(cfg)  # fp32 [rope_dim // 2], on the CPU until first used elsewhere
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if positions.dtype.is_floating_point or positions.dim() not in (1, 2):
@@ -145,8 +147,10 @@ class RotaryEmbedding(nn.Module):
                 f"positions must be an integer tensor [T] or [B, T], got dtype {positions.dtype} and shape "
                 f"{tuple(positions.shape)}. Use torch.arange(T) for a sequence that starts at position 0."
             )
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
         # fp32 even for bf16 models: angles p * freq reach 1e5 radians, where bf16 would lose every digit.
-        angles = positions.to(self.inv_freq.device, torch.float32)[..., None] * self.inv_freq.float()  # [..., T, r/2]
+        angles = positions.float()[..., None] * self.inv_freq  # [..., T, rope_dim // 2]
         return angles.cos(), angles.sin()
 
 

@@ -72,6 +72,14 @@ def test_rotary_embedding_shapes_and_no_state():
         rot(torch.arange(5).float())
 
 
+def test_frequencies_survive_bf16_cast():
+    """model.to(bfloat16) must not round the frequency table (angles reach 1e5 radians at long context)."""
+    cfg = ModelConfig.small()
+    rot = RotaryEmbedding(cfg).to(torch.bfloat16)
+    assert rot.inv_freq.dtype == torch.float32
+    torch.testing.assert_close(rot(torch.arange(4000, 4004))[0], RotaryEmbedding(cfg)(torch.arange(4000, 4004))[0])
+
+
 def _reference_interleaved_complex(x, angles):
     """DeepSeek's reference: view pairs (2i, 2i+1) as complex numbers, multiply by e^{i φ}."""
     xc = torch.view_as_complex(x.double().reshape(*x.shape[:-1], -1, 2))
