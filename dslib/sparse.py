@@ -284,13 +284,15 @@ class DSAttention(MLA):
             raise ValueError(f"h must be [B, T, hidden_size={self.cfg.hidden_size}], got {tuple(h.shape)}.")
         B, T, _ = h.shape
         start = self._check_cache(cache)
-        if positions is None:
-            positions = torch.arange(start, start + T, device=h.device)
-        if int(positions.max()) >= self.cfg.max_position_embeddings:
+        given = positions is not None
+        last = int(positions.max()) if given else start + T - 1  # reading given positions back costs a device sync
+        if last >= self.cfg.max_position_embeddings:
             raise ValueError(
-                f"position {int(positions.max())} is beyond max_position_embeddings="
-                f"{self.cfg.max_position_embeddings}. Shorten the sequence or use a config with a longer context."
+                f"position {last} is beyond max_position_embeddings={self.cfg.max_position_embeddings}. Shorten the "
+                "sequence or use a config with a longer context."
             )
+        if not given:
+            positions = torch.arange(start, start + T, device=h.device)
         cos, sin = self.rotary(positions)
         q_latent, q_nope, q_rope = self.project_q(h, cos, sin)
         kv_latent, k_rope = self.project_kv(h, cos, sin)
@@ -300,7 +302,7 @@ class DSAttention(MLA):
         if cache is not None:
             len(cache)  # both halves must now hold S tokens
         if selected is None:
-            out = self.attend(q_nope, q_rope, kv_latent, k_rope, positions, mode=mode)
+            out = self.attend(q_nope, q_rope, kv_latent, k_rope, positions, mode=mode, check_positions=given)
         else:
             if record is not None:
                 record(layer_idx=self.layer_idx, selected=selected, positions=positions)
