@@ -413,7 +413,8 @@ def run_experiment(out: str | Path, *, seed: int = 0, task: RecallTask = RecallT
         }
     eval_s = time.perf_counter() - t0
     record = {
-        "command": f"python -m dslib.train --out {out} --seed {seed}" + (" --kl-positions all" if kl_positions == "all" else ""),
+        "command": f"python -m dslib.train --out {out} --seed {seed} --threads {torch.get_num_threads()}"
+                   + (" --kl-positions all" if kl_positions == "all" else ""),
         "seed": seed,
         "task": asdict(task),
         "config": cfg.to_dict(),

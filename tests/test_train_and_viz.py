@@ -106,9 +106,15 @@ def test_exercise_checks():
     assert ex.check_attention_recall(ex.solution_attention_recall)
     v = ex.check_attention_recall(lambda p, s: float(p[s].sum()))
     assert not v and "-1" in v.message
-    assert ex.check_flop_ratio(ex.solution_flop_ratio())
-    assert "L²" in ex.check_flop_ratio(64).message
-    assert not ex.check_flop_ratio(None)
+    p = ex.solution_crossover()
+    cfg = ModelConfig.deepseek_v32()
+    flops = lambda pos, a: attention_flops_per_token(cfg, pos, a)["total"]
+    assert flops(p, "sparse") < flops(p, "dense") and flops(p - 1, "sparse") >= flops(p - 1, "dense")
+    assert 2048 < p < 2200
+    assert ex.check_crossover(p)
+    assert "half cost" in ex.check_crossover(ex.solution_crossover(False)).message
+    assert "indexer" in ex.check_crossover(2048).message
+    assert not ex.check_crossover(None)
 
 
 def test_rows_give_the_same_numbers_as_full():
