@@ -62,7 +62,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import dslib
 from dslib import ModelConfig, show, viz
 from dslib.exercises import ch3 as exercises
-from dslib.indexer import LightningIndexer, fp8_index_scores, index_scores
+from dslib.indexer import LightningIndexer, fp8_index_scores, index_scores, indexer_kl_loss
 from dslib.sparse import (DSACache, DSAttention, causal_mask, core_attention_flops, dense_masked_attention,
                           indexer_flops, attention_flops_per_token, selection_mask, sparse_attention, time_attention,
                           topk_selection, window_selection)
@@ -318,6 +318,13 @@ attention layer match "the token after key k" directly. And the warm-up's KL is 
 positions** (the ones with a task loss), not over all positions as in the paper, where every token has a language-
 model loss: here the other positions predict random filler and their attention is noise. That is a deliberate
 deviation; `--kl-positions all` runs the paper's version.
+
+Both stages use one loss function: KL(target ‖ softmax(scores)) — over all causal keys in the warm-up, over the
+gathered selected keys in the sparse stage.
+""")
+
+code(r"""
+show(indexer_kl_loss)
 """)
 
 code(r"""
@@ -369,6 +376,9 @@ assert res["sparse"]["accuracy"] > res["window 2k"]["accuracy"] > res["window"][
 
 code(r"""
 by_dist = {name: {b: acc for b, (acc, n) in r["by_distance"].items()} for name, r in res.items()}
+near, far = "≤16", "129–255"
+assert by_dist["window"][near] > 0.9 and by_dist["window"][far] < 0.1  # perfect within k, chance beyond
+assert by_dist["sparse"][far] > 0.9  # the indexer does not care about distance
 viz.accuracy_by_distance_figure(by_dist, chance=1 / task.n_values)
 """)
 
@@ -440,7 +450,8 @@ md(r"""
 ### What each stage did
 
 The same evaluation, from the training log (512 sequences), for the checkpoint after each stage. After dense
-training alone the indexer is random, so its top-k is no better than chance; the warm-up is where it learns
+training alone the indexer is random, so its top-k finds the needed token about as rarely as the window does;
+the warm-up is where it learns
 to find the needed token; the sparse stage then adapts the model to attending over the selection.
 """)
 
