@@ -1,6 +1,6 @@
 """Writes notebooks/04_moe_routing.ipynb (run from the repository root; the notebook is committed without outputs).
 
-    python notebooks/_src/04_moe_routing.py
+    python notebooks/build/04_moe_routing.py
 """
 from pathlib import Path
 
