@@ -721,6 +721,8 @@ active_with_16_experts = ...  # your answer, e.g. 45e9
 ch4.check_active_params(active_with_16_experts)
 """)
 
+for i, cell in enumerate(cells):  # stable ids: regenerating gives a clean diff
+    cell["id"] = f"ch4-{i:03d}"
 nb = new_notebook(cells=cells, metadata={
     "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
     "language_info": {"name": "python"},
