@@ -2,6 +2,8 @@
 
     python -m dslib.moe_train --out data          # seeded; writes data/moe/ (three checkpoints + one log)
 
+(~3 CPU-minutes per setting; the settings run in parallel processes, one per core.)
+
 The same model is trained three times, once per balancing setting:
 
     none  no balancing: the router is free to overload a few experts
@@ -13,14 +15,16 @@ the loss counts only the answer tokens. A fixed evaluation set measures, every `
 expert and its MaxVio; at the end, quality (loss, accuracy per task), which experts each task uses, and how many
 expert groups ("nodes") tokens reach with and without the group limit.
 
-The model uses `dslib.moe.MoE` unchanged (gate, experts, shared expert); its attention is a plain causal
-multi-head attention with learned positions, written here because this chapter is about the feed-forward half.
+The model is a miniature DeepSeek: each layer is chapter 2's `dslib.mla.MLA` followed by `dslib.moe.MoE`, unchanged.
+One addition: a learned absolute position embedding (DeepSeek has none), because MLA's RoPE sees only relative
+offsets and tasks like "reverse" need to know where the answer starts.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +35,7 @@ from torch import nn
 
 from dslib.attention import RMSNorm
 from dslib.config import ModelConfig
+from dslib.mla import MLA
 from dslib.moe import MoE, Routing, expert_load, groups_touched, max_violation, select_experts, sequence_aux_loss, update_bias
 
 IGNORE = -100  # targets that carry no loss (cross_entropy's ignore_index)
@@ -137,10 +142,9 @@ def describe(seq: torch.Tensor) -> str:
 
 # ---------------------------------------------------------------------------------------------------- the model
 def model_config(**overrides) -> ModelConfig:
-    """The experiment's model: 2 MoE layers, d = 64, 32 routed experts in 8 groups, 8 per token, <= 4 groups.
-
-    The routing shape is DeepSeek-V3.2's divided by 8 (256 experts in 8 groups, 8 per token from <= 4 groups).
-    """
+    """The experiment's model: 2 layers of MLA + MoE, d = 64, 32 routed experts in 8 groups, 8 per token from
+    <= 4 groups, 1 shared expert. The routing shape is DeepSeek-V3.2's divided by 8; MLA has `ModelConfig.tiny`'s
+    sizes (4 heads, q/kv latent ranks 32/16, plain RoPE)."""
     base = dict(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, first_k_dense_replace=0, num_attention_heads=4,
         num_key_value_heads=4, intermediate_size=64, moe_intermediate_size=16,
@@ -152,39 +156,25 @@ def model_config(**overrides) -> ModelConfig:
     return ModelConfig.tiny(**base)
 
 
-class CausalSelfAttention(nn.Module):
-    """Plain causal multi-head attention (the chapter-1 kind), x [B, T, d] -> [B, T, d]."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.n_heads = cfg.num_attention_heads
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
-        self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, d = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, d/H]
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, d))
-
-
 class Block(nn.Module):
+    """Pre-norm decoder layer with DeepSeek's names: input_layernorm, self_attn (MLA), post_attention_layernorm, mlp (MoE)."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = CausalSelfAttention(cfg)
+        self.self_attn = MLA(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg)
 
     def forward(self, x: torch.Tensor, record=None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x))
+        x = x + self.self_attn(self.input_layernorm(x), mode="naive")  # MHA mode: the cheaper one for training
         on_routing = None if record is None else (lambda routing: record(self.layer_idx, routing))
         return x + self.mlp(self.post_attention_layernorm(x), record=on_routing)
 
 
 class MoELM(nn.Module):
-    """Token + position embedding, `num_hidden_layers` blocks (attention + MoE), final norm, LM head.
+    """Token + position embedding, `num_hidden_layers` blocks (MLA + MoE), final norm, LM head.
 
     forward(tokens [B, T], record=None) -> logits [B, T, vocab]; record(layer_idx, Routing) per MoE layer.
     """
@@ -193,6 +183,8 @@ class MoELM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Learned absolute positions, also with MLA: its RoPE sees only relative offsets, and tasks such as
+        # "reverse" need to know where the answer is (DeepSeek itself has no position embedding).
         self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -229,8 +221,8 @@ class TrainConfig:
     warmup: int = 100
     weight_decay: float = 0.01
     clip: float = 1.0
-    alpha: float = 1e-2  # sequence aux loss weight (the paper's 1e-4 is too small to matter at this size)
-    gamma: float = 1e-3  # bias update speed: the paper's value (1e-2 balances faster here but jitters around 0.3)
+    alpha: float = 1e-2  # sequence aux loss weight; 1e-3 barely reduced MaxVio in a trial run (the paper uses 1e-4)
+    gamma: float = 1e-3  # bias update speed, the paper's value (1e-2 reacts faster but settled noisier in trial runs)
     eval_every: int = 25
     eval_per_task: int = 64
     seed: int = 0
@@ -441,23 +433,54 @@ def load(out: str | Path = "data") -> tuple[dict[str, MoELM], dict[str, dict]]:
     return models, logs
 
 
+def _train_one(tcfg: TrainConfig) -> tuple[str, dict, dict]:
+    model, log = train(tcfg, progress=False)
+    return tcfg.setting, model.state_dict(), log
+
+
+def train_all(settings=SETTINGS, *, steps: int = TrainConfig.steps, seed: int = TrainConfig.seed, jobs: int = 1,
+              progress: bool = True, **overrides) -> tuple[dict[str, MoELM], dict[str, dict]]:
+    """Train one model per setting (`overrides`: other TrainConfig fields). `jobs` > 1 trains settings in parallel
+    processes, one thread each, so the results are the same as with jobs = 1."""
+    configs = [TrainConfig(setting=s, steps=steps, seed=seed, **overrides) for s in settings]
+    models, logs = {}, {}
+    if jobs > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(min(jobs, len(configs))) as pool:
+            for setting, state, log in pool.imap(_train_one, configs):
+                models[setting] = MoELM(model_config(**log["config"]["model"]))
+                models[setting].load_state_dict(state)
+                logs[setting] = log
+                _report(setting, log)
+    else:
+        for tcfg in configs:
+            models[tcfg.setting], logs[tcfg.setting] = train(tcfg, progress=progress)
+            _report(tcfg.setting, logs[tcfg.setting])
+    return models, logs
+
+
+def _report(setting: str, log: dict) -> None:
+    f = log["final"]
+    print(f"{setting:>5}: {log['seconds']:.0f} s, eval loss {f['loss']:.4f}, accuracy {f['accuracy']:.3f}, "
+          f"MaxVio {', '.join(f'{m:.2f}' for m in f['maxvio'])}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data", help="folder for moe/ (checkpoints and log); default data")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--jobs", type=int, default=min(len(SETTINGS), os.cpu_count() or 1),
+                        help="settings trained in parallel (one CPU thread each); default: one per core, at most 3")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    models, logs = {}, {}
-    for setting in args.settings:
-        tcfg = TrainConfig(setting=setting, steps=args.steps, seed=args.seed)
-        models[setting], logs[setting] = train(tcfg, progress=not args.no_progress)
-        f = logs[setting]["final"]
-        print(f"{setting:>5}: {logs[setting]['seconds']:.0f} s, eval loss {f['loss']:.3f}, accuracy {f['accuracy']:.3f}, "
-              f"MaxVio {', '.join(f'{m:.2f}' for m in f['maxvio'])}", flush=True)
+    start = time.perf_counter()
+    models, logs = train_all(args.settings, steps=args.steps, seed=args.seed, jobs=args.jobs,
+                             progress=not args.no_progress)
     save(args.out, models, logs)
-    print(f"wrote {log_path(args.out)} and {len(models)} checkpoints")
+    print(f"wrote {log_path(args.out)} and {len(models)} checkpoints in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from dslib.config import ModelConfig
-from dslib.indexer import IndexerKeyCache, LightningIndexer
+from dslib.indexer import IndexerKeyCache, LightningIndexer, index_scores
 from dslib.mla import MLA, LatentCache
 
 
@@ -284,13 +284,15 @@ class DSAttention(MLA):
             raise ValueError(f"h must be [B, T, hidden_size={self.cfg.hidden_size}], got {tuple(h.shape)}.")
         B, T, _ = h.shape
         start = self._check_cache(cache)
-        if positions is None:
-            positions = torch.arange(start, start + T, device=h.device)
-        if int(positions.max()) >= self.cfg.max_position_embeddings:
+        given = positions is not None
+        last = int(positions.max()) if given else start + T - 1  # reading given positions back costs a device sync
+        if last >= self.cfg.max_position_embeddings:
             raise ValueError(
-                f"position {int(positions.max())} is beyond max_position_embeddings="
-                f"{self.cfg.max_position_embeddings}. Shorten the sequence or use a config with a longer context."
+                f"position {last} is beyond max_position_embeddings={self.cfg.max_position_embeddings}. Shorten the "
+                "sequence or use a config with a longer context."
             )
+        if not given:
+            positions = torch.arange(start, start + T, device=h.device)
         cos, sin = self.rotary(positions)
         q_latent, q_nope, q_rope = self.project_q(h, cos, sin)
         kv_latent, k_rope = self.project_kv(h, cos, sin)
@@ -300,7 +302,7 @@ class DSAttention(MLA):
         if cache is not None:
             len(cache)  # both halves must now hold S tokens
         if selected is None:
-            out = self.attend(q_nope, q_rope, kv_latent, k_rope, positions, mode=mode)
+            out = self.attend(q_nope, q_rope, kv_latent, k_rope, positions, mode=mode, check_positions=given)
         else:
             if record is not None:
                 record(layer_idx=self.layer_idx, selected=selected, positions=positions)
@@ -315,36 +317,164 @@ class DSAttention(MLA):
         window: int | None = None,
         need_probs: bool = False,
         need_index_scores: bool = False,
+        impl: str = "gather",
+        rows: torch.Tensor | None = None,
     ) -> AttentionStats:
         """A prefill (positions 0..T-1, no cache) that also returns what the indexer's training needs.
 
         The indexer always sees *detached* inputs (h and c^Q): its loss never moves the main model, and the
-        language-model loss never moves the indexer (REFERENCE.md §5). need_probs: the main attention's
-        probabilities, `[B, T, H, S]` for dense attention, `[B, T, H, k]` over the selection otherwise.
+        language-model loss never moves the indexer (REFERENCE.md §5). The top-k itself is chosen without
+        gradient (an index has none).
+        need_probs: the main attention's probabilities, `[B, T, H, S]` for dense attention, `[B, T, H, k]` over
+        the selection otherwise. need_index_scores: the index scores `[B, T, S]` (with gradient for the indexer).
+        rows: `[B, P]` query positions; probabilities and index scores are then returned only for those rows
+        (`[B, P, ...]`) — all a loss over P positions needs, and much cheaper for the indexer.
+        impl: how a selection is computed, "gather" (`sparse_attention`, O(T·k)) or "masked"
+        (`dense_masked_attention`, O(T·S), but fewer and larger matmuls: faster on a CPU for short sequences).
         """
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}.")
+        if impl not in ("gather", "masked"):
+            raise ValueError(f"impl must be 'gather' or 'masked', got {impl!r}.")
         B, T, _ = h.shape
         positions = torch.arange(T, device=h.device)
         cos, sin = self.rotary(positions)
         q_latent, q_nope, q_rope = self.project_q(h, cos, sin)
         kv_latent, k_rope = self.project_kv(h, cos, sin)
-        scores = None
-        if attention == "sparse" or need_index_scores:
-            scores = self.indexer(h.detach(), q_latent.detach(), cos, sin, positions)  # [B, T, T]
-        probs = None
-        if attention == "dense":
-            selected = None
-            q_absorbed = torch.einsum("bthd,hdc->bthc", q_nope, self.w_uk())
-            x, probs = dense_masked_attention(
-                q_absorbed, q_rope, kv_latent, k_rope, causal_mask(positions, T), self.softmax_scale, return_probs=True
-            )
-            out = torch.einsum("bthc,hvc->bthv", x, self.w_uv())
-        else:
-            if attention == "sparse":
-                selected = topk_selection(scores, self.index_topk, positions)
-            elif attention == "window":
-                selected = window_selection(positions, window or self.index_topk).expand(B, -1, -1)
+        h_i, q_i = h.detach(), q_latent.detach()  # the indexer's inputs: no gradient flows back into the model
+
+        def all_scores():
+            return self.indexer(h_i, q_i, cos, sin, positions)  # [B, T, T]
+
+        scores, selected = None, None
+        if attention == "sparse":
+            if need_index_scores and rows is None:
+                scores = all_scores()
+                selected = topk_selection(scores.detach(), self.index_topk, positions)
             else:
-                raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}.")
-            out, probs = self.attend_selected(q_nope, q_rope, kv_latent, k_rope, positions, selected, return_probs=True)
+                with torch.no_grad():
+                    selected = topk_selection(all_scores(), self.index_topk, positions)
+        elif attention == "window":
+            selected = window_selection(positions, window or self.index_topk).expand(B, -1, -1)
+        if need_index_scores and rows is not None:  # the indexer's queries only at `rows`, its keys everywhere
+            ix, take = self.indexer, rows.unsqueeze(-1)
+            cos_r, sin_r = self.rotary(rows)  # [B, P, rope/2]
+            q_rows = ix.project_q(q_i.gather(1, take.expand(-1, -1, q_i.shape[-1])), cos_r, sin_r)
+            w_rows = ix.head_weights(h_i.gather(1, take.expand(-1, -1, h_i.shape[-1])))
+            scores = index_scores(q_rows, w_rows, ix.project_k(h_i, cos, sin), rows)  # [B, P, T]
+        elif need_index_scores and scores is None:
+            scores = all_scores()
+
+        q_absorbed = torch.einsum("bthd,hdc->bthc", q_nope, self.w_uk())  # [B, T, H, kv_lora_rank]
+        if selected is not None and impl == "gather":
+            x, probs = sparse_attention(q_absorbed, q_rope, kv_latent, k_rope, selected, self.softmax_scale,
+                                        return_probs=True)  # probs [B, T, H, k]
+        else:
+            allowed = causal_mask(positions, T)
+            if selected is not None:
+                allowed = allowed & selection_mask(selected, T)
+            x, probs = dense_masked_attention(q_absorbed, q_rope, kv_latent, k_rope, allowed, self.softmax_scale,
+                                              return_probs=True)  # probs [B, T, H, S]
+            if selected is not None and need_probs:  # the probabilities of the selected keys, [B, T, H, k]
+                idx = selected.clamp(min=0).unsqueeze(2).expand(-1, -1, probs.shape[2], -1)
+                probs = probs.gather(-1, idx).masked_fill((selected < 0).unsqueeze(2), 0.0)
+        if rows is not None and need_probs:
+            probs = probs.gather(1, rows.view(B, -1, 1, 1).expand(-1, -1, *probs.shape[2:]))  # [B, P, H, ...]
+        out = torch.einsum("bthc,hvc->bthv", x, self.w_uv())  # [B, T, H, v_head_dim]
         out = self.o_proj(out.reshape(B, T, self.num_heads * self.v_head_dim))
         return AttentionStats(out, selected, scores, probs if need_probs else None)
+
+
+# ------------------------------------------------------------------------------------------------ accounting
+def core_attention_flops(cfg: ModelConfig, seq_len: int, attention: str = "dense", *, k: int | None = None,
+                         mode: str = "absorbed", skip_masked: bool = True) -> int:
+    """Matmul FLOPs (2 per multiply-add) of the core attention of a causal prefill of `seq_len` tokens, one layer.
+
+    The query at position t attends n_t = t + 1 keys (dense) or min(t + 1, k) keys (sparse / window). Per
+    (query, key) pair and head: absorbed (MQA mode) 2·(C + R) for the score + 2·C for the weighted sum
+    (C = kv_lora_rank, R = qk_rope_head_dim; 2·1,088 at the 671B dims); naive (MHA mode) 2·(nope + R) + 2·v.
+    Projections are not included (they are the same for every attention).
+    skip_masked=False counts what the simple implementations here compute: `dense_masked_attention` scores all
+    L² pairs (half of them are masked afterwards) and `sparse_attention` computes all k slots of every query.
+    """
+    H, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    per_pair = 2 * H * (2 * C + R) if mode == "absorbed" else 2 * H * (cfg.qk_nope_head_dim + R + cfg.v_head_dim)
+    L = seq_len
+    k = k or cfg.index_topk
+    if attention == "dense":
+        pairs = L * (L + 1) // 2 if skip_masked else L * L
+    elif skip_masked:
+        m = min(k, L)
+        pairs = m * (m + 1) // 2 + (L - m) * k  # rows 0..k-1 see t+1 keys, later rows exactly k
+    else:
+        pairs = L * k
+    return per_pair * pairs
+
+
+def indexer_flops(cfg: ModelConfig, seq_len: int, *, skip_masked: bool = True) -> int:
+    """Matmul FLOPs of the lightning indexer's scores for a causal prefill of `seq_len` tokens, one layer:
+    per (query, key) pair 2·index_n_heads·index_head_dim (q·k for every indexer head) + 2·index_n_heads (the
+    weighted head sum). Still O(L²), but 8,192 MACs per pair at the 671B dims instead of MLA's 139,264."""
+    pairs = seq_len * (seq_len + 1) // 2 if skip_masked else seq_len * seq_len
+    return pairs * (2 * cfg.index_n_heads * cfg.index_head_dim + 2 * cfg.index_n_heads)
+
+
+def attention_flops_per_token(cfg: ModelConfig, position: int, attention: str = "dense", *, phase: str = "decode",
+                              fp8_indexer: bool = True) -> dict[str, float]:
+    """Attention FLOPs for ONE token at `position` (it sees position + 1 keys), per layer, in bf16-equivalent
+    FLOPs: {"core": ..., "indexer": ..., "total": ...}.
+
+    phase "decode": MQA (absorbed) mode, as deployed; "prefill": MHA (naive) mode for dense attention (what
+    prefill uses), MQA mode for DSA (FlashMLA's sparse prefill kernel). The indexer runs in FP8, at twice the bf16
+    rate on Hopper: with `fp8_indexer` its FLOPs count half. Projections and MoE are not included.
+    """
+    n = position + 1
+    H, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    mqa = 2 * H * (2 * C + R)
+    mha = 2 * H * (cfg.qk_nope_head_dim + R + cfg.v_head_dim)
+    if attention == "dense":
+        core = n * (mha if phase == "prefill" else mqa)
+        idx = 0.0
+    elif attention == "sparse":
+        core = min(n, cfg.index_topk) * mqa
+        idx = n * (2 * cfg.index_n_heads * cfg.index_head_dim + 2 * cfg.index_n_heads) * (0.5 if fp8_indexer else 1.0)
+    else:
+        raise ValueError(f"attention must be 'dense' or 'sparse', got {attention!r}.")
+    return {"core": float(core), "indexer": float(idx), "total": float(core + idx)}
+
+
+def time_attention(lengths, *, heads: int = 4, latent: int = 64, rope: int = 16, k: int = 64, index_heads: int = 4,
+                   index_dim: int = 32, repeats: int = 3, seed: int = 0, chunk: int = 256) -> dict[str, list[float]]:
+    """Median CPU seconds of one layer's core attention for a prefill of each length (batch 1, random tensors):
+    "dense" (`dense_masked_attention`, causal mask: O(L²)), "sparse" (`sparse_attention` over k selected keys:
+    O(L·k)) and "indexer" (`index_scores`: O(L²) with a small constant). The selection is a window, so that
+    only attention is timed, not the top-k."""
+    import statistics
+    import time
+
+    from dslib.indexer import index_scores
+
+    g = torch.Generator().manual_seed(seed)
+    out = {"dense": [], "sparse": [], "indexer": []}
+    for L in lengths:
+        qa, qr = torch.randn(1, L, heads, latent, generator=g), torch.randn(1, L, heads, rope, generator=g)
+        lat, kr = torch.randn(1, L, latent, generator=g), torch.randn(1, L, rope, generator=g)
+        qi, wi, ki = torch.randn(1, L, index_heads, index_dim, generator=g), torch.randn(1, L, index_heads, generator=g), torch.randn(1, L, index_dim, generator=g)
+        pos = torch.arange(L)
+        allowed = causal_mask(pos, L)
+        sel = window_selection(pos, k)
+        runs = {
+            "dense": lambda: dense_masked_attention(qa, qr, lat, kr, allowed, 0.1),
+            "sparse": lambda: sparse_attention(qa, qr, lat, kr, sel, 0.1, chunk=chunk),
+            "indexer": lambda: index_scores(qi, wi, ki, pos, chunk=chunk),
+        }
+        with torch.no_grad():
+            for name, fn in runs.items():
+                fn()  # warm-up
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t0)
+                out[name].append(statistics.median(times))
+    return out

@@ -166,3 +166,16 @@ def accuracy_by_distance(correct: torch.Tensor, distance: torch.Tensor, buckets=
         if n:
             out[bucket_label(b)] = (float(correct[sel].float().mean()), n)
     return out
+
+
+def window_reach(distance: torch.Tensor, window: int) -> torch.Tensor:
+    """bool per query: is the token to recall (the value, at distance - 1 before the query) inside a sliding
+    window of `window` keys (positions p - window + 1 .. p)? True iff distance <= window."""
+    return distance <= window
+
+
+def window_accuracy_bound(distance: torch.Tensor, window: int, n_values: int) -> float:
+    """Best accuracy a model restricted to a window can reach: perfect on reachable queries, chance (1/n_values)
+    on the others."""
+    reach = window_reach(distance, window).float().mean().item()
+    return reach + (1 - reach) / n_values

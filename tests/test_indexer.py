@@ -158,3 +158,12 @@ def test_errors():
         ModelConfig.tiny(index_topk=-3)
     with pytest.raises(ConfigError, match="max_position_embeddings"):
         ModelConfig.tiny(index_topk=1000, max_position_embeddings=256)
+
+
+def test_batched_positions_equal_default():
+    attn = _attn()
+    h = torch.randn(2, 9, CFG.hidden_size)
+    pos = torch.arange(9).expand(2, 9)
+    with torch.no_grad():
+        for attention in ("sparse", "window", "dense"):
+            torch.testing.assert_close(attn(h, positions=pos, attention=attention), attn(h, attention=attention))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dslib import moe_train as mt
+from dslib.mla import MLA
 from dslib.moe import MoE
 
 
@@ -50,7 +51,7 @@ def test_loss_only_on_answers():
 def test_model_uses_dslib_moe_and_records_routing():
     cfg = mt.model_config()
     model = mt.MoELM(cfg)
-    assert all(isinstance(layer.mlp, MoE) for layer in model.layers)
+    assert all(isinstance(layer.mlp, MoE) and isinstance(layer.self_attn, MLA) for layer in model.layers)
     assert cfg.n_routed_experts // cfg.n_group == 4 and cfg.topk_group * 2 == cfg.n_group  # V3.2's shape / 8
     log = mt.RoutingLog()
     logits = model(torch.randint(0, mt.VOCAB, (2, 31)), record=log)
@@ -105,3 +106,15 @@ def test_lr_schedule():
     t = mt.TrainConfig(steps=1000, warmup=100, lr=1e-2)
     assert mt.lr_at(0, t) == pytest.approx(1e-4) and mt.lr_at(99, t) == pytest.approx(1e-2)
     assert mt.lr_at(1000, t) == pytest.approx(1e-3)
+
+
+@pytest.mark.slow
+def test_parallel_training_gives_the_same_models():
+    """--jobs trains settings in separate processes, one thread each: same numbers as one after the other."""
+    small = dict(steps=2, batch_size=8, eval_per_task=2, progress=False)
+    seq_models, seq_logs = mt.train_all(("none", "bias"), jobs=1, **small)
+    par_models, par_logs = mt.train_all(("none", "bias"), jobs=2, **small)
+    for s in ("none", "bias"):
+        assert seq_logs[s]["train_loss"] == par_logs[s]["train_loss"]
+        for k, v in seq_models[s].state_dict().items():
+            assert torch.equal(par_models[s].state_dict()[k], v), k

@@ -22,15 +22,19 @@ def _np(x) -> np.ndarray:
     return np.asarray(x.tolist() if hasattr(x, "tolist") else x, dtype=float)
 
 
-def params_bars(labels: Sequence[str], total: Sequence[float], active: Sequence[float], *, unit: str = "B") -> go.Figure:
-    """Total vs active parameters per token for a few models or components (values already in `unit`)."""
+def params_bars(labels: Sequence[str], total: Sequence[float], active: Sequence[float], *, unit: str = "B",
+                log: bool = True) -> go.Figure:
+    """Total vs active parameters per token for a few models or components (values already in `unit`); a log axis
+    by default, since a layer and a whole model differ by orders of magnitude."""
     fig = go.Figure()
     fig.add_bar(name="stored (total)", x=list(labels), y=list(total), marker_color=COLORS["dense"],
                 text=[f"{v:,.1f}" for v in total], textposition="outside")
     fig.add_bar(name="used per token (active)", x=list(labels), y=list(active), marker_color=COLORS["sparse"],
                 text=[f"{v:,.1f}" for v in active], textposition="outside")
     fig.update_layout(barmode="group")
-    return styled(fig, "Parameters stored vs parameters each token uses", "", f"parameters ({unit})")
+    if log:
+        fig.update_yaxes(type="log")
+    return styled(fig, "Parameters stored vs parameters each token uses", "", f"parameters ({unit}{', log scale' if log else ''})")
 
 
 def token_routing(scores, bias, group_kept, topk_idx, topk_weight, n_group: int, *, title: str = "") -> go.Figure:

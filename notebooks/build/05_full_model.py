@@ -1,6 +1,6 @@
 """Writes notebooks/05_full_model.ipynb (run from the repository root; the notebook is committed without outputs).
 
-    python notebooks/_src/05_full_model.py
+    python notebooks/build/05_full_model.py
 """
 from pathlib import Path
 
