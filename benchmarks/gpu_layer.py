@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import platform
 import statistics
 import sys

@@ -12,7 +12,10 @@ How a weight is *stored* lives here; how a layer *computes* lives in the chapter
       RandomSource(cfg, seed)      seeded random tensors with the checkpoint's names, shapes and dtypes
       StateDictSource(sd, cfg)     an in-memory state dict (what `save_pretrained` writes)
     write_checkpoint(src, path)  config.json + sharded safetensors + index, optionally FP8-quantised
-    load_pretrained(path)        the model, loaded one shard at a time (peak extra memory ~ one shard)
+    load_pretrained(path)        the model: allocated once, then filled one tensor at a time (extra host memory
+                                 ~ one tensor, not the checkpoint); keep_fp8=True keeps FP8 weights as stored
+    load_layer(path, i)          one decoder layer, read the same way (full-size layers on one GPU)
+    FP8Linear                    a Linear that holds its weight as e4m3 + block scales (the checkpoint's tensors)
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
