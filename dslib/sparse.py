@@ -47,7 +47,9 @@ def topk_selection(index_scores: torch.Tensor, k: int, q_positions: torch.Tensor
     A query at position p has only p + 1 visible keys; when p + 1 <= k it keeps all of them (its attention is
     exactly dense) and the remaining slots are -1 — `torch.topk` would otherwise fill them with masked (future)
     keys, so the result is intersected with the causal mask (`q_positions`, if given, and the -inf scores).
-    The order of the k indices is by decreasing score.
+    The order of the k indices is by decreasing score. Equal scores (common: the ReLU makes many index scores
+    exactly 0 when the indexer has few heads) go to the earlier key, so the choice never depends on how many
+    future keys the row carries — a cached decode selects exactly what the full forward pass selects.
     """
     if index_scores.dim() != 3:
         raise ValueError(f"index_scores must be [B, T, S], got shape {tuple(index_scores.shape)}.")
@@ -55,7 +57,9 @@ def topk_selection(index_scores: torch.Tensor, k: int, q_positions: torch.Tensor
         raise ValueError(f"k (tokens kept per query) must be a positive integer, got {k!r}.")
     B, T, S = index_scores.shape
     kk = min(k, S)
-    top_scores, selected = index_scores.topk(kk, dim=-1)  # [B, T, kk]
+    # A stable descending sort breaks ties by key position; `torch.topk` leaves tie order to the kernel.
+    top_scores, selected = index_scores.sort(dim=-1, descending=True, stable=True)
+    top_scores, selected = top_scores[..., :kk], selected[..., :kk]  # [B, T, kk]
     invalid = top_scores == float("-inf")
     if q_positions is not None:
         pos = _as_batched_positions(q_positions).to(selected.device)

@@ -81,3 +81,13 @@ def test_attention_recall():
     p = torch.tensor([[[0.5, 0.3, 0.2]]])
     assert attention_recall(p, torch.tensor([[[0, 2]]])).item() == pytest.approx(0.7)
     assert attention_recall(p, torch.tensor([[[0, 1, 2]]])).item() == pytest.approx(1.0)
+
+
+def test_topk_breaks_ties_by_key_position_whatever_the_row_length():
+    """Many index scores are exactly 0 (ReLU): the selection must not depend on how many future keys a row has,
+    or a cached decode (one row, S keys) would select differently from the full forward (T rows, T keys)."""
+    scores = torch.tensor([[[0.0, 2.0, 0.0, 0.0, 1.0, 0.0]]])  # one query at position 5, ties at 0
+    picked = topk_selection(scores, 4, torch.tensor([5]))
+    assert picked.tolist() == [[[1, 4, 0, 2]]]  # best first, then the earliest of the tied keys
+    padded = torch.cat([scores, torch.full((1, 1, 10), float("-inf"))], dim=-1)  # same row inside a longer call
+    assert topk_selection(padded, 4, torch.tensor([5])).tolist() == picked.tolist()
