@@ -185,7 +185,9 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # DeepSeek's reference computes silu and the product in fp32 (identical in fp32, steadier in bf16).
+        hidden = F.silu(self.gate_proj(x).float()) * self.up_proj(x).float()  # [..., intermediate]
+        return self.down_proj(hidden.to(x.dtype))
 
 
 class DecoderLayer(nn.Module):

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dslib.attention import FeedForward
 from dslib.config import ConfigError, ModelConfig
 
 __all__ = [
@@ -41,23 +42,13 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------------- experts
-class MLP(nn.Module):
-    """SwiGLU feed-forward: down_proj(silu(gate_proj(x)) * up_proj(x)).
+class MLP(FeedForward):
+    """SwiGLU feed-forward: down_proj(silu(gate_proj(x)) * up_proj(x)) — chapter 1's `FeedForward`, by its
+    DeepSeek role.
 
     The same module is the dense FFN of the first `first_k_dense_replace` layers, one routed expert, and the
     shared expert (whose width is `moe_intermediate_size * n_shared_experts`). x [..., d] -> [..., d].
     """
-
-    def __init__(self, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # DeepSeek's reference computes silu and the product in fp32 (identical in fp32, steadier in bf16).
-        hidden = F.silu(self.gate_proj(x).float()) * self.up_proj(x).float()  # [..., intermediate]
-        return self.down_proj(hidden.to(x.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------- the gate

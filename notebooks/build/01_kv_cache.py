@@ -2,23 +2,10 @@
 
     python notebooks/build/01_kv_cache.py
 """
-from pathlib import Path
+from nbbuild import Notebook
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-cells = []
-
-
-def md(text):
-    cells.append(new_markdown_cell(text.strip("\n")))
-
-
-def code(text, tags=None):
-    cell = new_code_cell(text.strip("\n"))
-    if tags:
-        cell.metadata["tags"] = tags
-    cells.append(cell)
+nb = Notebook("01_kv_cache.ipynb", ids="ch1-{:03d}")
+md, code = nb.md, nb.code
 
 
 md(r"""
@@ -446,10 +433,4 @@ def my_generation_flops(cfg, prompt_len, new_tokens, use_cache):
 ch1.check_generation_flops(my_generation_flops)
 """)
 
-nb = new_notebook(cells=cells, metadata={
-    "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-    "language_info": {"name": "python"},
-})
-out = Path(__file__).resolve().parents[1] / "01_kv_cache.ipynb"
-nbformat.write(nb, out)
-print("wrote", out)
+nb.write()

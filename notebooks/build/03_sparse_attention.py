@@ -3,23 +3,10 @@
 The notebook is generated so that its cells stay small and reviewable as Python; edit here, re-run, then run it
 through nbval. It is written without outputs.
 """
-from pathlib import Path
+from nbbuild import Notebook
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-cells = []
-
-
-def md(text: str) -> None:
-    cells.append(new_markdown_cell(text.strip()))
-
-
-def code(src: str, tags: list[str] | None = None) -> None:
-    cell = new_code_cell(src.strip())
-    if tags:
-        cell.metadata["tags"] = tags
-    cells.append(cell)
+nb = Notebook("03_sparse_attention.ipynb", ids="ch3-{:03d}")
+md, code = nb.md, nb.code
 
 
 # ------------------------------------------------------------------------------------------------ title
@@ -698,11 +685,4 @@ my_position = None  # your number
 exercises.check_crossover(my_position)
 """)
 
-for i, cell in enumerate(cells):  # stable ids: regenerating gives a clean diff
-    cell["id"] = f"ch3-{i:03d}"
-nb = new_notebook(cells=cells)
-nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
-nb.metadata["language_info"] = {"name": "python"}
-out = Path(__file__).resolve().parents[1] / "03_sparse_attention.ipynb"
-nbformat.write(nb, out)
-print(f"wrote {out}")
+nb.write()

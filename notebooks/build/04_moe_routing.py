@@ -2,23 +2,10 @@
 
     python notebooks/build/04_moe_routing.py
 """
-from pathlib import Path
+from nbbuild import Notebook
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-cells = []
-
-
-def md(text):
-    cells.append(new_markdown_cell(text.strip("\n")))
-
-
-def code(text, tags=None):
-    cell = new_code_cell(text.strip("\n"))
-    if tags:
-        cell.metadata["tags"] = tags
-    cells.append(cell)
+nb = Notebook("04_moe_routing.ipynb", ids="ch4-{:03d}")
+md, code = nb.md, nb.code
 
 
 md(r"""
@@ -721,12 +708,4 @@ active_with_16_experts = ...  # your answer, e.g. 45e9
 ch4.check_active_params(active_with_16_experts)
 """)
 
-for i, cell in enumerate(cells):  # stable ids: regenerating gives a clean diff
-    cell["id"] = f"ch4-{i:03d}"
-nb = new_notebook(cells=cells, metadata={
-    "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-    "language_info": {"name": "python"},
-})
-out = Path(__file__).resolve().parents[1] / "04_moe_routing.ipynb"
-nbformat.write(nb, out)
-print("wrote", out)
+nb.write()

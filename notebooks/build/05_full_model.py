@@ -2,23 +2,10 @@
 
     python notebooks/build/05_full_model.py
 """
-from pathlib import Path
+from nbbuild import Notebook
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-cells = []
-
-
-def md(text):
-    cells.append(new_markdown_cell(text.strip("\n")))
-
-
-def code(text, tags=None):
-    cell = new_code_cell(text.strip("\n"))
-    if tags:
-        cell.metadata["tags"] = tags
-    cells.append(cell)
+nb = Notebook("05_full_model.ipynb", ids="ch5-{:02d}")
+md, code = nb.md, nb.code
 
 
 md(r"""
@@ -615,12 +602,4 @@ answer = None  # a number of GPUs
 ch5.check_gpus_needed(answer)
 """)
 
-nb = new_notebook(cells=cells, metadata={
-    "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-    "language_info": {"name": "python"},
-})
-for i, cell in enumerate(nb.cells):  # stable ids: rebuilding gives a clean diff
-    cell["id"] = f"ch5-{i:02d}"
-out = Path(__file__).resolve().parents[1] / "05_full_model.ipynb"
-nbformat.write(nb, out)
-print("wrote", out)
+nb.write()
