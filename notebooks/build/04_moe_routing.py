@@ -86,7 +86,11 @@ the same SwiGLU but narrow (`moe_intermediate_size` = 2048), plus a gate. The sa
 """)
 
 code(r"""
-show(MLP)
+show(MLP)  # chapter 4's name for chapter 1's FeedForward
+""")
+
+code(r"""
+show(MLP.forward)
 """)
 
 md(r"""
