@@ -1,4 +1,182 @@
-"""Exercise checks of chapter 1."""
+"""Exercise checks of chapter 1 (KV caching).
+
+1. `check_kv_bytes_per_token(fn)`: the cache bytes one token adds to a dense (MHA/GQA/MQA) model.
+2. `check_max_context(gqa, dsa)`: the longest context 32 concurrent requests can have on one H200.
+3. `check_generation_flops(fn)`: total FLOPs of greedy generation with and without a cache.
+"""
 from __future__ import annotations
 
-from dslib.exercises import Verdict, attempt, correct, not_yet  # noqa: F401
+import math
+
+import torch
+
+from dslib.attention import BaselineConfig, BaselineDecoder
+from dslib.config import GQA_REFERENCE, H200_MEMORY_BYTES, ModelConfig, dense_kv_bytes_per_token_per_layer
+from dslib.exercises import Verdict, attempt, correct, not_yet
+from dslib.kv_cache import generate
+
+__all__ = [
+    "check_kv_bytes_per_token", "solution_kv_bytes_per_token",
+    "check_max_context", "solution_max_context", "SERVING_BATCH",
+    "check_generation_flops", "solution_generation_flops",
+]
+
+
+# ---------------------------------------------------------------------------------------------- exercise 1
+def solution_kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+    """Every layer keeps one key and one value vector of `head_dim` per KV head."""
+    return num_layers * 2 * num_kv_heads * head_dim * dtype_bytes
+
+
+_KV_CASES = [  # (num_layers, num_kv_heads, head_dim, dtype_bytes)
+    (GQA_REFERENCE["num_layers"], GQA_REFERENCE["num_kv_heads"], GQA_REFERENCE["head_dim"], 2),
+    (61, 128, 128, 2),  # MHA with DeepSeek-V3.2's head count and V width
+    (61, 1, 128, 2),  # MQA
+    (2, 2, 16, 4),  # the notebook's tiny GQA model in fp32
+    (3, 4, 8, 1),
+]
+
+
+def check_kv_bytes_per_token(fn) -> Verdict:
+    """`fn(num_layers, num_kv_heads, head_dim, dtype_bytes) -> int`: whole-model cache bytes per token."""
+    answers = []
+    for case in _KV_CASES:
+        got, failure = attempt(fn, *case)
+        if failure is not None:  # a Verdict that is not ok is falsy
+            return failure
+        if not isinstance(got, (int, float)):
+            return not_yet(f"for {case} it returned {got!r}; return a number of bytes (an int).")
+        answers.append(got)
+    expected = [solution_kv_bytes_per_token(*case) for case in _KV_CASES]
+    if answers == expected:
+        layers, kv_heads, head_dim, _ = _KV_CASES[0]
+        return correct(f"e.g. {layers} layers x 2 (K, V) x {kv_heads} KV heads x {head_dim} x 2 B = {expected[0]:,} "
+                       "bytes per token for the GQA reference model.")
+    # A typical slip explains every answer at once.
+    slips = [
+        (lambda L, H, D, B: L * H * D * B, "it is half the right size: every token stores a key AND a value."),
+        (lambda L, H, D, B: 2 * H * D * B, "it is the size of one layer: every layer has its own cache."),
+        (lambda L, H, D, B: 2 * L * H * D, "it counts elements, not bytes: multiply by dtype_bytes."),
+        (lambda L, H, D, B: 16 * L * H * D * B, "it counts bits, not bytes."),
+    ]
+    for slip, hint in slips:
+        if all(math.isclose(a, slip(*case)) for a, case in zip(answers, _KV_CASES)):
+            return not_yet(hint)
+    i = next(i for i, (a, e) in enumerate(zip(answers, expected)) if a != e)
+    layers, kv_heads, head_dim, dtype_bytes = _KV_CASES[i]
+    return not_yet(f"for num_layers={layers}, num_kv_heads={kv_heads}, head_dim={head_dim}, dtype_bytes={dtype_bytes} "
+                   f"it returned {answers[i]:,} but the cache holds {expected[i]:,} bytes per token.")
+
+
+# ---------------------------------------------------------------------------------------------- exercise 2
+SERVING_BATCH = 32  # concurrent requests sharing one H200
+
+
+def _bytes_per_token() -> tuple[int, int, ModelConfig]:
+    """Whole-model cache bytes per token: the GQA reference model in bf16, and DeepSeek-V3.2 (FP8 MLA + indexer)."""
+    gqa = GQA_REFERENCE
+    gqa_bytes = gqa["num_layers"] * dense_kv_bytes_per_token_per_layer(gqa["num_kv_heads"], gqa["head_dim"], 2)
+    v32 = ModelConfig.deepseek_v32()
+    dsa_bytes = v32.kv_cache_bytes("mla_fp8", 1) + v32.kv_cache_bytes("indexer", 1)
+    return gqa_bytes, dsa_bytes, v32
+
+
+def solution_max_context() -> tuple[int, int]:
+    """Whole tokens only: floor(memory / (batch * bytes per token)), for GQA bf16 and V3.2's DSA cache."""
+    gqa, dsa, _ = _bytes_per_token()
+    return int(H200_MEMORY_BYTES // (SERVING_BATCH * gqa)), int(H200_MEMORY_BYTES // (SERVING_BATCH * dsa))
+
+
+def check_max_context(gqa_tokens, dsa_tokens) -> Verdict:
+    """Serving 32 requests at once on one H200 (141 GB, cache only, weights ignored): the longest context each
+    request can have, in whole tokens, for (a) the GQA reference model in bf16 and (b) DeepSeek-V3.2's cache
+    (FP8 MLA latent + FP8 indexer keys)."""
+    if gqa_tokens is None or dsa_tokens is None:
+        return not_yet("fill in both numbers (they are still None).")
+    want_gqa, want_dsa = solution_max_context()
+    gqa_bytes, dsa_bytes, v32 = _bytes_per_token()
+    gib = 141 * 2**30
+    mla_fp8 = v32.kv_cache_bytes("mla_fp8", 1)
+    mla_bf16 = v32.kv_cache_bytes("mla", 1)
+    for name, got, want, per_token in (("GQA", gqa_tokens, want_gqa, gqa_bytes), ("DSA", dsa_tokens, want_dsa, dsa_bytes)):
+        if got == want:
+            continue
+        if not isinstance(got, (int, float)):
+            return not_yet(f"the {name} answer {got!r} is not a number.")
+        budget = H200_MEMORY_BYTES / SERVING_BATCH
+        slips = [
+            (math.ceil(budget / per_token), "it rounds up, but the last token would not fit; count whole tokens."),
+            (int(gib // (SERVING_BATCH * per_token)), "it uses 141 GiB (2^30 bytes); the H200's 141 GB are 141e9 bytes."),
+            (int(H200_MEMORY_BYTES // per_token), f"that is the context of ONE request; {SERVING_BATCH} share the memory."),
+        ]
+        if name == "DSA":
+            slips += [
+                (int(budget // mla_fp8), "that counts the FP8 latent only; V3.2 also caches the indexer keys "
+                                         "(132 B per token and layer)."),
+                (int(budget // mla_bf16), "that is the bf16 MLA cache (1,152 B per token and layer); use the FP8 "
+                                          "format (656) + indexer keys (132)."),
+            ]
+        hint = next((h for value, h in slips if got == value), "")
+        if hint:
+            return not_yet(f"{name}: {hint}")
+        return not_yet(f"{name}: {got:,} is not it. One token of one request takes {per_token:,} bytes (all layers); "
+                       f"how many tokens per request fit when {SERVING_BATCH} requests share 141 GB?")
+    return correct(f"{want_gqa:,} tokens per request with GQA vs {want_dsa:,} with DeepSeek-V3.2's cache: "
+                   f"{want_dsa / want_gqa:.1f}x longer contexts on the same GPU.")
+
+
+# ---------------------------------------------------------------------------------------------- exercise 3
+def solution_generation_flops(cfg: BaselineConfig, prompt_len: int, new_tokens: int, use_cache: bool) -> int:
+    """FLOPs of `generate(model, prompt, new_tokens, use_cache=...)` for one sequence (see BaselineConfig.forward_flops).
+
+    With a cache: one prefill of the prompt, then one single-token step per further new token, attending over
+    all tokens so far. Without: every step runs the whole sequence so far (the last new token is never fed in).
+    """
+    if use_cache:
+        decode = sum(cfg.forward_flops(1, prompt_len + i) for i in range(1, new_tokens))
+        return cfg.forward_flops(prompt_len) + decode
+    return sum(cfg.forward_flops(prompt_len + i) for i in range(new_tokens))
+
+
+def _measured_generation_flops(model, prompt_len: int, new_tokens: int, use_cache: bool) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ids = torch.arange(prompt_len, dtype=torch.long)[None] % model.config.vocab_size
+    with FlopCounterMode(display=False) as counter:
+        generate(model, ids, new_tokens, use_cache=use_cache)
+    return counter.get_total_flops()
+
+
+def check_generation_flops(fn) -> Verdict:
+    """`fn(cfg, prompt_len, new_tokens, use_cache) -> int`: compared with FLOPs counted by
+    `torch.utils.flop_counter.FlopCounterMode` while `dslib.kv_cache.generate` runs a small model."""
+    cfg = BaselineConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = BaselineDecoder(cfg).eval()
+    for prompt_len, new_tokens in ((4, 1), (4, 5)):  # few steps: counting FLOPs slows every op down
+        for use_cache in (True, False):
+            got, failure = attempt(fn, cfg, prompt_len, new_tokens, use_cache)
+            if failure is not None:  # a Verdict that is not ok is falsy
+                return failure
+            case = f"prompt_len={prompt_len}, new_tokens={new_tokens}, use_cache={use_cache}"
+            if not isinstance(got, (int, float)):
+                return not_yet(f"for {case} it returned {got!r}; return a number of FLOPs.")
+            measured = _measured_generation_flops(model, prompt_len, new_tokens, use_cache)
+            if got == measured:
+                continue
+            hint = ""
+            final = prompt_len + new_tokens
+            if use_cache and got == measured + cfg.forward_flops(1, final):
+                hint = "one step too many: the last new token is returned, never fed back into the model."
+            elif use_cache and got == measured - cfg.forward_flops(prompt_len):
+                hint = "the prefill is missing: step 0 runs the whole prompt."
+            elif not use_cache and got == measured + cfg.forward_flops(final):
+                hint = "one step too many: the last new token is returned, never fed back into the model."
+            elif use_cache and got == solution_generation_flops(cfg, prompt_len, new_tokens, False):
+                hint = "that is the cost without a cache: with one, each decode step runs a single token."
+            return not_yet(f"for {case} you get {got:,} FLOPs, but {measured:,} were counted "
+                           f"(ratio {got / measured:.3f}). {hint}".strip())
+    return correct("the cache turns the cost of each step from O(p^2) into O(p): total attention work becomes "
+                   "quadratic instead of cubic in the length.")
