@@ -113,6 +113,43 @@ def inventory(nb) -> Inventory:
 # --------------------------------------------------------------------------------------------------------------
 # Executing
 # --------------------------------------------------------------------------------------------------------------
+def _poll_in_slices(channel, slice_s: float = 1.0):
+    """Make `channel.get_msg(timeout)` wait in slices of `slice_s` seconds.
+
+    pyzmq's asyncio poll can miss the wake-up of a message that is already there; it then notices the message only
+    when its timeout ends (for nbclient: a cell's whole timeout, after which the run goes on as if nothing happened).
+    Every new poll first checks the socket, so short slices bound such a stall to `slice_s`.
+    """
+    from queue import Empty
+
+    original = channel.get_msg
+
+    async def get_msg(timeout: float | None = None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = slice_s if deadline is None else max(0.0, min(slice_s, deadline - time.monotonic()))
+            try:
+                return await original(timeout=step)
+            except Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+
+    channel.get_msg = get_msg
+
+
+def _client_class():
+    from nbclient import NotebookClient
+
+    class Client(NotebookClient):
+        async def async_start_new_kernel_client(self):
+            kc = await super().async_start_new_kernel_client()
+            for channel in (kc.shell_channel, kc.iopub_channel):
+                _poll_in_slices(channel)
+            return kc
+
+    return Client
+
+
 def execute(path: Path, *, timeout: int = 1800, env: dict[str, str] | None = None):
     """Run notebook `path` top to bottom in a fresh kernel started in its folder; return the executed notebook.
 
@@ -121,7 +158,6 @@ def execute(path: Path, *, timeout: int = 1800, env: dict[str, str] | None = Non
     which names the cell and shows its traceback.
     """
     import nbformat
-    from nbclient import NotebookClient
     from traitlets.config import Config
 
     path = Path(path)
@@ -136,7 +172,7 @@ def execute(path: Path, *, timeout: int = 1800, env: dict[str, str] | None = Non
     # kernels start at once, picking "free" ports races with the others.
     with tempfile.TemporaryDirectory(prefix="dslib-kernel-") as sockets:
         config = Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(sockets, "k")}})
-        client = NotebookClient(
+        client = _client_class()(
             nb, timeout=timeout, kernel_name="python3", store_widget_state=True, config=config,
             resources={"metadata": {"path": str(path.parent.resolve())}},
         )

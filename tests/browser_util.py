@@ -42,6 +42,7 @@ CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
 ]
+# Where screenshots go: always for a failing notebook, for every notebook with DSLIB_SCREENSHOT_ALL=1.
 SCREENSHOTS = Path(os.environ.get("DSLIB_SCREENSHOTS", Path(__file__).resolve().parents[1] / "tmp" / "browser"))
 
 # Settings a learner would click away or that would change what the test sees.
@@ -76,6 +77,18 @@ def need_browser():
         if os.environ.get("CI") == "true":
             pytest.fail(f"the real-browser test cannot run in CI: {missing}", pytrace=False)
         pytest.skip(f"real-browser test skipped: {missing}")
+
+
+def _die_with_parent():
+    """In the server's process, before exec: on Linux, get SIGTERM when the test process dies (even by SIGKILL or
+    a CI timeout), so that no server or kernel outlives the test. Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+        except OSError:
+            pass
 
 
 def _free_port() -> int:
@@ -141,7 +154,7 @@ class LabServer:
         ]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         try:
             self._wait_ready()
         except BaseException:
@@ -285,7 +298,11 @@ _JS_STATE = """() => {
   });
   const texts = [...root.querySelectorAll('.jp-OutputArea-output[data-mime-type]')]
     .map(el => el.getAttribute('data-mime-type') + ':' + el.textContent);
-  return {cells, plots: plots.length, widgets: views.length - brokenViews.length, brokenViews,
+  // An `interactive`/`interact` box whose output area is empty: its function's result was never displayed.
+  const emptyInteracts = [...root.querySelectorAll('.widget-interact')]
+    .filter(el => { const out = el.querySelector('.widget-output'); return out && !out.querySelector('.jp-OutputArea-output'); })
+    .map(el => [...el.querySelectorAll('.widget-label')].map(l => l.textContent.trim()).filter(Boolean).join(', '));
+  return {cells, plots: plots.length, widgets: views.length - brokenViews.length, brokenViews, emptyInteracts,
           sliders: root.querySelectorAll('.widget-slider').length,
           widgetTracebacks: tracebacks('.jp-Notebook .widget-output [data-mime-type="application/vnd.jupyter.stderr"]'),
           logTracebacks: tracebacks('.jp-LogConsolePanel [data-mime-type="application/vnd.jupyter.stderr"]'),
@@ -374,7 +391,7 @@ class LabBrowser:
         except Exception as err:  # a timeout or a page that never loaded is a finding, not a crash of the test
             report.problems.append(f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
         report.seconds = time.monotonic() - start
-        if report.problems:
+        if report.problems or os.environ.get("DSLIB_SCREENSHOT_ALL") == "1":
             report.screenshot = self._screenshot(page, name)
         try:  # stop its kernel now: the next notebook gets the CPU
             page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.shutdown()")
@@ -439,6 +456,11 @@ class LabBrowser:
             report.problems.append(f"a widget callback raised during Run All (JupyterLab's log console): {tb}")
         for text in state["brokenViews"]:
             report.problems.append(f"a widget did not render: {text!r}")
+        for labels in state["emptyInteracts"]:
+            report.problems.append(
+                f"the interactive widget with controls [{labels}] shows no output: `widgets.interactive(f, ...)` does not "
+                "display what f returns (`widgets.interact` does), so return-a-figure functions need `interact`, or "
+                "`display(fig)` inside f")
         if state["plots"] != expected.plots:
             report.problems.append(f"{state['plots']} plotly plot(s) drawn, the kernel produced {expected.plots}")
         if state["widgets"] != expected.widgets:
