@@ -251,18 +251,20 @@ def widget_html(model_id: str, state: dict) -> str:
         direction = "row" if name == "HBoxModel" else "column"
         inner = "".join(f"<div>{widget_html(c, state)}</div>" for c in _model_ids(s["children"]))
         return f'<div class="dslib-widget" style="display:flex;flex-direction:{direction};gap:4px">{inner}</div>'
-    if name == "HTMLModel":
+    if name in ("HTMLModel", "HTMLMathModel"):
         return s.get("value", "")
-    if "value" in s:
-        label = html.escape(str(s.get("description") or name.replace("Model", "")))
+    label = html.escape(str(s.get("description") or name.replace("Model", "")))
+    if name == "ButtonModel":
+        return f'<button disabled title="runs in JupyterLab">{label}</button>'
+    if "_options_labels" in s and "index" in s:  # Dropdown, SelectionSlider, RadioButtons, ...: they sync an index
+        labels, index = s["_options_labels"], s["index"]
+        value = labels[index] if isinstance(index, int) else (", ".join(labels[i] for i in index) if index else "")
+    elif "value" in s:
         value = s["value"]
-        if "options" in s and isinstance(value, int) and "_options_labels" in s:
-            value = s["_options_labels"][value]
-        elif "_options_labels" in s and "index" in s and s["index"] is not None:
-            labels = s["_options_labels"]
-            value = labels[s["index"]] if isinstance(s["index"], int) else [labels[i] for i in s["index"]]
-        return (f'<div class="dslib-widget" title="interactive when the notebook runs in JupyterLab">'
-                f"<b>{label}</b> = <code>{html.escape(str(value))}</code></div>")
+    else:
+        return ""
+    return (f'<div class="dslib-widget" title="interactive when the notebook runs in JupyterLab">'
+            f"<b>{label}</b> = <code>{html.escape(str(value))}</code></div>")
     return ""
 
 

@@ -45,7 +45,9 @@ def test_static_copy_replaces_plots_and_widgets_by_html():
     html = "".join(o["data"]["text/html"] for c in static.cells if c.cell_type == "code" for o in c.outputs
                    if "text/html" in o.get("data", {}))
     assert '"bdata":"AABAQAAAgD8AAABA"' in html.replace(" ", "")  # the FigureWidget's float32 buffer, as a typed array
-    assert "<b>n</b> = <code>1</code>" in html and "<b>scale</b> = <code>1.0</code>" in html  # slider values
+    # controls show their values: sliders sync `value`, a drop-down syncs an index into its labels
+    assert "<b>n</b> = <code>1</code>" in html and "<b>scale</b> = <code>1.0</code>" in html
+    assert "<b>color</b> = <code>royalblue</code>" in html
 
 
 def test_fixture_page():
