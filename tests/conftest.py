@@ -4,7 +4,7 @@ import pytest
 import torch
 
 # Tests are CPU, fp32, deterministic.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)  # tiny models: one thread is fastest and steadiest
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,169 @@
+"""Lightning indexer, DSA module, caches and losses on tiny configs (fp32)."""
+import pytest
+import torch
+
+from dslib.config import ConfigError, ModelConfig
+from dslib.indexer import (
+    IndexerKeyCache, LightningIndexer, act_quant, attention_target, fp8_index_scores, hadamard, index_scores,
+    indexer_kl_loss,
+)
+from dslib.mla import LatentCache
+from dslib.sparse import DSACache, DSAttention, causal_mask, dense_masked_attention, selection_mask
+
+# 8 indexer heads: with 2, ReLU often zeroes every head and exact ties (score 0) make top-k order arbitrary
+CFG = ModelConfig.tiny(index_topk=4, index_n_heads=8, max_position_embeddings=64)
+
+
+def _attn(cfg=CFG):
+    m = DSAttention(cfg)
+    with torch.no_grad():
+        m.indexer.k_norm.weight.add_(0.2 * torch.randn_like(m.indexer.k_norm.weight))
+        m.indexer.k_norm.bias.add_(0.2 * torch.randn_like(m.indexer.k_norm.bias))
+    return m
+
+
+def test_state_dict_names():
+    keys = set(DSAttention(CFG).state_dict())
+    mla = {f"{n}.weight" for n in ("q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm",
+                                   "kv_b_proj", "o_proj")}
+    idx = {"indexer.wq_b.weight", "indexer.wk.weight", "indexer.k_norm.weight", "indexer.k_norm.bias",
+           "indexer.weights_proj.weight"}
+    assert keys == mla | idx
+
+
+def test_index_score_formula_by_hand():
+    """I[t,s] = Σ_j w[t,j] ReLU(q[t,j]·k[s]) with the scales folded into w; future keys -inf."""
+    idx = LightningIndexer(CFG)
+    T = 6
+    h, c_q = torch.randn(1, T, CFG.hidden_size), torch.randn(1, T, CFG.q_lora_rank)
+    cos, sin = torch.ones(T, CFG.qk_rope_head_dim // 2), torch.zeros(T, CFG.qk_rope_head_dim // 2)  # no rotation
+    scores = idx(h, c_q, cos, sin, torch.arange(T))
+    q = idx.wq_b(c_q).view(1, T, CFG.index_n_heads, CFG.index_head_dim)
+    k = idx.k_norm(idx.wk(h))
+    w = idx.weights_proj(h) * CFG.index_n_heads**-0.5
+    t, s = 4, 2
+    by_hand = sum(w[0, t, j] * torch.relu(q[0, t, j] @ k[0, s]) * CFG.index_head_dim**-0.5
+                  for j in range(CFG.index_n_heads))
+    assert scores[0, t, s].item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert torch.isinf(scores[0, 2, 3]) and torch.isfinite(scores[0, 3, 3])
+
+
+def test_chunking_does_not_change_scores():
+    q, w, k = torch.randn(2, 9, 3, 8), torch.randn(2, 9, 3), torch.randn(2, 9, 8)
+    torch.testing.assert_close(index_scores(q, w, k, torch.arange(9), chunk=2), index_scores(q, w, k, torch.arange(9)))
+
+
+def test_hadamard_preserves_scores_and_fp8_is_close():
+    Hd = hadamard(16)
+    torch.testing.assert_close(Hd @ Hd.T, torch.eye(16), atol=1e-6, rtol=0)
+    q, w, k = torch.randn(1, 20, 2, 16), torch.rand(1, 20, 2), torch.randn(1, 20, 16)
+    pos = torch.arange(20)
+    exact = index_scores(q, w, k, pos)
+    finite = torch.isfinite(exact)
+    rotated = fp8_index_scores(q, w, k, pos, quantize=False)
+    torch.testing.assert_close(rotated[finite], exact[finite], rtol=1e-5, atol=1e-5)
+    fp8 = fp8_index_scores(q, w, k, pos)
+    assert torch.equal(torch.isfinite(fp8), finite)
+    cos_diff = 1 - 2 * (fp8[finite] * exact[finite]).sum() / (fp8[finite] ** 2 + exact[finite] ** 2).sum()
+    assert 0 < cos_diff < 1e-2
+    x8, s = act_quant(torch.randn(4, 16) * 3)
+    assert torch.equal(torch.log2(s), torch.log2(s).round())  # power-of-two scales
+    with pytest.raises(ValueError, match="power-of-two"):
+        hadamard(12)
+
+
+def test_decode_with_cache_equals_prefill_sparse_and_window():
+    attn = _attn()
+    h = torch.randn(2, 11, CFG.hidden_size)
+    with torch.no_grad():
+        for attention in ("sparse", "window", "dense"):
+            full = attn(h, attention=attention)
+            cache = DSACache()
+            parts = [attn(h[:, :5], cache=cache, attention=attention)]
+            parts += [attn(h[:, t : t + 1], cache=cache, attention=attention) for t in range(5, 11)]
+            torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-6)
+            assert len(cache) == 11 and len(cache.index_keys) == 11
+
+
+def test_sparse_gather_equals_dense_masked_module():
+    attn = _attn()
+    h = torch.randn(2, 13, CFG.hidden_size)
+    with torch.no_grad():
+        for attention in ("sparse", "window"):
+            torch.testing.assert_close(attn(h, attention=attention), attn(h, attention=attention, mode="naive"),
+                                       rtol=1e-5, atol=1e-6)
+        # and the first k rows are dense
+        k = CFG.index_topk
+        torch.testing.assert_close(attn(h, attention="sparse")[:, :k], attn(h, attention="dense")[:, :k],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_record_hook_and_forward_train_agree_with_forward():
+    attn = _attn()
+    h = torch.randn(1, 10, CFG.hidden_size)
+    seen = []
+    with torch.no_grad():
+        out = attn(h, attention="sparse", record=lambda **kw: seen.append(kw))
+        stats = attn.forward_train(h, "sparse", need_probs=True)
+    assert seen[0]["layer_idx"] == 0 and seen[0]["selected"].shape == (1, 10, CFG.index_topk)
+    assert torch.equal(stats.selected, seen[0]["selected"])
+    torch.testing.assert_close(stats.out, out)
+    torch.testing.assert_close(stats.probs.sum(-1), torch.ones(1, 10, CFG.num_attention_heads))
+    dense = attn.forward_train(h, "dense", need_probs=True)
+    torch.testing.assert_close(dense.out, attn(h, attention="dense"), rtol=1e-5, atol=1e-6)
+
+
+def test_indexer_input_is_detached_in_training():
+    attn = _attn()
+    h = torch.randn(1, 10, CFG.hidden_size, requires_grad=True)
+    stats = attn.forward_train(h, "sparse", need_index_scores=True)
+    target = torch.rand(1, 10, 10) * causal_mask(torch.arange(10), 10)
+    indexer_kl_loss(target / target.sum(-1, keepdim=True), stats.index_scores).backward()
+    assert h.grad is None and attn.q_a_proj.weight.grad is None  # the KL moves only the indexer
+    assert attn.indexer.wq_b.weight.grad is not None
+    attn.zero_grad()
+    stats.out.sum().backward()
+    assert attn.indexer.wq_b.weight.grad is None  # the LM side never reaches the indexer
+
+
+def test_kl_loss():
+    scores = torch.tensor([[[0.0, 1.0, float("-inf")]]])
+    p = torch.softmax(scores, -1)
+    assert indexer_kl_loss(p, scores).item() == pytest.approx(0.0, abs=1e-7)
+    q = torch.tensor([[[1.0, 0.0, 0.0]]])  # target with zeros: no NaN
+    loss = indexer_kl_loss(q, scores)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(-torch.log_softmax(scores, -1)[0, 0, 0].item())
+    probs = torch.softmax(torch.randn(2, 5, 3, 7), -1)
+    torch.testing.assert_close(attention_target(probs).sum(-1), torch.ones(2, 5))  # REFERENCE §9.1 check 12
+
+
+def test_errors():
+    attn = _attn()
+    h = torch.randn(1, 4, CFG.hidden_size)
+    with pytest.raises(TypeError, match="DSACache"):
+        attn(h, cache=LatentCache())
+    cache = DSACache()
+    attn(h, cache=cache)
+    cache.index_keys.append(torch.randn(1, 1, CFG.index_head_dim))  # out of step with the latent cache
+    with pytest.raises(RuntimeError, match="inconsistent"):
+        attn(h[:, :1], cache=cache)
+    with pytest.raises(ValueError, match="attention must be"):
+        attn(h, attention="local")
+    with pytest.raises(ValueError, match="max_len"):
+        c = IndexerKeyCache(max_len=3)
+        c.append(torch.randn(1, 4, 8))
+    with pytest.raises(ConfigError, match="index_topk"):
+        ModelConfig.tiny(index_topk=0)
+    with pytest.raises(ConfigError, match="index_topk"):
+        ModelConfig.tiny(index_topk=-3)
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
+        ModelConfig.tiny(index_topk=1000, max_position_embeddings=256)
+
+
+def test_batched_positions_equal_default():
+    attn = _attn()
+    h = torch.randn(2, 9, CFG.hidden_size)
+    pos = torch.arange(9).expand(2, 9)
+    with torch.no_grad():
+        for attention in ("sparse", "window", "dense"):
+            torch.testing.assert_close(attn(h, positions=pos, attention=attention), attn(h, attention=attention))
