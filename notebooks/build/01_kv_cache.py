@@ -1,6 +1,6 @@
 """Writes notebooks/01_kv_cache.ipynb (run from the repository root; the notebook is committed without outputs).
 
-    python notebooks/_src/01_kv_cache.py
+    python notebooks/build/01_kv_cache.py
 """
 from pathlib import Path
 
