@@ -1,0 +1,625 @@
+"""Writes notebooks/05_full_model.ipynb (run from the repository root; the notebook is committed without outputs).
+
+    python notebooks/_src/05_full_model.py
+"""
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+cells = []
+
+
+def md(text):
+    cells.append(new_markdown_cell(text.strip("\n")))
+
+
+def code(text, tags=None):
+    cell = new_code_cell(text.strip("\n"))
+    if tags:
+        cell.metadata["tags"] = tags
+    cells.append(cell)
+
+
+md(r"""
+# 5 · The whole model: DeepSeek-V3.2 from our modules, and its checkpoint format
+
+Chapters 1–4 built the pieces: RMSNorm, Multi-head Latent Attention with its latent cache, the lightning indexer
+and top-k sparse attention, and the mixture of experts. This notebook assembles them into **DeepSeek-V3.2** with
+the official tensor names, and reads and writes the **official checkpoint format**: sharded safetensors with
+FP8 weights in 128×128 blocks.
+
+You will learn
+
+- how the decoder layer is put together, and why our module tree's `state_dict()` names are exactly the 671B
+  checkpoint's tensor names;
+- what the full-size checkpoint holds: shapes, bytes in FP8, where the bytes are, and **how many GPUs** it needs
+  (a memory plan made from the config before anything is loaded);
+- how FP8 block quantisation stores a weight, including the one matrix whose rows do not fill the last block;
+- how to write a small synthetic checkpoint in the official layout and load it back with `dslib.load_pretrained`,
+  **the same code path a GPU run uses** (only the config is smaller), using host memory for about one tensor at a time;
+- three checks on the loaded model: cached == uncached, sparse == dense for short prompts, naive == absorbed;
+- what the model decided, recorded during a forward pass: **which tokens the indexer selects** for each query and
+  layer, and **how the load spreads over the experts**;
+- what one full-size layer costs on an H200 GPU (measured).
+""")
+
+code(r"""
+import csv
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import ipywidgets as widgets
+import plotly
+import torch
+
+import dslib
+from dslib import viz
+from dslib.checkpoint import (RandomSource, SafetensorsSource, bytes_by_component, checkpoint_tensors,
+                              dequantize_fp8_blocks, quantize_fp8_blocks, write_synthetic_checkpoint)
+from dslib.config import ModelConfig
+from dslib.devices import DevicePlanError, gpus_needed, module_bytes, plan_devices
+from dslib.exercises import ch5
+from dslib.model import DecoderLayer, DeepseekV32ForCausalLM
+from dslib.record import Recorder
+
+torch.manual_seed(0)
+# Small models on a CPU: one thread avoids synchronisation overhead on a busy machine.
+torch.set_num_threads(1)
+print(f"python {platform.python_version()} | torch {torch.__version__} | plotly {plotly.__version__} | "
+      f"dslib {dslib.__version__} | {os.cpu_count()} CPU cores")
+""")
+
+code(r"""
+# Sizes. DSLIB_FAST=1 (CI) runs the same code on smaller sizes.
+FAST = os.environ.get("DSLIB_FAST") == "1"
+
+H200_BYTES = 150.75e9          # memory one H200 reports (143,771 MiB), REFERENCE.md §8.4
+N_GPUS = 8                     # the machine the 671B model is served on
+SEED = 0
+# The CPU model: DeepSeek-V3.2's structure at a small size. 16 indexer heads: see section 5.
+SMALL = dict(index_n_heads=16, index_topk=32 if FAST else 64)
+SHARD_BYTES = 1_000_000        # small shards, so the small checkpoint has several
+PROMPT_LEN = 80 if FAST else 160        # longer than index_topk: attention is really sparse
+SHORT_LEN = SMALL["index_topk"]         # not longer than index_topk: sparse must equal dense
+NEW_TOKENS = 8 if FAST else 24
+DATA = Path("..") / "data" if Path("..", "data").is_dir() else Path("data")
+""", tags=["parameters"])
+
+md(r"""
+## 1. The module tree: chapters 1–4, assembled
+
+A decoder layer is two residual steps, each after an RMSNorm (chapter 1):
+
+    x = x + self_attn(input_layernorm(x))           # DSA = MLA (chapter 2) + lightning indexer (chapter 3)
+    x = x + mlp(post_attention_layernorm(x))        # dense SwiGLU in the first layers, mixture of experts after (chapter 4)
+
+`num_hidden_layers` such layers sit between the token embedding and the final norm + LM head. The attributes are named like the
+checkpoint's tensors, so the module tree *is* the checkpoint's table of contents.
+""")
+
+code(r"""
+dslib.show(DecoderLayer)
+""")
+
+code(r"""
+dslib.show(DeepseekV32ForCausalLM.forward)
+""")
+
+md(r"""
+Build the full 671B model on PyTorch's **meta device**: every tensor gets its shape and dtype but no memory, so
+the 671B module tree fits on a laptop. We count its parameters: the estimate is the config's arithmetic from
+chapter 1 (`total_params`), the measurement is the tensors of the module tree.
+""")
+
+code(r"""
+cfg_full = ModelConfig.deepseek_v32()
+t0 = time.perf_counter()
+with torch.device("meta"):
+    full = DeepseekV32ForCausalLM(cfg_full)
+state = full.state_dict()   # parameters + the routers' bias buffers: what a checkpoint stores
+measured = sum(t.numel() for t in state.values())
+estimate = cfg_full.total_params()
+assert measured == estimate
+print(f"built in {time.perf_counter() - t0:.1f} s: {len(state):,} tensors, {measured / 1e9:.1f}B parameters "
+      f"(config arithmetic: {estimate / 1e9:.1f}B)")
+""")
+
+md(r"""
+The official checkpoint's tensor table can also be written down from the config alone (REFERENCE.md §7.1):
+`dslib.checkpoint.checkpoint_tensors`. It must list exactly the module tree's names with the same shapes. In the
+FP8 release, every linear weight except the embedding, the head, the router and the indexer's `weights_proj` is
+stored as `float8_e4m3fn`, and each comes with a `weight_scale_inv` tensor of float32 block scales.
+""")
+
+code(r"""
+table = checkpoint_tensors(cfg_full, fp8=True)
+weights = {n: s for n, s in table.items() if not n.endswith("_scale_inv")}
+assert {n: s.shape for n, s in weights.items()} == {n: tuple(t.shape) for n, t in state.items()}
+n_scales = len(table) - len(weights)
+print(f"{len(weights):,} weights, {n_scales:,} of them FP8 with a weight_scale_inv; the first MoE layer's attention:")
+for name, spec in table.items():
+    if name.startswith("model.layers.3.self_attn."):
+        print(f"  {name:60s} {str(list(spec.shape)):15s} {str(spec.dtype).removeprefix('torch.')}")
+""")
+
+md(r"""
+**How many bytes?** Estimate: an FP8 weight costs 1 byte per parameter plus one 4-byte scale per 128×128 block
+(≈ 4/16384 byte per parameter); the rest is bf16 (2 bytes) and the routers' bias fp32 (4 bytes). Measure: the sum
+over the tensor table, which counts every partial edge block exactly.
+""")
+
+code(r"""
+n_fp8 = sum(s.numel for s in weights.values() if s.dtype == torch.float8_e4m3fn)
+n_fp32 = sum(s.numel for s in weights.values() if s.dtype == torch.float32)
+n_bf16 = measured - n_fp8 - n_fp32
+estimate_bytes = n_fp8 * (1 + 4 / 128**2) + 2 * n_bf16 + 4 * n_fp32
+table_bytes = sum(s.nbytes for s in table.values())
+assert abs(table_bytes - estimate_bytes) / table_bytes < 1e-4
+print(f"estimate {estimate_bytes / 1e9:.2f} GB, tensor table {table_bytes / 1e9:.2f} GB "
+      f"({n_fp8 / measured:.1%} of the parameters are FP8)")
+""")
+
+code(r"""
+breakdown = {
+    "FP8 checkpoint": {k: v / 1e9 for k, v in bytes_by_component(table).items()},
+    "all bf16": {k: v / 1e9 for k, v in bytes_by_component(checkpoint_tensors(cfg_full, fp8=False)).items()},
+}
+experts_share = breakdown["FP8 checkpoint"]["routed experts"] / sum(breakdown["FP8 checkpoint"].values())
+assert experts_share > 0.9
+print(f"the routed experts hold {experts_share:.1%} of the FP8 bytes")
+viz.checkpoint_bytes_figure(breakdown)
+""")
+
+md(r"""
+## 2. A memory plan before loading anything
+
+The FP8 weights alone are far larger than one GPU. `dslib.devices.plan_devices` places consecutive layers on
+devices of given sizes (pretend sizes work on a CPU), keeping a share of each free for the KV cache and
+activations, and balances the split so the fullest device is as light as possible. Its `device_map` is what
+`load_pretrained(..., device_map=...)` follows.
+""")
+
+code(r"""
+plan = plan_devices(cfg_full, [H200_BYTES] * N_GPUS, storage="fp8")
+print(plan)
+assert sum(plan.used.values()) == plan.total_bytes
+assert all(plan.used[d] <= c for d, c in zip(plan.devices, plan.capacity))
+need_fp8, need_bf16 = gpus_needed(cfg_full, H200_BYTES), gpus_needed(cfg_full, H200_BYTES, storage="bf16")
+print(f"fewest H200s: {need_fp8} with FP8 weights, {need_bf16} with bf16 weights")
+viz.device_plan_figure(plan.rows(), title=f"{cfg_full.num_hidden_layers} layers of FP8 weights on {N_GPUS} H200s")
+""")
+
+md(r"""
+Too few devices give a clear error that says how much is needed, before a single byte is read:
+""")
+
+code(r"""
+try:
+    plan_devices(cfg_full, [H200_BYTES] * (need_fp8 - 2))
+    raise AssertionError("this plan should not fit")
+except DevicePlanError as err:
+    message = str(err)
+print(message)
+assert f"at least {need_fp8} device" in message
+""")
+
+md(r"""
+## 3. FP8 blocks
+
+Each FP8 weight is stored as e4m3 numbers (4 exponent bits, 3 mantissa bits, largest value 448) plus one float32
+scale per 128×128 block: `W[i, j] = float(q[i, j]) · weight_scale_inv[i // 128, j // 128]`. A block's scale is
+its largest magnitude divided by 448, so each block uses the whole e4m3 range. `kv_a_proj_with_mqa` has
+512 + 64 = 576 rows, so its last row block is only 64 rows tall: quantisation pads it with zeros, and
+dequantisation crops it (REFERENCE.md §7.2).
+""")
+
+code(r"""
+g = torch.Generator().manual_seed(SEED)
+w = torch.randn(576, cfg_full.hidden_size, generator=g) * 0.02
+q, scale_inv = quantize_fp8_blocks(w)
+back = dequantize_fp8_blocks(q, scale_inv)
+rel = ((back - w).norm() / w.norm()).item()
+assert scale_inv.shape == (math.ceil(576 / 128), cfg_full.hidden_size // 128) == (5, 56)
+assert torch.equal(dequantize_fp8_blocks(*quantize_fp8_blocks(back)), back)   # a dequantised weight is a fixed point
+print(f"q {tuple(q.shape)} {q.dtype}, scale_inv {tuple(scale_inv.shape)}: {q.numel() + 4 * scale_inv.numel():,} bytes "
+      f"instead of {2 * w.numel():,} in bf16; relative error {rel:.2%}")
+""")
+
+code(r"""
+dslib.show(dequantize_fp8_blocks)
+""")
+
+md(r"""
+## 4. A small checkpoint in the official format, loaded back
+
+A notebook that would need a GPU runs a small configuration on the CPU through the same code. We write a
+synthetic checkpoint of a small DeepSeek-V3.2 (random weights, FP8 blocks, several shards and an index) with
+`write_synthetic_checkpoint`, then load it with `dslib.load_pretrained`: this is the function that loads the real
+671B checkpoint, and its source can be a folder of safetensors shards or a seeded random generator with the same
+names, shapes and dtypes (`RandomSource`, which is how a full-size model is made on a GPU whose disk is too small).
+""")
+
+code(r"""
+cfg = ModelConfig.small(**SMALL)
+workdir = Path(tempfile.mkdtemp(prefix="dslib_ch5_"))
+path = write_synthetic_checkpoint(cfg, workdir / "small_fp8", seed=SEED, fp8=True, max_shard_bytes=SHARD_BYTES)
+files = sorted(p.name for p in path.iterdir())
+print("\n".join(f"{f:40s} {(path / f).stat().st_size:>10,} bytes" for f in files))
+""")
+
+md(r"""
+The index lists every tensor's shard and the tensors' total size. Each shard adds only its header (8 bytes of
+length + a JSON table of contents) to the tensor bytes: check that the file sizes add up exactly.
+""")
+
+code(r"""
+index = json.loads((path / "model.safetensors.index.json").read_text())
+shards = sorted(set(index["weight_map"].values()))
+headers = sum(8 + int.from_bytes((path / f).read_bytes()[:8], "little") for f in shards)
+on_disk = sum((path / f).stat().st_size for f in shards)
+small_table = checkpoint_tensors(cfg, fp8=True)
+assert index["metadata"]["total_size"] == sum(s.nbytes for s in small_table.values())
+assert on_disk == index["metadata"]["total_size"] + headers
+print(f"{len(shards)} shards: {index['metadata']['total_size']:,} bytes of tensors + {headers:,} bytes of headers")
+""")
+
+code(r"""
+model = dslib.load_pretrained(path)
+direct = dslib.load_pretrained(RandomSource(cfg, seed=SEED, fp8=True), progress=False)
+sd_file, sd_direct = model.state_dict(), direct.state_dict()
+assert sd_file.keys() == sd_direct.keys() and all(torch.equal(sd_file[k], sd_direct[k]) for k in sd_file)
+print(f"{sum(t.numel() for t in sd_file.values()) / 1e6:.2f}M parameters; the shards and the random source give "
+      "identical weights")
+""")
+
+md(r"""
+**How a weight is stored vs how a layer computes.** The model above holds dequantised fp32 weights. With
+`keep_fp8=True` the FP8 linears stay as stored (`FP8Linear`: e4m3 weight + block scales, dequantised inside each
+call), which is how the 671B model fits on the GPUs of section 2. The layers' code does not change, and neither do
+the numbers:
+""")
+
+code(r"""
+stored = dslib.load_pretrained(path, keep_fp8=True, progress=False)
+ids = torch.randint(0, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(SEED))
+with torch.no_grad():
+    assert torch.equal(stored(ids), model(ids))
+held = {name: sum(t.numel() * t.element_size() for t in m.state_dict().values())
+        for name, m in (("fp32 weights", model), ("FP8 storage", stored))}
+assert held["FP8 storage"] < held["fp32 weights"] / 2
+print(", ".join(f"{k}: {v / 1e6:.1f} MB" for k, v in held.items()), "| identical logits")
+print(stored.model.layers[1].mlp.experts[0])
+""")
+
+code(r"""
+dslib.show(dslib.checkpoint._fill)
+""")
+
+md(r"""
+The loader gives every parameter its final storage first, then reads one tensor at a time from its shard (no
+memory map), dequantises it on the target device and copies it into place. So it needs host memory for about one
+tensor beyond the model itself, however large the checkpoint. `benchmarks/load_memory.py` measures this on a
+~1 GB synthetic FP8 checkpoint in a fresh process (numbers from `data/load_memory.csv`):
+""")
+
+code(r"""
+load_csv = DATA / "load_memory.csv"
+if load_csv.exists():
+    load_rows = list(csv.DictReader(open(load_csv)))
+    worst = max(float(r["extra_over_largest_shard"]) for r in load_rows)
+    for r in load_rows:
+        print(f"{int(r['n_shards']):3d} shards of up to {float(r['largest_shard_bytes']) / 1e6:5.0f} MB: extra host "
+              f"memory {float(r['extra_bytes']) / 1e6:5.1f} MB for a {float(r['model_bytes']) / 1e9:.2f} GB model "
+              f"({r['machine']})")
+    assert worst < 1.5
+    display(viz.load_memory_figure(load_rows))
+else:
+    print("not measured yet: run `python benchmarks/load_memory.py` (writes data/load_memory.csv)")
+""")
+
+md(r"""
+## 5. Checks on the loaded model
+
+**Cached == uncached.** Generating with the latent + indexer caches (one prefill, then one token per step) must give
+the same tokens as recomputing the whole sequence at every step. The prompt is longer than `index_topk`, so the
+indexer really drops keys.
+""")
+
+code(r"""
+prompt = torch.randint(0, cfg.vocab_size, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(SEED))
+t0 = time.perf_counter()
+cached = model.generate(prompt, NEW_TOKENS)
+t_cached = time.perf_counter() - t0
+t0 = time.perf_counter()
+uncached = model.generate(prompt, NEW_TOKENS, use_cache=False)
+t_uncached = time.perf_counter() - t0
+assert torch.equal(cached, uncached)
+print(f"{NEW_TOKENS} tokens after a {PROMPT_LEN}-token prompt (index_topk = {cfg.index_topk}): identical; "
+      f"{t_cached:.2f} s with the cache, {t_uncached:.2f} s without")
+""")
+
+md(r"""
+Logits agree position by position, and the cache holds exactly what the formula says: per token and layer, the
+normalised latent (`kv_lora_rank`), the rotated rope key (`qk_rope_head_dim`) and the indexer key
+(`index_head_dim`), here in fp32.
+""")
+
+code(r"""
+seq = cached
+with torch.no_grad():
+    full_logits = model(seq)
+    cache = model.new_cache()
+    steps = [model(seq[:, :PROMPT_LEN], cache)] + [model(seq[:, t:t + 1], cache) for t in range(PROMPT_LEN, seq.shape[1])]
+diff = (torch.cat(steps, 1) - full_logits).abs().max().item()
+per_token = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim + cfg.index_head_dim) * 4
+assert diff < 1e-4 and cache.nbytes == len(cache) * per_token
+print(f"max |logit difference| {diff:.1e}; cache {cache.nbytes:,} bytes = {len(cache)} tokens x {per_token:,} B")
+""")
+
+md(r"""
+**Why 16 indexer heads?** An index score is a weighted sum of ReLUs. With very few heads it is often *exactly*
+zero (every head's ReLU clipped), and `torch.topk` breaks ties among equal scores differently for differently
+shaped inputs, so a cached run (one query at a time) and an uncached one (all queries at once) may select different
+keys. The real model has 64 indexer heads: a score is exactly zero only if all 64 ReLUs clip at once. Watch the
+ties change the result with 4 heads:
+""")
+
+code(r"""
+few = dslib.load_pretrained(RandomSource(cfg.replace(index_n_heads=4), seed=SEED, fp8=True), progress=False)
+with torch.no_grad():
+    whole = few(seq)
+    c4 = few.new_cache()
+    split = torch.cat([few(seq[:, :PROMPT_LEN], c4)] + [few(seq[:, t:t + 1], c4) for t in range(PROMPT_LEN, seq.shape[1])], 1)
+tie_diff = (split - whole).abs().max().item()
+assert tie_diff > 1e3 * diff
+print(f"4 indexer heads: max |logit difference| cached vs uncached = {tie_diff:.2e} (16 heads: {diff:.1e})")
+""")
+
+md(r"""
+**Sparse == dense for short prompts.** A query at position p sees p + 1 keys; if that is at most `index_topk`,
+top-k keeps all of them and DSA *is* dense attention (REFERENCE.md §4.4). Beyond that, the outputs must differ, or
+the indexer would select nothing. **Naive == absorbed**: MLA's two computation orders (MHA mode and MQA mode) give
+the same numbers, with the sparse selection too.
+""")
+
+code(r"""
+short = prompt[:, :SHORT_LEN]
+with torch.no_grad():
+    d_short = (model(short, attention="sparse") - model(short, attention="dense")).abs().max().item()
+    d_long = (model(prompt, attention="sparse") - model(prompt, attention="dense")).abs().max().item()
+    d_mode = (model(prompt, mode="naive") - model(prompt, mode="absorbed")).abs().max().item()
+assert d_short < 1e-4 and d_long > 1e-3 and d_mode < 1e-4
+print(f"{SHORT_LEN} tokens: sparse vs dense {d_short:.1e} | {PROMPT_LEN} tokens: sparse vs dense {d_long:.2e} | "
+      f"naive vs absorbed {d_mode:.1e}")
+""")
+
+md(r"""
+## 6. What the model decided: a recorder
+
+Pass a `Recorder` to a forward pass and every DSA layer reports the keys its indexer selected for each query, and
+every MoE layer the experts its gate chose for each token. The views below only read those records. (The weights
+are random, so the patterns show the mechanism, not language.)
+""")
+
+code(r"""
+dslib.show(Recorder.on_selection)
+""")
+
+code(r"""
+rec = Recorder()
+with torch.no_grad():
+    model(prompt, recorder=rec)
+k = cfg.index_topk
+for layer in rec.selection_layers:
+    m = rec.selection_matrix(layer)
+    counts = m.sum(1)
+    assert torch.equal(counts[:k], torch.arange(1, k + 1)) and bool((counts[k:] == k).all())
+print(f"layers {rec.selection_layers}: queries 0..{k - 1} keep every earlier key; later queries keep exactly {k}")
+""")
+
+md(r"""
+**Which tokens does the indexer select?** Pick a layer and a query position. Dark cells are the selected keys,
+light cells are visible keys the indexer skipped, white is the future. Below position `index_topk` everything
+visible is selected.
+""")
+
+code(r"""
+positions = sorted(set(rec.query_positions(0)))
+
+
+def show_selection(layer=0, query=PROMPT_LEN - 1):
+    return viz.selection_figure(rec.selection_matrix(layer), positions, query=query)
+
+
+widgets.interact(show_selection,
+                 layer=widgets.IntSlider(min=0, max=cfg.num_hidden_layers - 1, value=0, description="layer"),
+                 query=widgets.IntSlider(min=0, max=PROMPT_LEN - 1, value=PROMPT_LEN - 1, description="query"));
+""")
+
+md(r"""
+**How does the load spread over the experts?** Each MoE layer's gate sends every token to
+`num_experts_per_tok` experts. The heatmap shows each expert's load relative to its fair share (1 = mean), one row per
+layer. Compare a prompt of random tokens with one token repeated: identical tokens route identically, so a few
+experts get everything, the imbalance that chapter 4's balancing fights.
+""")
+
+code(r"""
+def expert_load(prompt_kind="random tokens"):
+    ids = prompt if prompt_kind == "random tokens" else torch.full_like(prompt, int(prompt[0, 0]))
+    r = Recorder(selections=False)
+    with torch.no_grad():
+        model(ids, recorder=r)
+    layers, load = r.expert_load_matrix()
+    assert bool((load.sum(1) == ids.numel() * cfg.num_experts_per_tok).all())
+    return layers, load
+
+
+layers, load = expert_load()
+print(f"MoE layers {layers}: {load.sum(1).tolist()} routed (token, expert) pairs each "
+      f"= {PROMPT_LEN} tokens x {cfg.num_experts_per_tok} experts")
+
+
+def show_load(prompt_kind="random tokens"):
+    layers, load = expert_load(prompt_kind)
+    return viz.expert_load_heatmap(load, [f"layer {l}" for l in layers], cfg.n_group,
+                                   title=f"Expert load, {prompt_kind} ({PROMPT_LEN} tokens)")
+
+
+widgets.interact(show_load, prompt_kind=widgets.ToggleButtons(options=["random tokens", "one token repeated"]));
+""")
+
+md(r"""
+## 7. One full-size layer on an H200 (measured)
+
+`benchmarks/gpu_layer.py` builds one decoder layer with the **671B model's exact shapes** from a `RandomSource`
+(FP8 blocks generated on the GPU and dequantised to bf16 by `load_layer`, the same loading code), then times
+dslib's own PyTorch code: attention prefill and decode at several context lengths (dense vs DSA), and the MoE
+block vs the dense FFN. It checks itself (finite outputs, sparse == dense where it must be). The cells below read
+its CSVs from `data/` if they are there.
+""")
+
+code(r"""
+att_csv, ffn_csv = DATA / "gpu_attention.csv", DATA / "gpu_moe.csv"
+GPU = att_csv.exists() and ffn_csv.exists()
+if GPU:
+    att_rows = [r for r in csv.DictReader(open(att_csv)) if r["median_ms"]]
+    ffn_rows = [r for r in csv.DictReader(open(ffn_csv)) if r["median_ms"]]
+    print(f"measured on {att_rows[0]['device']} with torch {att_rows[0]['torch']}, {att_rows[0]['dtype']}, "
+          f"index_topk {att_rows[0]['index_topk']}, indexer matmuls in {att_rows[0]['indexer_matmul']}")
+else:
+    print("not measured yet: run `python benchmarks/gpu_layer.py --out data/` on a GPU machine")
+""")
+
+code(r"""
+def ms(phase, variant, context, batch=1):
+    for r in att_rows:
+        if (r["phase"], r["variant"], int(r["context"]), int(r["batch"])) == (phase, variant, context, batch):
+            return float(r["median_ms"])
+    return None
+
+
+if GPU:
+    batches = sorted({int(r["batch"]) for r in att_rows if r["phase"] == "decode"})
+    decode_ctx = max(int(r["context"]) for r in att_rows if r["phase"] == "decode")
+    b = max(batches)
+    dense, sparse = ms("decode", "dense_absorbed", decode_ctx, b), ms("decode", "sparse", decode_ctx, b)
+    speedup = dense / sparse
+    assert speedup > 1
+    print(f"decode, batch {b}, {decode_ctx:,} cached tokens: dense MLA {dense:.2f} ms, DSA {sparse:.2f} ms "
+          f"per step ({speedup:.1f}x)")
+    # batch 1: the time hardly follows the bytes of cache read (roofline: bytes / HBM bandwidth, REFERENCE.md §8.4)
+    small_ctx = min(int(r["context"]) for r in att_rows if r["phase"] == "decode")
+    t_small, t_big = ms("decode", "dense_absorbed", small_ctx, 1), ms("decode", "dense_absorbed", decode_ctx, 1)
+    cache_read = decode_ctx * cfg_full.kv_bytes_per_token_per_layer("mla")  # bf16 latent + rope key per token
+    roofline_ms = cache_read / 4.8e12 * 1e3
+    assert t_big > 10 * roofline_ms
+    print(f"batch 1: {t_small:.2f} ms at {small_ctx:,} tokens, {t_big:.2f} ms at {decode_ctx:,} "
+          f"({decode_ctx // small_ctx}x the cache); reading {cache_read / 1e6:.0f} MB of cache takes "
+          f"{roofline_ms * 1e3:.0f} us at 4.8 TB/s, so at batch 1 eager PyTorch is bound by launching kernels "
+          "from Python, not by the cache")
+
+
+def show_attention(phase="decode", batch=max(batches) if GPU else 1):
+    return viz.gpu_attention_figure(att_rows, phase, batch=batch if phase == "decode" else None)
+
+
+if GPU:
+    widgets.interact(show_attention, phase=widgets.ToggleButtons(options=["decode", "prefill"]),
+                     batch=widgets.Dropdown(options=batches, value=max(batches)));
+""")
+
+md(r"""
+Reading the curves: at decode, dense MLA reads the whole latent cache for every new token, so its time grows with
+the context once the batch is large enough to leave the overhead floor; DSA reads one small indexer key per token
+plus `index_topk` selected latents, so it grows much more slowly (bytes per token and layer below). At prefill our DSA is **slower** than dense attention: the dense baseline runs PyTorch's fused
+FlashAttention kernel, while our indexer writes a full `[T, S]` fp32 score matrix and our sparse attention gathers
+latents with plain tensor operations. DeepSeek's production kernels (FlashMLA's sparse kernels, DeepGEMM's FP8
+indexer) fuse these steps; that is where the paper's prefill savings come from (REFERENCE.md §8).
+""")
+
+code(r"""
+for scheme in ("mla", "mla_fp8", "indexer"):
+    print(f"{scheme:8s} {cfg_full.kv_bytes_per_token_per_layer(scheme):5,} bytes per token per layer")
+print(f"DSA attends to index_topk = {cfg_full.index_topk:,} latents per query")
+""")
+
+code(r"""
+if GPU:
+    longest = max(int(r["context"]) for r in att_rows if r["phase"] == "prefill")
+    t_sparse, t_index, t_sdpa = (ms("prefill", v, longest) for v in ("sparse", "indexer", "dense_sdpa"))
+    print(f"prefill of {longest:,} tokens: DSA {t_sparse:.0f} ms (of which the indexer {t_index:.0f} ms) vs "
+          f"fused dense attention {t_sdpa:.0f} ms")
+    assert t_index < t_sparse
+    display(viz.gpu_ffn_figure(ffn_rows))
+    moe = {int(r["tokens"]): r for r in ffn_rows if r["block"] == "moe"}
+    one, many = moe[min(moe)], moe[max(moe)]
+    print(f"MoE layer: {float(one['median_ms']):.2f} ms for {min(moe)} token ({one['experts_touched']} experts "
+          f"touched), {float(many['median_ms']):.1f} ms for {max(moe):,} tokens ({float(many['tflops']):.0f} TFLOP/s)")
+""")
+
+md(r"""
+## What you built
+
+- `dslib.model`: `DecoderLayer`, `DeepseekV32ForCausalLM` (logits, `new_cache`, greedy `generate`, placement on
+  several devices) and `ModelCache`, with per-call switches `attention="sparse" | "dense" | "window"` and
+  `mode="absorbed" | "naive"`; its `state_dict()` names are the official checkpoint's.
+- `dslib.checkpoint`: the tensor table from a config, FP8 block (de)quantisation, `FP8Linear` storage, tensor sources (safetensors
+  shards read one tensor at a time, a seeded random generator, a state dict), `write_checkpoint` /
+  `save_pretrained` / `write_synthetic_checkpoint`, and `load_pretrained` / `load_layer` with clear errors for
+  missing, corrupt or mismatched files. The loaded model matches transformers' `DeepseekV32ForCausalLM` (tests).
+- `dslib.devices`: a memory plan from the config, with a clear error when the GPUs are too small.
+- `dslib.record.Recorder`: token selections and expert routing recorded during a forward pass.
+- `benchmarks/load_memory.py` and `benchmarks/gpu_layer.py`: host memory of loading, and one full-size layer on a GPU.
+
+## Exercises
+
+Each cell calls a check from `dslib.exercises.ch5` that answers "correct" or "not yet, because …".
+
+**1. Dequantise.** Write `my_dequantize(q, scale_inv)`: `q` is an e4m3 weight `[out, in]`, `scale_inv` its float32
+block scales `[ceil(out/128), ceil(in/128)]`; return the fp32 weight. It must handle 576 rows.
+""")
+
+code(r"""
+def my_dequantize(q, scale_inv):
+    raise NotImplementedError  # your code here
+
+
+ch5.check_dequantize(my_dequantize)
+""")
+
+md(r"""
+**2. The price of fine-grained scales.** How many bytes do all `weight_scale_inv` tensors of the 671B FP8
+checkpoint take (layers 0–60, embeddings and head; not the MTP layer 61)? Work it out from the shapes in
+REFERENCE.md §7.1 or with `checkpoint_tensors`.
+""")
+
+code(r"""
+answer = None  # a number of bytes
+ch5.check_scale_bytes(answer)
+""")
+
+md(r"""
+**3. How many GPUs?** What is the fewest H200s (150.75 GB each, 10% of each kept free) that hold the FP8 weights,
+if every layer must sit whole on one GPU? Reason with the layer sizes from `module_bytes(cfg_full)`.
+""")
+
+code(r"""
+answer = None  # a number of GPUs
+ch5.check_gpus_needed(answer)
+""")
+
+nb = new_notebook(cells=cells, metadata={
+    "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+    "language_info": {"name": "python"},
+})
+for i, cell in enumerate(nb.cells):  # stable ids: rebuilding gives a clean diff
+    cell["id"] = f"ch5-{i:02d}"
+out = Path(__file__).resolve().parents[1] / "05_full_model.ipynb"
+nbformat.write(nb, out)
+print("wrote", out)
