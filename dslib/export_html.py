@@ -248,12 +248,14 @@ def widget_html(model_id: str, state: dict) -> str:
     if name == "OutputModel":
         return "".join(_output_html(o, state) for o in s.get("outputs", []))
     if "children" in s:
-        direction = "row" if name == "HBoxModel" else "column"
+        direction, align = ("row", "center") if name == "HBoxModel" else ("column", "stretch")
         inner = "".join(f"<div>{widget_html(c, state)}</div>" for c in _model_ids(s["children"]))
-        return f'<div class="dslib-widget" style="display:flex;flex-direction:{direction};gap:4px">{inner}</div>'
+        return f'<div class="dslib-widget" style="display:flex;flex-direction:{direction};align-items:{align};gap:4px">{inner}</div>'
     if name in ("HTMLModel", "HTMLMathModel"):
         return s.get("value", "")
     label = html.escape(str(s.get("description") or name.replace("Model", "")))
+    if name.endswith("ProgressModel"):  # e.g. a tqdm bar: HTML description | progress | HTML counts
+        return f'<progress value="{s.get("value", 0)}" max="{s.get("max", 100)}" style="width:200px"></progress>'
     if name == "ButtonModel":
         return f'<button disabled title="runs in JupyterLab">{label}</button>'
     if "_options_labels" in s and "index" in s:  # Dropdown, SelectionSlider, RadioButtons, ...: they sync an index

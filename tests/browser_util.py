@@ -11,9 +11,11 @@ What "looks right" means (checked by `LabBrowser.run_notebook`):
   from an nbclient run of the same notebook): a drawn plot is an element with plotly.js's class `js-plotly-plot`,
   which sits on the output node itself for `fig.show()` (jupyterlab-plotly's MIME renderer) and on a descendant for
   a FigureWidget (anywidget) or a figure inside an `interact` output; both are counted;
-- every widget view the kernel displayed is rendered (not "Loading widget..." nor "Error displaying widget");
-- every slider, dragged with the mouse, changes its value, raises no error, and at least one slider per notebook
-  changes a plot.
+- every widget view the kernel displayed is rendered (not "Loading widget..." nor "Error displaying widget"), and
+  no `interact`/`interactive` box is empty (`widgets.interactive(f)` does not display what f returns);
+- every slider, dragged with the mouse, changes its value and something on the page, raises no error (neither in
+  an output nor in JupyterLab's log console, where a callback's traceback goes when no cell owns it), removes no
+  plot; and at least one slider per notebook changes a plot.
 
 The server runs on 127.0.0.1 with a random token and its own settings (no news pop-up, no autosave, every cell
 attached to the DOM), on a temporary copy of the notebooks (a learner's files are never touched); it is shut down
@@ -137,7 +139,8 @@ class LabServer:
         env.update(self.extra_env)
         env["PYTHONPATH"] = os.pathsep.join([str(self.repo_root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         # Our own Jupyter/IPython dirs: nothing from the user's ~/.jupyter changes what the test sees.
-        for var, sub in (("JUPYTER_CONFIG_DIR", "config"), ("JUPYTER_RUNTIME_DIR", "runtime"), ("IPYTHONDIR", "ipython")):
+        for var, sub in (("JUPYTER_CONFIG_DIR", "config"), ("JUPYTER_DATA_DIR", "data"), ("JUPYTER_RUNTIME_DIR", "runtime"),
+                         ("IPYTHONDIR", "ipython")):
             env[var] = str(self.tmp / sub)
         env.pop("JUPYTER_PREFER_ENV_PATH", None)
         self.log_path = self.tmp / "server.log"

@@ -84,3 +84,20 @@ def test_fixture_page_draws_its_plots_offline(tmp_path):
 def test_notebook_page(path):
     nb = executed(path)
     check_page(ex.page_html(nb), ex.inventory(nb).plots, path.name)
+
+
+def test_widget_html_of_a_progress_bar_and_unknown_models():
+    """A tqdm bar (HBox of HTML, FloatProgress, HTML) reads as text around a <progress>; a missing model says so."""
+    def model(name, **state):
+        return {"model_name": name, "model_module": "@jupyter-widgets/controls", "state": state}
+
+    state = {
+        "box": model("HBoxModel", children=["IPY_MODEL_a", "IPY_MODEL_b", "IPY_MODEL_c"]),
+        "a": model("HTMLModel", value="writing: 100%"),
+        "b": model("FloatProgressModel", value=8.0, max=8.0, description=""),
+        "c": model("HTMLModel", value="8/8 [00:01]"),
+    }
+    html = ex.widget_html("box", state)
+    assert "flex-direction:row" in html and '<progress value="8.0" max="8.0"' in html
+    assert html.index("writing: 100%") < html.index("<progress") < html.index("8/8 [00:01]")
+    assert "not saved" in ex.widget_html("missing", state)
