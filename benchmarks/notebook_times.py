@@ -23,20 +23,17 @@ FIELDS = ["notebook", "mode", "seconds", "cpu_count", "torch", "date"]
 
 
 def run_notebook(path: Path, fast: bool, timeout: int) -> float:
-    """Execute `path` top to bottom in a new kernel; return wall seconds. Raises on the first failing cell."""
-    import nbformat
-    from nbclient import NotebookClient
+    """Execute `path` top to bottom in a new kernel; return wall seconds. Raises on the first failing cell.
 
-    nb = nbformat.read(path, as_version=4)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    if fast:
-        env["DSLIB_FAST"] = "1"
-    else:
-        env.pop("DSLIB_FAST", None)
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+    Uses the same executor as `make html` (`dslib.export_html.execute`: IPC kernel sockets, robust polling)."""
+    sys.path.insert(0, str(ROOT))
+    from dslib.export_html import execute
+
+    env = {"DSLIB_FAST": "1"} if fast else {}
+    if not fast:
+        os.environ.pop("DSLIB_FAST", None)
     start = time.perf_counter()
-    client.execute(env=env)  # passed on to the kernel manager: the kernel gets exactly this environment
+    execute(path, timeout=timeout, env=env)
     return time.perf_counter() - start
 
 
