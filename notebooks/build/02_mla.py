@@ -463,7 +463,7 @@ def explore(kv_lora_rank=big.kv_lora_rank, qk_rope_head_dim=big.qk_rope_head_dim
 
 
 assert len(explore().data) == 2
-widgets.interactive(
+_ = widgets.interact(
     explore,
     kv_lora_rank=widgets.IntSlider(value=big.kv_lora_rank, min=64, max=2048, step=64),
     qk_rope_head_dim=widgets.IntSlider(value=big.qk_rope_head_dim, min=16, max=128, step=16),
@@ -492,7 +492,7 @@ def heatmap(layer=0, head=0):
     return viz.attention_heatmap(maps[layer, 0, head].tolist(), title=f"layer {layer}, head {head}")
 
 
-widgets.interactive(heatmap, layer=(0, maps.shape[0] - 1), head=(0, maps.shape[2] - 1))
+_ = widgets.interact(heatmap, layer=(0, maps.shape[0] - 1), head=(0, maps.shape[2] - 1))
 """)
 
 # ------------------------------------------------------------------------------------------------ end

@@ -424,7 +424,7 @@ explore()
 """)
 
 code(r"""
-widgets.interactive(
+_ = widgets.interact(
     explore,
     layer=widgets.IntSlider(value=retrieval_layer, min=0, max=len(model.layers) - 1, description="layer"),
     query=widgets.SelectionSlider(options=query_positions, value=query_positions[-1], description="query pos."),
