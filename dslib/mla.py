@@ -316,6 +316,25 @@ class MLA(nn.Module):
         scores = scores + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)  # position part
         return scores * self.softmax_scale
 
+    def check_input(self, h: torch.Tensor, start: int, positions: torch.Tensor | None):
+        """Check h `[B, T, d]`; default positions to start + arange(T); reject positions past the context.
+
+        Returns (positions, given): `given` says whether the caller passed positions (reading them back to check
+        them costs a device sync, so `attend` re-checks only those)."""
+        if h.dim() != 3 or h.shape[-1] != self.cfg.hidden_size:
+            raise ValueError(f"h must be [B, T, hidden_size={self.cfg.hidden_size}], got {tuple(h.shape)}.")
+        T = h.shape[1]
+        given = positions is not None
+        last = int(positions.max()) if given else start + T - 1
+        if last >= self.cfg.max_position_embeddings:
+            raise ValueError(
+                f"position {last} is beyond max_position_embeddings={self.cfg.max_position_embeddings}. Shorten the "
+                "sequence or use a config with a longer context."
+            )
+        if not given:
+            positions = torch.arange(start, start + T, device=h.device)
+        return positions, given
+
     def forward(
         self,
         h: torch.Tensor,
@@ -326,19 +345,8 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         """h `[B, T, d]` -> `[B, T, d]`. positions default to len(cache) + arange(T); the new tokens' latents are
         appended to `cache` when one is given (decode token by token or prefill in chunks)."""
-        if h.dim() != 3 or h.shape[-1] != self.cfg.hidden_size:
-            raise ValueError(f"h must be [B, T, hidden_size={self.cfg.hidden_size}], got {tuple(h.shape)}.")
+        positions, given = self.check_input(h, len(cache) if cache is not None else 0, positions)
         B, T, _ = h.shape
-        start = len(cache) if cache is not None else 0
-        given = positions is not None
-        last = int(positions.max()) if given else start + T - 1  # reading given positions back costs a sync
-        if last >= self.cfg.max_position_embeddings:
-            raise ValueError(
-                f"position {last} is beyond max_position_embeddings={self.cfg.max_position_embeddings}. Shorten the "
-                "sequence or use a config with a longer context."
-            )
-        if not given:
-            positions = torch.arange(start, start + T, device=h.device)
         cos, sin = self.rotary(positions)
         _, q_nope, q_rope = self.project_q(h, cos, sin)
         kv_latent, k_rope = self.project_kv(h, cos, sin)

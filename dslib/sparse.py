@@ -284,19 +284,8 @@ class DSAttention(MLA):
         positions=[T] or [B, T])` whenever a selection was made (sparse / window)."""
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}.")
-        if h.dim() != 3 or h.shape[-1] != self.cfg.hidden_size:
-            raise ValueError(f"h must be [B, T, hidden_size={self.cfg.hidden_size}], got {tuple(h.shape)}.")
+        positions, given = self.check_input(h, self._check_cache(cache), positions)
         B, T, _ = h.shape
-        start = self._check_cache(cache)
-        given = positions is not None
-        last = int(positions.max()) if given else start + T - 1  # reading given positions back costs a device sync
-        if last >= self.cfg.max_position_embeddings:
-            raise ValueError(
-                f"position {last} is beyond max_position_embeddings={self.cfg.max_position_embeddings}. Shorten the "
-                "sequence or use a config with a longer context."
-            )
-        if not given:
-            positions = torch.arange(start, start + T, device=h.device)
         cos, sin = self.rotary(positions)
         q_latent, q_nope, q_rope = self.project_q(h, cos, sin)
         kv_latent, k_rope = self.project_kv(h, cos, sin)
