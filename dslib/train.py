@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dslib.attention import RMSNorm
+from dslib.attention import FeedForward, RMSNorm
 from dslib.config import ModelConfig
 from dslib.sparse import DSAttention, attention_recall, selection_mask, topk_selection, window_selection
 from dslib.indexer import attention_target, indexer_kl_loss
@@ -56,19 +56,6 @@ def experiment_config(task: RecallTask = RecallTask(), **overrides) -> ModelConf
 
 
 # -------------------------------------------------------------------------------------------------- the model
-class SwiGLU(nn.Module):
-    """down_proj(silu(gate_proj(x)) * up_proj(x)), the FFN of every DeepSeek layer (chapter 4 builds the MoE one)."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Block(nn.Module):
     """Pre-norm decoder layer with DeepSeek's names: x + self_attn(input_layernorm(x)), then x + mlp(...)."""
 
@@ -77,7 +64,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = DSAttention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = FeedForward(cfg.hidden_size, cfg.intermediate_size)
 
 
 class RecallModel(nn.Module):
