@@ -216,7 +216,8 @@ md(r"""
 Estimate first: a step without a cache re-runs all `p` tokens (and their `p × p` attention scores); a step with
 a cache runs one token against `p` cached keys. The FLOP counts come from `BaselineConfig.forward_flops`;
 compare their ratio at the last step with the measured time ratio of the last bin (the cached step is dominated by per-operation
-overhead on a model this small, so the time ratio is smaller than the FLOP ratio):
+overhead on a model this small, so the time ratio is smaller than the FLOP ratio). The check is on the counted
+work; the time ratio is reported, not asserted, because a timing on a busy laptop can invert:
 """)
 
 code(r"""
@@ -224,7 +225,7 @@ p = PROMPT_LEN + NEW_TOKENS - 1                     # context of the last step
 flop_ratio = cfg_gqa.forward_flops(p) / cfg_gqa.forward_flops(1, p)
 time_ratio = median_s["without cache"][-1] / median_s["with cache"][-1]   # the last bin
 print(f"at {p} tokens of context: FLOPs per step without/with cache = {flop_ratio:.0f}x; measured time ratio = {time_ratio:.1f}x")
-assert flop_ratio > p / 2 and time_ratio > 1
+assert flop_ratio > p / 2   # counted work; the measured time is what your machine shows
 """)
 
 md(r"""
@@ -268,15 +269,19 @@ viz.memory_vs_compute_figure(SEQ_LENS, cache_bytes, attn_flops,
 """)
 
 md(r"""
-The same holds for time. We time the attention alone (`causal_attention` over `L` tokens) and fit a power law
-`t ∝ L^k` on log–log axes: `k ≈ 1` would be linear, `k ≈ 2` quadratic. Short sequences are dominated by fixed
-overhead, which pulls `k` below 2.
+The same holds for time. We time the attention alone (`causal_attention` over `L` tokens), count its FLOPs, and fit
+a power law `t ∝ L^k` on log–log axes: `k ≈ 1` would be linear, `k ≈ 2` quadratic. The FLOP count grows exactly
+like `L²` (asserted); the measured time follows it loosely, because short sequences are dominated by fixed
+overhead, which pulls the time's `k` below 2.
 """)
 
 code(r"""
-attn_s = []
+attn_s, attn_counted = [], []
 for L in ATTN_LENS:
     q, k, v = (torch.randn(1, ATTN_HEADS, L, ATTN_HEAD_DIM) for _ in range(3))
+    with FlopCounterMode(display=False) as counter:
+        causal_attention(q, k, v, torch.arange(L))
+    attn_counted.append(counter.get_total_flops())
     times = []
     for _ in range(max(REPEATS, 3)):
         t0 = time.perf_counter()
@@ -284,8 +289,9 @@ for L in ATTN_LENS:
         times.append(time.perf_counter() - t0)
     attn_s.append(statistics.median(times))
 exponent = np.polyfit(np.log(ATTN_LENS), np.log(attn_s), 1)[0]
-print(f"measured: t ~ L^{exponent:.2f}")
-assert exponent > 1.2, "attention time should grow clearly faster than linearly"
+flop_exponent = np.polyfit(np.log(ATTN_LENS), np.log(attn_counted), 1)[0]
+print(f"counted: FLOPs ~ L^{flop_exponent:.2f}; measured: t ~ L^{exponent:.2f}")
+assert abs(flop_exponent - 2) < 1e-6, "the attention's work grows exactly quadratically"
 viz.attention_time_figure(ATTN_LENS, attn_s, exponent=exponent)
 """)
 

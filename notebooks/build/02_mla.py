@@ -320,8 +320,7 @@ code(r"""
 times = {mode: [decode_step_time(mla, n, mode, repeats=TIME_REPEATS, reduce="min", threads=TIME_THREADS)
                 for n in tqdm(CONTEXTS, desc=mode)]
          for mode in ("naive", "absorbed")}
-speedup = times["naive"][-1] / times["absorbed"][-1]
-assert speedup > 1
+speedup = times["naive"][-1] / times["absorbed"][-1]   # reported, not asserted: the counted work is checked below
 print(f"at {CONTEXTS[-1]:,} cached tokens: naive {times['naive'][-1] * 1e3:.2f} ms, "
       f"absorbed {times['absorbed'][-1] * 1e3:.2f} ms per token ({speedup:.1f}x)")
 viz.decode_time_figure(CONTEXTS, times)
