@@ -865,12 +865,12 @@ def load_layer(path: str | Path | TensorSource, layer_idx: int, device: str | to
                dtype: torch.dtype = torch.float32, *, progress: bool = False) -> "torch.nn.Module":
     """One decoder layer (`model.layers.{layer_idx}.*`) of a checkpoint or source, read exactly as
     `load_pretrained` reads it: e.g. a full-size layer of the 671B model from a `RandomSource` on one GPU."""
-    from dslib.model import DecoderLayer
+    from dslib.model import decoder_layer
 
     source = path if isinstance(path, TensorSource) else SafetensorsSource(path)
     if not 0 <= layer_idx < source.config.num_hidden_layers:
         raise ValueError(f"layer_idx={layer_idx} is outside 0..{source.config.num_hidden_layers - 1}.")
     with _parameters_on_meta():
-        layer = DecoderLayer(source.config, layer_idx)
+        layer = decoder_layer(source.config, layer_idx)
     _fill(layer, f"model.layers.{layer_idx}.", source, torch.device(device), dtype, None, progress)
     return layer.to(device).eval()
