@@ -195,3 +195,43 @@ def test_batched_positions_equal_default():
     with torch.no_grad():
         for attention in ("sparse", "window", "dense"):
             torch.testing.assert_close(attn(h, positions=pos, attention=attention), attn(h, attention=attention))
+
+
+def test_triton_backend_dispatch_and_fallback(monkeypatch):
+    """backend="triton" calls dslib.kernels with the contract's arguments; without usable kernels it warns once
+    (naming why) and computes the same numbers with PyTorch."""
+    import sys
+    import types
+    import warnings
+
+    from dslib import sparse
+
+    attn = _attn()
+    h = torch.randn(2, 9, CFG.hidden_size)
+    with torch.no_grad():
+        want = attn(h, attention="sparse")
+        monkeypatch.setattr(sparse, "_WARNED", set())
+        monkeypatch.setitem(sys.modules, "dslib.kernels", None)  # not importable
+        with pytest.warns(UserWarning, match="not importable.*PyTorch path"):
+            torch.testing.assert_close(attn(h, attention="sparse", backend="triton"), want)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the second call does not warn again
+            attn(h, attention="sparse", backend="triton")
+        calls = []
+
+        def index_topk(q, w, k, q_positions, topk, *, fp8=False):
+            calls.append(("index_topk", q.shape, w.shape, k.shape, topk, fp8))
+            return sparse.topk_selection(index_scores(q, w, k, q_positions), topk, q_positions)
+
+        def sparse_mla(q_absorbed, q_rope, kv_latent, k_rope, selected, scale):
+            calls.append(("sparse_mla", q_absorbed.shape, selected.shape))
+            return sparse.sparse_attention(q_absorbed, q_rope, kv_latent, k_rope, selected, scale)
+
+        fake = types.SimpleNamespace(available=lambda: True, indexer=types.SimpleNamespace(index_topk=index_topk),
+                                     sparse_mla=types.SimpleNamespace(sparse_mla=sparse_mla))
+        monkeypatch.setitem(sys.modules, "dslib.kernels", fake)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors are fine for the interpreter
+        torch.testing.assert_close(attn(h, attention="sparse", backend="triton"), want)
+    H_I, D_I, C = CFG.index_n_heads, CFG.index_head_dim, CFG.kv_lora_rank
+    assert calls == [("index_topk", (2, 9, H_I, D_I), (2, 9, H_I), (2, 9, D_I), CFG.index_topk, False),
+                     ("sparse_mla", (2, 9, CFG.num_attention_heads, C), (2, 9, CFG.index_topk))]
