@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import csv
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from dslib.checkpoint import RandomSource, load_layer, load_pretrained  # noqa: E402
 from dslib.config import ModelConfig  # noqa: E402
+from dslib.cost import wall_seconds  # noqa: E402
 from dslib.devices import module_bytes  # noqa: E402
 from dslib.moe import moe_reference  # noqa: E402
 from dslib.sparse import DSACache  # noqa: E402
@@ -53,38 +53,16 @@ TINY = dict(prefill=[8, 32], decode=[8, 32], decode_batch=[1, 2], moe_tokens=[1,
 
 
 # --------------------------------------------------------------------------------------------- timing
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 TARGET_S = 0.5  # seconds of repetitions per case (after one warm-up and one probe)
 
 
 def timed(fn, device, *, max_reps: int = 50, min_reps: int = 3):
-    """Median seconds of fn() over repetitions (1 warm-up; enough reps for ~TARGET_S, min_reps..max_reps)."""
-    target_s = TARGET_S
-    out = fn()  # warm-up (also the value the checks use)
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    first = time.perf_counter() - t0
-    reps = max(min_reps, min(max_reps, int(target_s / max(first, 1e-6))))
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return out, statistics.median(times), reps
+    """(first output, median seconds, reps) of fn(): one warm-up (its output is what the checks use), one probe,
+    then enough repetitions for ~TARGET_S (min_reps..max_reps), all through `dslib.cost.wall_seconds`."""
+    out = fn()
+    first = wall_seconds(fn, repeats=1, warmup=0)
+    reps = max(min_reps, min(max_reps, int(TARGET_S / max(first, 1e-6))))
+    return out, wall_seconds(fn, repeats=reps, warmup=0), reps
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:

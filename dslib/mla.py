@@ -17,8 +17,6 @@ Parameter names are the official checkpoint's (`q_a_proj`, ..., `o_proj`); `load
 """
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Mapping
 
 import torch
@@ -36,10 +34,6 @@ __all__ = [
     "dense_masked_attention",
     "load_weights",
     "WeightLoadError",
-    "attention_flops",
-    "kv_bytes_read",
-    "decode_costs",
-    "decode_step_time",
     "fp8_pack_latent",
     "fp8_unpack_latent",
     "MLAStack",
@@ -351,119 +345,6 @@ def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, p
         for name in expected:
             params[name].copy_(state_dict[prefix + name])  # copy_ casts to the parameter's dtype and device
     return module
-
-
-# --------------------------------------------------------------------------------------------- accounting
-def attention_flops(cfg: ModelConfig, num_queries: int, num_keys: int, mode: str) -> dict[str, int]:
-    """Matmul FLOPs (2 per multiply-add) of `MLA.attend` for one sequence, per term; "total" sums them.
-
-    naive: up-project S latents (2·S·c·H·(nope+v)), q·k (2·H·T·S·(nope+rope)), p·v (2·H·T·S·v).
-    absorbed: fold W_UK into q (2·T·H·nope·c), q·[c | k_rope] (2·H·T·S·(c+rope)), p·c (2·H·T·S·c),
-    W_UV after attention (2·T·H·c·v). c = kv_lora_rank. Softmax and masking are not matmuls and are not counted.
-    """
-    H, c, nope, rope, v = (cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim,
-                           cfg.qk_rope_head_dim, cfg.v_head_dim)
-    T, S = num_queries, num_keys
-    if mode == "naive":
-        terms = {
-            "expand_kv": 2 * S * c * H * (nope + v),
-            "scores": 2 * H * T * S * (nope + rope),
-            "weighted_sum": 2 * H * T * S * v,
-        }
-    elif mode == "absorbed":
-        terms = {
-            "absorb_q": 2 * T * H * nope * c,
-            "scores": 2 * H * T * S * (c + rope),
-            "weighted_sum": 2 * H * T * S * c,
-            "absorb_out": 2 * T * H * c * v,
-        }
-    else:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-    terms["total"] = sum(terms.values())
-    return terms
-
-
-def kv_bytes_read(cfg: ModelConfig, num_keys: int, mode: str, *, dtype_bytes: int = 2) -> int:
-    """Bytes of keys and values one decode step's attention reads per layer.
-
-    absorbed: the latent cache itself, S·(kv_lora_rank + rope)·bytes (1,152 B per token in bf16 for the 671B).
-    naive: per-head keys and values, S·H·(nope + rope + v)·bytes (81,920 B per token): what an MHA-mode engine
-    would have to cache, or rebuild from the latents at every step.
-    """
-    if mode == "absorbed":
-        return num_keys * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dtype_bytes
-    if mode == "naive":
-        return num_keys * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * dtype_bytes
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-
-
-def decode_costs(cfg: ModelConfig, context_len: int, *, gqa_groups: int = 8, dtype_bytes: int = 2) -> dict[str, dict]:
-    """Cache and compute of decoding one token at `context_len`, whole model, per attention scheme.
-
-    For each of MHA (every head caches K and V), GQA with `gqa_groups` K/V heads of v_head_dim, MLA (bf16 latent
-    cache, absorbed mode) and MLA with FlashMLA's FP8 cache: bytes per token per layer, cache bytes of one sequence
-    (all layers), attention FLOPs per decoded token (all layers; MHA/GQA: 2·H·S·(d_k + d_v)), and the cache ratio
-    against MHA and GQA. Pure arithmetic on `cfg` (the chapter's calculator).
-    """
-    H, S, L = cfg.num_attention_heads, context_len, cfg.num_hidden_layers
-    mla_flops = attention_flops(cfg, 1, S, "absorbed")["total"]
-    rows = {
-        "MHA": (cfg.kv_bytes_per_token_per_layer("mha", dtype_bytes=dtype_bytes), 2 * H * S * (cfg.qk_head_dim + cfg.v_head_dim)),
-        f"GQA-{gqa_groups}": (
-            cfg.kv_bytes_per_token_per_layer("gqa", dtype_bytes=dtype_bytes, kv_heads=gqa_groups),
-            2 * H * S * 2 * cfg.v_head_dim,
-        ),
-        "MLA": (cfg.kv_bytes_per_token_per_layer("mla", dtype_bytes=dtype_bytes), mla_flops),
-        "MLA FP8": (cfg.kv_bytes_per_token_per_layer("mla_fp8"), mla_flops),
-    }
-    mha_bytes, gqa_bytes = rows["MHA"][0], rows[f"GQA-{gqa_groups}"][0]
-    return {
-        name: {
-            "bytes_per_token_per_layer": per_token,
-            "cache_bytes": per_token * L * S,
-            "flops_per_token": flops * L,
-            "vs_mha": mha_bytes / per_token,
-            "vs_gqa": gqa_bytes / per_token,
-        }
-        for name, (per_token, flops) in rows.items()
-    }
-
-
-@torch.no_grad()
-def decode_step_time(mla: MLA, num_keys: int, mode: str, *, batch: int = 1, repeats: int = 5,
-                     reduce: str = "median", threads: int | None = None) -> float:
-    """Wall time (s) of `mla.attend` for one new token over `num_keys` cached latents (random data).
-
-    `reduce`: "median" of `repeats` runs, or "min" (best of `repeats`: on a shared machine the least disturbed).
-    `threads`: run with this many intra-op threads (restored afterwards); one thread avoids waiting on a busy core.
-    """
-    if reduce not in ("median", "min"):
-        raise ValueError(f"reduce must be 'median' or 'min', got {reduce!r}.")
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        return _time_attend(mla, num_keys, mode, batch, repeats, reduce)
-    finally:
-        torch.set_num_threads(before)
-
-
-def _time_attend(mla: MLA, num_keys: int, mode: str, batch: int, repeats: int, reduce: str) -> float:
-    p = next(mla.parameters())
-    cfg = mla.config
-    H = cfg.num_attention_heads
-    q_nope = torch.randn(batch, 1, H, cfg.qk_nope_head_dim, dtype=p.dtype, device=p.device)
-    q_rope = torch.randn(batch, 1, H, cfg.qk_rope_head_dim, dtype=p.dtype, device=p.device)
-    kv_latent = torch.randn(batch, num_keys, cfg.kv_lora_rank, dtype=p.dtype, device=p.device)
-    k_rope = torch.randn(batch, num_keys, cfg.qk_rope_head_dim, dtype=p.dtype, device=p.device)
-    pos = torch.tensor([num_keys - 1], device=p.device)
-    mla.attend(q_nope, q_rope, kv_latent, k_rope, pos, mode=mode)  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mla.attend(q_nope, q_rope, kv_latent, k_rope, pos, mode=mode)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) if reduce == "median" else min(times)
 
 
 # --------------------------------------------------------------------------------------------- FP8 cache format

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from dslib.attention import batched_positions, causal_mask
 from dslib.config import ModelConfig
-from dslib.indexer import PRECISIONS, IndexerKeyCache, LightningIndexer, take_rows
+from dslib.cost import wall_seconds
+from dslib.indexer import PRECISIONS, IndexerKeyCache, LightningIndexer, index_scores, take_rows
 from dslib.kv_cache import LayerCache
 from dslib.mla import MLA, MODES, LatentCache, dense_masked_attention
 
@@ -296,75 +297,13 @@ class DSAttention(MLA):
         return self.o_proj(out.reshape(B, T, self.num_heads * self.v_head_dim))
 
 
-# ------------------------------------------------------------------------------------------------ accounting
-def core_attention_flops(cfg: ModelConfig, seq_len: int, attention: str = "dense", *, k: int | None = None,
-                         mode: str = "absorbed", skip_masked: bool = True) -> int:
-    """Matmul FLOPs (2 per multiply-add) of the core attention of a causal prefill of `seq_len` tokens, one layer.
-
-    The query at position t attends n_t = t + 1 keys (dense) or min(t + 1, k) keys (sparse / window). Per
-    (query, key) pair and head: absorbed (MQA mode) 2·(C + R) for the score + 2·C for the weighted sum
-    (C = kv_lora_rank, R = qk_rope_head_dim; 2·1,088 at the 671B dims); naive (MHA mode) 2·(nope + R) + 2·v.
-    Projections are not included (they are the same for every attention).
-    skip_masked=False counts what the simple implementations here compute: `dense_masked_attention` scores all
-    L² pairs (half of them are masked afterwards) and `sparse_attention` computes all k slots of every query.
-    """
-    H, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    per_pair = 2 * H * (2 * C + R) if mode == "absorbed" else 2 * H * (cfg.qk_nope_head_dim + R + cfg.v_head_dim)
-    L = seq_len
-    k = k or cfg.index_topk
-    if attention == "dense":
-        pairs = L * (L + 1) // 2 if skip_masked else L * L
-    elif skip_masked:
-        m = min(k, L)
-        pairs = m * (m + 1) // 2 + (L - m) * k  # rows 0..k-1 see t+1 keys, later rows exactly k
-    else:
-        pairs = L * k
-    return per_pair * pairs
-
-
-def indexer_flops(cfg: ModelConfig, seq_len: int, *, skip_masked: bool = True) -> int:
-    """Matmul FLOPs of the lightning indexer's scores for a causal prefill of `seq_len` tokens, one layer:
-    per (query, key) pair 2·index_n_heads·index_head_dim (q·k for every indexer head) + 2·index_n_heads (the
-    weighted head sum). Still O(L²), but 8,192 MACs per pair at the 671B dims instead of MLA's 139,264."""
-    pairs = seq_len * (seq_len + 1) // 2 if skip_masked else seq_len * seq_len
-    return pairs * (2 * cfg.index_n_heads * cfg.index_head_dim + 2 * cfg.index_n_heads)
-
-
-def attention_flops_per_token(cfg: ModelConfig, position: int, attention: str = "dense", *, phase: str = "decode",
-                              fp8_indexer: bool = True) -> dict[str, float]:
-    """Attention FLOPs for ONE token at `position` (it sees position + 1 keys), per layer, in bf16-equivalent
-    FLOPs: {"core": ..., "indexer": ..., "total": ...}.
-
-    phase "decode": MQA (absorbed) mode, as deployed; "prefill": MHA (naive) mode for dense attention (what
-    prefill uses), MQA mode for DSA (FlashMLA's sparse prefill kernel). The indexer runs in FP8, at twice the bf16
-    rate on Hopper: with `fp8_indexer` its FLOPs count half. Projections and MoE are not included.
-    """
-    n = position + 1
-    H, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    mqa = 2 * H * (2 * C + R)
-    mha = 2 * H * (cfg.qk_nope_head_dim + R + cfg.v_head_dim)
-    if attention == "dense":
-        core = n * (mha if phase == "prefill" else mqa)
-        idx = 0.0
-    elif attention == "sparse":
-        core = min(n, cfg.index_topk) * mqa
-        idx = n * (2 * cfg.index_n_heads * cfg.index_head_dim + 2 * cfg.index_n_heads) * (0.5 if fp8_indexer else 1.0)
-    else:
-        raise ValueError(f"attention must be 'dense' or 'sparse', got {attention!r}.")
-    return {"core": float(core), "indexer": float(idx), "total": float(core + idx)}
-
-
+# ------------------------------------------------------------------------------------------------ timing
 def time_attention(lengths, *, heads: int = 4, latent: int = 64, rope: int = 16, k: int = 64, index_heads: int = 4,
                    index_dim: int = 32, repeats: int = 3, seed: int = 0, chunk: int = 256) -> dict[str, list[float]]:
     """Median CPU seconds of one layer's core attention for a prefill of each length (batch 1, random tensors):
     "dense" (`dense_masked_attention`, causal mask: O(L²)), "sparse" (`sparse_attention` over k selected keys:
     O(L·k)) and "indexer" (`index_scores`: O(L²) with a small constant). The selection is a window, so that
     only attention is timed, not the top-k."""
-    import statistics
-    import time
-
-    from dslib.indexer import index_scores
-
     g = torch.Generator().manual_seed(seed)
     out = {"dense": [], "sparse": [], "indexer": []}
     for L in lengths:
@@ -381,11 +320,5 @@ def time_attention(lengths, *, heads: int = 4, latent: int = 64, rope: int = 16,
         }
         with torch.no_grad():
             for name, fn in runs.items():
-                fn()  # warm-up
-                times = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    fn()
-                    times.append(time.perf_counter() - t0)
-                out[name].append(statistics.median(times))
+                out[name].append(wall_seconds(fn, repeats=repeats))
     return out

@@ -5,15 +5,9 @@ import torch
 
 import dslib.viz as viz
 from dslib.config import ModelConfig
+from dslib.cost import decode_costs, decode_step_time
 from dslib.exercises import ch2
-from dslib.mla import (
-    MLA,
-    MLAStack,
-    decode_costs,
-    decode_step_time,
-    fp8_pack_latent,
-    fp8_unpack_latent,
-)
+from dslib.mla import MLA, MLAStack, fp8_pack_latent, fp8_unpack_latent
 from dslib.rope import rope_inv_freq, yarn_correction_range
 
 

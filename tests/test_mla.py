@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from dslib.config import ModelConfig
-from dslib.mla import MLA, LatentCache, WeightLoadError, attention_flops, kv_bytes_read, load_weights
+from dslib.cost import attention_flops, kv_bytes_read
+from dslib.mla import MLA, LatentCache, WeightLoadError, load_weights
 
 EXPECTED_KEYS = {
     "q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight", "kv_a_proj_with_mqa.weight",

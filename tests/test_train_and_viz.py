@@ -6,7 +6,8 @@ import torch
 from dslib import viz
 from dslib.config import ModelConfig
 from dslib.exercises import ch3 as ex
-from dslib.sparse import attention_flops_per_token, core_attention_flops, indexer_flops, time_attention
+from dslib.cost import attention_flops_per_token, core_attention_flops, indexer_flops
+from dslib.sparse import time_attention
 from dslib.tasks import RecallTask, eval_set, window_accuracy_bound
 from dslib import train
 

@@ -10,7 +10,8 @@ import torch
 
 from dslib.config import ModelConfig
 from dslib.exercises import Verdict, attempt, correct, not_yet  # noqa: F401
-from dslib.sparse import attention_flops_per_token, attention_recall
+from dslib.cost import attention_flops_per_token
+from dslib.sparse import attention_recall
 
 
 # ------------------------------------------------------------------------------------------------ exercise 1

@@ -50,10 +50,11 @@ import dslib
 from dslib import ModelConfig, show, viz
 from dslib.exercises import ch3 as exercises
 from dslib.attention import causal_mask
+from dslib.cost import attention_flops_per_token, core_attention_flops, indexer_flops
 from dslib.indexer import LightningIndexer, fp8_index_scores, index_scores, indexer_kl_loss
 from dslib.mla import dense_masked_attention
-from dslib.sparse import (DSACache, DSAttention, core_attention_flops, indexer_flops, attention_flops_per_token,
-                          selection_mask, sparse_attention, time_attention, topk_selection, window_selection)
+from dslib.sparse import (DSACache, DSAttention, selection_mask, sparse_attention, time_attention, topk_selection,
+                          window_selection)
 from dslib.tasks import RecallTask, eval_set, make_batch, window_accuracy_bound, window_reach
 from dslib import train
 
