@@ -33,9 +33,7 @@ from typing import Callable
 import torch
 
 from dslib.config import FP8_BLOCK, ModelConfig
-
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite e4m3 value
+from dslib.fp8 import FP8_DTYPE, FP8_MAX, act_quant
 SCALE_SUFFIX = "_scale_inv"  # `x.weight` is stored with `x.weight_scale_inv`
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -207,19 +205,15 @@ def quantize_fp8_blocks(
         raise ValueError(f"quantize_fp8_blocks expects a 2-D weight, got shape {tuple(weight.shape)}.")
     rows, cols = weight.shape
     rb, cb = scale_shape((rows, cols), block)
-    w = weight.float()
-    padded = torch.zeros(rb * block, cb * block, dtype=torch.float32, device=w.device)
-    padded[:rows, :cols] = w
-    tiles = padded.view(rb, block, cb, block)  # [row block, row, col block, col]
-    amax = tiles.abs().amax(dim=(1, 3))  # [rb, cb]
-    scale = (amax / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
-    if scale_fmt == "ue8m0":
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    elif scale_fmt not in (None, "float"):
+    if scale_fmt not in (None, "float", "ue8m0"):
         raise ValueError(f"scale_fmt={scale_fmt!r}: use None/'float' (amax/448) or 'ue8m0' (powers of two).")
-    q = (tiles / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    q = q.view(rb * block, cb * block)[:rows, :cols].contiguous()
-    return q, scale.contiguous()
+    padded = torch.zeros(rb * block, cb * block, dtype=torch.float32, device=weight.device)
+    padded[:rows, :cols] = weight.float()
+    tiles = padded.view(rb, block, cb, block).transpose(1, 2).reshape(rb, cb, block * block)  # one row per block
+    # min_amax: an all-zero block gets the smallest normal fp32 scale (amax / 448 floored at float32 tiny)
+    q, scale = act_quant(tiles, pow2_scale=scale_fmt == "ue8m0", min_amax=FP8_MAX * torch.finfo(torch.float32).tiny)
+    q = q.view(rb, cb, block, block).transpose(1, 2).reshape(rb * block, cb * block)[:rows, :cols].contiguous()
+    return q, scale.view(rb, cb).contiguous()
 
 
 def dequantize_fp8_blocks(

@@ -26,10 +26,10 @@ from torch import nn
 
 from dslib.attention import batched_positions, causal_mask
 from dslib.config import ModelConfig
+from dslib.fp8 import act_quant
 from dslib.kv_cache import LayerCache
 from dslib.rope import apply_rope_half
 
-FP8_E4M3_MAX = 448.0
 PRECISIONS = ("fp32", "fp8")  # the indexer's arithmetic: exact, or the deployed FP8 path (simulated)
 
 
@@ -159,18 +159,6 @@ def hadamard(n: int, *, dtype=torch.float32) -> torch.Tensor:
     while H.shape[0] < n:
         H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
     return (H / math.sqrt(n)).to(dtype)
-
-
-def act_quant(x: torch.Tensor, *, pow2_scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """FP8 e4m3 quantisation with one scale per vector (last dim): returns (x8 `float8_e4m3fn`, scale `[..., 1]`).
-
-    scale = 2^⌈log2(amax / 448)⌉ (ue8m0: a power of two, rounded up) or amax / 448; x ≈ x8 · scale."""
-    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-4)
-    scale = amax / FP8_E4M3_MAX
-    if pow2_scale:
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    x8 = (x.float() / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-    return x8, scale
 
 
 def fp8_index_scores(

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dslib.attention import RMSNorm, causal_mask
-from dslib.config import ModelConfig
+from dslib.config import FP8_BLOCK, ModelConfig
+from dslib.fp8 import FP8_DTYPE, act_quant
 from dslib.kv_cache import LayerCache
 from dslib.rope import RotaryEmbedding, apply_rope_interleaved, softmax_scale
 
@@ -348,24 +349,18 @@ def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, p
 
 
 # --------------------------------------------------------------------------------------------- FP8 cache format
-FP8_TILE = 128  # one fp32 scale per 128 latent values (FlashMLA)
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
-
 def fp8_pack_latent(kv_latent: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
     """FlashMLA's FP8 cache entry (REFERENCE.md §3.2): bytes `[B, S, c + 4·⌈c/128⌉ + 2·rope]` (656 for the 671B).
 
     Per token: c e4m3 latent values | one fp32 scale per 128-value tile | the rope key in bf16 (kept precise).
-    scale = 2^⌈log2(amax / 448)⌉ (a power of two, "ue8m0"), stored value = x / scale.
+    scale = 2^⌈log2(amax / 448)⌉ (a power of two, "ue8m0"), stored value = x / scale (`dslib.fp8.act_quant`).
     """
     B, S, c = kv_latent.shape
-    tiles = -(-c // FP8_TILE)
-    x = F.pad(kv_latent.float(), (0, tiles * FP8_TILE - c)).view(B, S, tiles, FP8_TILE)
-    amax = x.abs().amax(-1, keepdim=True).clamp_min(1e-4)  # [B, S, tiles, 1]
-    scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
-    q = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(B, S, -1)[..., :c]
+    tiles = -(-c // FP8_BLOCK)
+    x = F.pad(kv_latent.float(), (0, tiles * FP8_BLOCK - c)).view(B, S, tiles, FP8_BLOCK)
+    q, scale = act_quant(x)  # [B, S, tiles, 128] e4m3, [B, S, tiles, 1]
     parts = [
-        q.contiguous().view(torch.uint8),  # [B, S, c]
+        q.view(B, S, -1)[..., :c].contiguous().view(torch.uint8),  # [B, S, c]
         scale.view(B, S, tiles).contiguous().view(torch.uint8),  # [B, S, 4 * tiles]
         k_rope.to(torch.bfloat16).contiguous().view(torch.uint8),  # [B, S, 2 * rope]
     ]
@@ -374,18 +369,17 @@ def fp8_pack_latent(kv_latent: torch.Tensor, k_rope: torch.Tensor) -> torch.Tens
 
 def fp8_unpack_latent(packed: torch.Tensor, kv_lora_rank: int, rope_dim: int, dtype=torch.float32):
     """Inverse of `fp8_pack_latent`: bytes `[B, S, 656]` -> (kv_latent `[B, S, c]`, k_rope `[B, S, rope]`) in dtype."""
-    c, tiles = kv_lora_rank, -(-kv_lora_rank // FP8_TILE)
+    c, tiles = kv_lora_rank, -(-kv_lora_rank // FP8_BLOCK)
     expected = c + 4 * tiles + 2 * rope_dim
     if packed.dtype != torch.uint8 or packed.shape[-1] != expected:
         raise ValueError(
             f"packed must be uint8 [B, S, {expected}] for kv_lora_rank={c}, rope={rope_dim}; got {packed.dtype} "
             f"{tuple(packed.shape)}."
         )
-    B, S, _ = packed.shape
-    q = packed[..., :c].contiguous().view(torch.float8_e4m3fn).float()  # [B, S, c]
+    q = packed[..., :c].contiguous().view(FP8_DTYPE).float()  # [B, S, c]
     scale = packed[..., c : c + 4 * tiles].contiguous().view(torch.float32)  # [B, S, tiles]
     k_rope = packed[..., c + 4 * tiles :].contiguous().view(torch.bfloat16)
-    scale = scale.repeat_interleave(FP8_TILE, dim=-1)[..., :c]
+    scale = scale.repeat_interleave(FP8_BLOCK, dim=-1)[..., :c]
     return (q * scale).to(dtype), k_rope.to(dtype)
 
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from dslib.config import ConfigError, ModelConfig
+from dslib.fp8 import act_quant
 from dslib.indexer import (
-    IndexerKeyCache, LightningIndexer, act_quant, attention_target, fp8_index_scores, hadamard, index_scores,
-    indexer_kl_loss,
+    IndexerKeyCache, LightningIndexer, attention_target, fp8_index_scores, hadamard, index_scores, indexer_kl_loss,
 )
 from dslib.attention import causal_mask
 from dslib.kv_cache import CacheFullError
