@@ -149,7 +149,7 @@ def bench_attention(attn, cfg, sizes, device, dtype, deadline, rows, env):
             if L <= k and "dense_sdpa" in outs and "sparse" in outs:
                 err = rel_err(outs["sparse"], outs["dense_sdpa"])
                 assert err < 3e-2, f"L={L} <= index_topk: sparse must equal dense, rel err {err:.3g}"
-            del h, outs
+            h = outs = None  # free this length's tensors before the next
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -174,7 +174,7 @@ def bench_attention(attn, cfg, sizes, device, dtype, deadline, rows, env):
                         continue
                     check_finite(f"decode {variant} L={L}", out)
                     add("decode", variant, L, B, sec, reps)
-                    del cache, out
+                    cache = out = None
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
 

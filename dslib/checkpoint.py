@@ -34,6 +34,7 @@ import torch
 
 from dslib.config import FP8_BLOCK, ModelConfig
 from dslib.fp8 import FP8_DTYPE, FP8_MAX, act_quant
+
 SCALE_SUFFIX = "_scale_inv"  # `x.weight` is stored with `x.weight_scale_inv`
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -37,7 +37,16 @@ from torch import nn
 from dslib.attention import DecoderLayer, RMSNorm
 from dslib.config import ModelConfig
 from dslib.mla import MLA
-from dslib.moe import MoE, Routing, expert_load, groups_touched, max_violation, select_experts, sequence_aux_loss, update_bias
+from dslib.moe import (
+    MoE,
+    Routing,
+    expert_load,
+    groups_touched,
+    max_violation,
+    select_experts,
+    sequence_aux_loss,
+    update_bias,
+)
 
 IGNORE = -100  # targets that carry no loss (cross_entropy's ignore_index)
 
@@ -258,7 +267,7 @@ def evaluate(model: MoELM, seqs: torch.Tensor, tasks: torch.Tensor, *, full: boo
         "accuracy": correct.sum().item() / answer.sum().item(),
         "load": [expert_load(log.by_layer[i].topk_idx, cfg.n_routed_experts).tolist() for i in sorted(log.by_layer)],
     }
-    out["maxvio"] = [max_violation(torch.tensor(l)) for l in out["load"]]
+    out["maxvio"] = [max_violation(torch.tensor(load)) for load in out["load"]]
     if full:
         n_tasks = len(TASKS)
         out["task_accuracy"] = [

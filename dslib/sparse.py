@@ -19,6 +19,7 @@ import importlib
 import os
 import warnings
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -309,14 +310,15 @@ def time_attention(lengths, *, heads: int = 4, latent: int = 64, rope: int = 16,
     for L in lengths:
         qa, qr = torch.randn(1, L, heads, latent, generator=g), torch.randn(1, L, heads, rope, generator=g)
         lat, kr = torch.randn(1, L, latent, generator=g), torch.randn(1, L, rope, generator=g)
-        qi, wi, ki = torch.randn(1, L, index_heads, index_dim, generator=g), torch.randn(1, L, index_heads, generator=g), torch.randn(1, L, index_dim, generator=g)
+        qi, wi = torch.randn(1, L, index_heads, index_dim, generator=g), torch.randn(1, L, index_heads, generator=g)
+        ki = torch.randn(1, L, index_dim, generator=g)
         pos = torch.arange(L)
         allowed = causal_mask(pos, L)
         sel = window_selection(pos, k)
         runs = {
-            "dense": lambda: dense_masked_attention(qa, qr, lat, kr, allowed, 0.1),
-            "sparse": lambda: sparse_attention(qa, qr, lat, kr, sel, 0.1, chunk=chunk),
-            "indexer": lambda: index_scores(qi, wi, ki, pos, chunk=chunk),
+            "dense": partial(dense_masked_attention, qa, qr, lat, kr, allowed, 0.1),
+            "sparse": partial(sparse_attention, qa, qr, lat, kr, sel, 0.1, chunk=chunk),
+            "indexer": partial(index_scores, qi, wi, ki, pos, chunk=chunk),
         }
         with torch.no_grad():
             for name, fn in runs.items():

@@ -41,9 +41,10 @@ ARTIFACT = "ch3_recall"  # data/ch3_recall_{stage}.safetensors and data/ch3_reca
 STAGES = ("dense", "warmup", "sparse")
 
 
-def experiment_config(task: RecallTask = RecallTask(), **overrides) -> ModelConfig:
+def experiment_config(task: RecallTask | None = None, **overrides) -> ModelConfig:
     """The experiment's model: 2 layers, d = 64, 2 MLA heads (latent 64, nope 32 + rope 16, v 32), SwiGLU 128,
-    4 indexer heads x 32 dims, index_topk 32, plain RoPE (~200k parameters)."""
+    4 indexer heads x 32 dims, index_topk 32, plain RoPE (~200k parameters). task: default `RecallTask()`."""
+    task = task or RecallTask()
     base = dict(
         vocab_size=task.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         first_k_dense_replace=2, num_nextn_predict_layers=0, num_attention_heads=2, num_key_value_heads=2,
@@ -355,10 +356,11 @@ def artifact_paths(out: str | Path) -> dict[str, Path]:
 
 
 # ---------------------------------------------------------------------------------------------- experiment
-def run_experiment(out: str | Path, *, seed: int = 0, task: RecallTask = RecallTask(), dense_steps: int = 2000,
+def run_experiment(out: str | Path, *, seed: int = 0, task: RecallTask | None = None, dense_steps: int = 2000,
                    warmup_steps: int = 300, sparse_steps: int = 300, kl_positions: str = "task",
                    eval_size: int = 512, progress: bool = True) -> dict:
     """The whole pipeline: dense training, indexer warm-up, sparse training, evaluation; writes into `out`."""
+    task = task or RecallTask()
     torch.manual_seed(seed)
     paths = artifact_paths(out)
     cfg = experiment_config(task)

@@ -12,8 +12,15 @@ from safetensors.torch import load_file, save_file
 
 import dslib
 from dslib.checkpoint import (
-    INDEX_FILE, CheckpointError, RandomSource, SafetensorsSource, StateDictSource, checkpoint_tensors,
-    load_pretrained, write_checkpoint, write_synthetic_checkpoint,
+    INDEX_FILE,
+    CheckpointError,
+    RandomSource,
+    SafetensorsSource,
+    StateDictSource,
+    checkpoint_tensors,
+    load_pretrained,
+    write_checkpoint,
+    write_synthetic_checkpoint,
 )
 from dslib.config import ConfigError, ModelConfig
 from dslib.devices import plan_devices

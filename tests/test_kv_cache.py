@@ -5,8 +5,16 @@ import torch.nn.functional as F
 
 from dslib.attention import BaselineConfig, BaselineDecoder, causal_attention
 from dslib.config import ConfigError, ModelConfig
-from dslib.kv_cache import (CacheFullError, KVCache, SequenceBuffer, SequenceTooLongError, generate, kv_cache_sizes,
-                            memory_calculator, prefill)
+from dslib.kv_cache import (
+    CacheFullError,
+    KVCache,
+    SequenceBuffer,
+    SequenceTooLongError,
+    generate,
+    kv_cache_sizes,
+    memory_calculator,
+    prefill,
+)
 
 KINDS = {"MHA": 4, "GQA": 2, "MQA": 1}
 

@@ -139,7 +139,7 @@ def test_cache_growth_and_limits():
         lat, _ = free.append(c, c[..., :2])
     torch.testing.assert_close(lat, torch.cat(chunks, 1))
     with pytest.raises(ValueError, match="empty"):
-        LatentCache().kv_latent
+        _ = LatentCache().kv_latent
 
 
 def test_attend_errors():

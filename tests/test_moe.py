@@ -6,11 +6,23 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dslib.config import ConfigError, ModelConfig
 from dslib.attention import FeedForward
+from dslib.config import ConfigError, ModelConfig
 from dslib.moe import (
-    Gate, MoE, Routing, dispatch, expert_load, expert_weights, group_scores, groups_touched, max_violation,
-    moe_reference, router_scores, select_experts, sequence_aux_loss, update_bias,
+    Gate,
+    MoE,
+    Routing,
+    dispatch,
+    expert_load,
+    expert_weights,
+    group_scores,
+    groups_touched,
+    max_violation,
+    moe_reference,
+    router_scores,
+    select_experts,
+    sequence_aux_loss,
+    update_bias,
 )
 
 

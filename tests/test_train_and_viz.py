@@ -3,13 +3,12 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from dslib import viz
+from dslib import train, viz
 from dslib.config import ModelConfig
-from dslib.exercises import ch3 as ex
 from dslib.cost import attention_flops_per_token, core_attention_flops, indexer_flops
+from dslib.exercises import ch3 as ex
 from dslib.sparse import time_attention
 from dslib.tasks import RecallTask, eval_set, window_accuracy_bound
-from dslib import train
 
 TASK = RecallTask(seq_len=48, n_pairs=4)
 
@@ -109,7 +108,10 @@ def test_exercise_checks():
     assert not v and "-1" in v.message
     p = ex.solution_crossover()
     cfg = ModelConfig.deepseek_v32()
-    flops = lambda pos, a: attention_flops_per_token(cfg, pos, a)["total"]
+
+    def flops(pos, a):
+        return attention_flops_per_token(cfg, pos, a)["total"]
+
     assert flops(p, "sparse") < flops(p, "dense") and flops(p - 1, "sparse") >= flops(p - 1, "dense")
     assert 2048 < p < 2200
     assert ex.check_crossover(p)
