@@ -84,14 +84,6 @@ def selection_mask(selected: torch.Tensor, num_keys: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ attention maths
-def gather_keys(kv_latent: torch.Tensor, k_rope: torch.Tensor, selected: torch.Tensor):
-    """The selected latents and rope keys: `[B, T, k, C]`, `[B, T, k, R]` (index -1 reads key 0; mask it later)."""
-    B = kv_latent.shape[0]
-    idx = selected.clamp(min=0)
-    batch = torch.arange(B, device=selected.device).view(B, 1, 1)
-    return kv_latent[batch, idx], k_rope[batch, idx]
-
-
 def sparse_attention(
     q_absorbed: torch.Tensor,
     q_rope: torch.Tensor,
@@ -118,10 +110,12 @@ def sparse_attention(
             "pass one row of key indices per query."
         )
     out, all_probs = [], []
+    batch = torch.arange(B, device=selected.device).view(B, 1, 1)
     for start in range(0, T, chunk):
         sl = slice(start, start + chunk)
         sel = selected[:, sl]  # [B, c, k]
-        lat, rope = gather_keys(kv_latent, k_rope, sel)  # [B, c, k, C], [B, c, k, R]
+        idx = sel.clamp(min=0)  # an empty slot (-1) reads key 0, masked to -inf below
+        lat, rope = kv_latent[batch, idx], k_rope[batch, idx]  # gathered: [B, c, k, C], [B, c, k, R]
         scores = torch.einsum("bthc,btkc->bthk", q_absorbed[:, sl], lat)
         scores = scores + torch.einsum("bthr,btkr->bthk", q_rope[:, sl], rope)
         scores = (scores * softmax_scale).float().masked_fill((sel < 0).unsqueeze(2), float("-inf"))
