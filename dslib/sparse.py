@@ -269,26 +269,29 @@ class DSAttention(MLA):
         if selected is not None and recorder is not None:
             recorder.on_selection(layer_idx=self.layer_idx, selected=selected, positions=positions)
 
-        probs = None
-        if selected is None:  # dense: chapter 2's MLA
-            out, probs = self.attend(q_nope, q_rope, kv_latent, k_rope, positions, mode=mode, return_probs=True,
-                                     check_positions=given)
-        elif mode == "naive":  # MHA mode, the selection as a mask: O(T·S), the reference
-            out, probs = self.attend(q_nope, q_rope, kv_latent, k_rope, positions, mode=mode, return_probs=True,
-                                     mask=selection_mask(selected, kv_latent.shape[1]), check_positions=given)
-            idx = selected.clamp(min=0).unsqueeze(2).expand(-1, -1, self.num_heads, -1)  # probs of the selected keys
-            probs = probs.gather(-1, idx).masked_fill((selected < 0).unsqueeze(2), 0.0)  # [B, T, H, k]
+        need, probs = want.need_probs, None  # probabilities only when asked (a 128K-token prefill: 68 GB in bf16)
+        if selected is None or mode == "naive":  # MLA (chapter 2); naive: MHA mode, the selection as a mask, O(T·S)
+            mask = None if selected is None else selection_mask(selected, kv_latent.shape[1])
+            out = self.attend(q_nope, q_rope, kv_latent, k_rope, positions, mode=mode, mask=mask, return_probs=need,
+                              check_positions=given)
+            if need:
+                out, probs = out  # probs [B, T, H, S]
+                if selected is not None:  # the probabilities of the selected keys, [B, T, H, k]
+                    idx = selected.clamp(min=0).unsqueeze(2).expand(-1, -1, self.num_heads, -1)
+                    probs = probs.gather(-1, idx).masked_fill((selected < 0).unsqueeze(2), 0.0)
         else:  # gather the k selected latents per query and attend in MQA mode: O(T·k)
             q_absorbed = torch.einsum("bthd,hdc->bthc", q_nope, self.w_uk())  # [B, T, H, kv_lora_rank]
-            if kernels is not None and not want.need_probs:
+            if kernels is not None and not need:
                 x = kernels.sparse_mla.sparse_mla(q_absorbed, q_rope, kv_latent, k_rope, selected, self.softmax_scale)
             else:
-                x, probs = sparse_attention(q_absorbed, q_rope, kv_latent, k_rope, selected, self.softmax_scale,
-                                            return_probs=True)  # probs [B, T, H, k]
+                x = sparse_attention(q_absorbed, q_rope, kv_latent, k_rope, selected, self.softmax_scale,
+                                     return_probs=need)
+                if need:
+                    x, probs = x  # probs [B, T, H, k]
             out = torch.einsum("bthc,hvc->bthv", x, self.w_uv())  # [B, T, H, v_head_dim]
         if stats is not None:
             stats.selected, stats.index_scores = selected, scores
-            stats.probs = None if not want.need_probs else probs if want.rows is None else take_rows(probs, want.rows)
+            stats.probs = probs if probs is None or want.rows is None else take_rows(probs, want.rows)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.v_head_dim))
 
 
