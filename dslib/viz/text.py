@@ -19,7 +19,7 @@ from dslib.viz.common import COLORS, styled
 __all__ = [
     "TOKEN_CLASS_COLORS", "SELECTION_LEGEND", "TextGrid", "text_grid", "message_figure", "token_text_figure",
     "text_selection_figure", "text_expert_figure", "text_class_figure", "loss_by_distance_figure",
-    "selection_distance_figure",
+    "selection_distance_figure", "recall_stages_figure", "text_view_figure",
 ]
 
 TOKEN_CLASS_COLORS = {
@@ -54,7 +54,7 @@ class TextGrid:
         return self.token.shape
 
 
-def text_grid(pieces: Sequence[str], *, width: int = 96, max_lines: int = 60, tab: int = 4) -> TextGrid:
+def text_grid(pieces: Sequence[str], *, width: int = 96, max_lines: int = 40, tab: int = 4) -> TextGrid:
     """Lay out token pieces as characters: a newline is one blank cell at the end of its line and starts the next,
     tabs expand to the next multiple of `tab`, long lines wrap at `width`, unprintable characters show as "·".
     Spaces are blank cells that still take their token's colour, so indentation shows as coloured blocks.
@@ -114,28 +114,26 @@ def _discrete(colors: Sequence[str]) -> list:
 
 
 def token_text_figure(pieces: Sequence[str], values: Sequence[int], labels: Sequence[str], colors: Sequence[str], *,
-                      title: str = "", hover: Sequence[str] | None = None, width: int = 96, max_lines: int = 60,
+                      title: str = "", width: int = 96, max_lines: int = 40,
                       legend: bool = True) -> go.Figure:
     """The text with every token's characters coloured by its category: values[i] in 0..len(labels)-1 for token i.
-
-    hover: one short string per token (shown with its index); default the token's category label."""
+    Hovering a character shows its token's index (the position to pick in the views)."""
     if len(values) != len(pieces):
         raise ValueError(f"{len(values)} values for {len(pieces)} tokens: give one value per token.")
-    if len(labels) != len(colors):
-        raise ValueError(f"{len(labels)} labels but {len(colors)} colours.")
+    if len(labels) != len(colors) or not 0 < len(labels) < 255:
+        raise ValueError(f"{len(labels)} labels and {len(colors)} colours: give one colour per label (1..254).")
     grid = text_grid(pieces, width=width, max_lines=max_lines)
-    vals = np.asarray(values, dtype=np.float64)
-    z = np.where(grid.token >= 0, vals[np.clip(grid.token, 0, None)], np.nan) if len(vals) else np.full(grid.shape, np.nan)
-    tips = list(hover) if hover is not None else [labels[int(v)] for v in values]
-    hover_grid = np.full(grid.shape, "", dtype=object)
-    for (r, c), t in np.ndenumerate(grid.token):
-        if t >= 0:
-            hover_grid[r, c] = f"token {t}: {tips[t]}"
     n = len(labels)
+    vals = np.asarray(values, dtype=np.int64)
+    if len(vals) and (vals.min() < 0 or vals.max() >= n):
+        raise ValueError(f"values must lie in 0..{n - 1} (one per label), got {vals.min()}..{vals.max()}.")
+    # uint8 categories (value n = empty cell, drawn white) and int16 token indices: compact typed arrays, so a
+    # widget's output stays small (large outputs stall headless notebook runs)
+    z = np.where(grid.token >= 0, vals[np.clip(grid.token, 0, None)] if len(vals) else n, n).astype(np.uint8)
     fig = go.Figure(go.Heatmap(
         z=z, text=grid.chars, texttemplate="%{text}", textfont=dict(family="monospace", size=12, color="black"),
-        customdata=hover_grid, hovertemplate="%{customdata}<extra></extra>", colorscale=_discrete(colors),
-        zmin=-0.5, zmax=n - 0.5, xgap=0, ygap=1, showscale=legend,
+        customdata=grid.token.astype(np.int16), hovertemplate="token %{customdata}<extra></extra>",
+        colorscale=_discrete([*colors, "#FFFFFF"]), zmin=-0.5, zmax=n + 0.5, xgap=0, ygap=1, showscale=legend,
         colorbar=dict(tickvals=list(range(n)), ticktext=list(labels), len=min(1.0, 0.12 * n + 0.2), thickness=14),
     ))
     lines, cols = grid.shape
@@ -147,7 +145,7 @@ def token_text_figure(pieces: Sequence[str], values: Sequence[int], labels: Sequ
 
 
 def text_selection_figure(pieces: Sequence[str], query: int, selected: Sequence[int], window: int, *,
-                          layer: int | None = None, width: int = 96, max_lines: int = 60) -> go.Figure:
+                          layer: int | None = None, width: int = 96, max_lines: int = 40) -> go.Figure:
     """Which earlier tokens the token at position `query` attends to: the indexer's selected keys (`selected`,
     positions) against the last `window` positions (a sliding window of the same budget), drawn in the text."""
     n = len(pieces)
@@ -172,7 +170,7 @@ def text_selection_figure(pieces: Sequence[str], query: int, selected: Sequence[
 
 
 def text_expert_figure(pieces: Sequence[str], experts: Sequence[int], n_experts: int, *, layer: int | None = None,
-                       n_group: int | None = None, width: int = 96, max_lines: int = 60) -> go.Figure:
+                       n_group: int | None = None, width: int = 96, max_lines: int = 40) -> go.Figure:
     """Every token coloured by the expert that served it most (its highest-weight routed expert) in one MoE layer.
     experts: one expert index per token."""
     if n_experts > len(EXPERT_PALETTE):
@@ -185,7 +183,7 @@ def text_expert_figure(pieces: Sequence[str], experts: Sequence[int], n_experts:
 
 
 def text_class_figure(pieces: Sequence[str], classes: Sequence[int], class_names: Sequence[str], *, width: int = 96,
-                      max_lines: int = 60) -> go.Figure:
+                      max_lines: int = 40) -> go.Figure:
     """Every token coloured by its Python token class (keyword, identifier, string, ...)."""
     colors = [TOKEN_CLASS_COLORS.get(c, "#BBBBBB") for c in class_names]
     return token_text_figure(pieces, [int(c) for c in classes], list(class_names), colors,
@@ -218,3 +216,44 @@ def selection_distance_figure(edges: Sequence[int], shares: Mapping[str, Sequenc
     for name, ys in shares.items():
         fig.add_scatter(x=labels, y=list(ys), name=name, mode="lines+markers")
     return styled(fig, title, "query - key distance (tokens)", "share of the selected keys")
+
+
+def recall_stages_figure(stages: Mapping[str, Sequence[float]], window: Sequence[float], *,
+                         title: str = "Dense attention mass kept by the indexer's top-k, per layer") -> go.Figure:
+    """Grouped bars per layer: the share of the dense attention mass inside the indexer's top-k at each training
+    stage (name -> per-layer recall), and inside a window of the same size (the last stage's model)."""
+    fig = go.Figure()
+    layers = [f"layer {i}" for i in range(len(window))]
+    shades = ["#FDD4C2", "#F8936F", COLORS["sparse"], "#B33A22"]
+    for i, (name, ys) in enumerate(stages.items()):
+        fig.add_bar(x=layers, y=list(ys), name=f"indexer, {name}", marker_color=shades[min(i, len(shades) - 1)])
+    fig.add_bar(x=layers, y=list(window), name="window", marker_color=COLORS["window"])
+    fig.update_layout(barmode="group")
+    fig.update_yaxes(range=[0, 1.05])
+    return styled(fig, title, "", "share of the dense attention mass")
+
+
+def text_view_figure(analysis, view: str, layer: int, token: int, *, n_experts: int, n_group: int | None = None,
+                     class_names: Sequence[str] = (), width: int = 96, max_lines: int = 40) -> go.Figure:
+    """The figure the text widget shows. `analysis` has `pieces`, `classes`, `window`, `selected` ({layer: [T, k]}),
+    `experts` ({MoE layer: [T, n_per_token]}), like `dslib.lm_train.TextAnalysis`. view: "indexer selection" |
+    "experts" | "token classes". A token past the end is clamped to the last; a layer without experts or without
+    a selection gets a message saying which layers have them."""
+    n = len(analysis.pieces)
+    token = max(0, min(int(token), n - 1))
+    if view == "indexer selection":
+        if layer not in analysis.selected:
+            return message_figure(f"Layer {layer} recorded no selection; layers with one: {sorted(analysis.selected)}.")
+        keys = [s for s in analysis.selected[layer][token] if s >= 0]
+        return text_selection_figure(analysis.pieces, token, keys, analysis.window, layer=layer, width=width,
+                                     max_lines=max_lines)
+    if view == "experts":
+        if layer not in analysis.experts:
+            return message_figure(f"Layer {layer} is a dense layer: it has no experts. MoE layers: "
+                                  f"{sorted(analysis.experts)}.")
+        top = [e[0] for e in analysis.experts[layer]]
+        return text_expert_figure(analysis.pieces, top, n_experts, layer=layer, n_group=n_group, width=width,
+                                  max_lines=max_lines)
+    if view == "token classes":
+        return text_class_figure(analysis.pieces, analysis.classes, class_names, width=width, max_lines=max_lines)
+    raise ValueError(f"view={view!r}: use 'indexer selection', 'experts' or 'token classes'.")
