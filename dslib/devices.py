@@ -12,8 +12,6 @@ raises `DevicePlanError` saying how much is needed and how many such devices wou
 """
 from __future__ import annotations
 
-import functools
-import json
 import math
 from dataclasses import dataclass, field
 
@@ -48,18 +46,11 @@ def module_bytes(cfg: ModelConfig, storage: str = "fp8") -> dict[str, int]:
     671B model, well inside the default reserve)."""
     if storage not in STORAGE:
         raise ValueError(f"storage={storage!r}; use one of {list(STORAGE)}")
-    return dict(_module_bytes(json.dumps(cfg.to_dict(), sort_keys=True), storage))
-
-
-@functools.lru_cache(maxsize=16)
-def _module_bytes(cfg_json: str, storage: str) -> tuple[tuple[str, int], ...]:
-    cfg = ModelConfig.from_dict(json.loads(cfg_json))
-    out: dict[str, int] = {}
+    out = {unit: 0 for unit in ["model.embed_tokens"] + [f"model.layers.{i}" for i in range(cfg.num_hidden_layers)]
+           + ["model.norm", "lm_head"]}  # model order
     for name, spec in checkpoint_tensors(cfg, **STORAGE[storage]).items():
-        unit = module_of(name)
-        out[unit] = out.get(unit, 0) + spec.nbytes
-    order = ["model.embed_tokens"] + [f"model.layers.{i}" for i in range(cfg.num_hidden_layers)] + ["model.norm", "lm_head"]
-    return tuple((u, out[u]) for u in order)
+        out[module_of(name)] += spec.nbytes
+    return out
 
 
 @dataclass

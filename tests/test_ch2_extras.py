@@ -5,15 +5,9 @@ import torch
 
 import dslib.viz as viz
 from dslib.config import ModelConfig
+from dslib.cost import decode_costs, decode_step_time
 from dslib.exercises import ch2
-from dslib.mla import (
-    MLA,
-    MLAStack,
-    decode_costs,
-    decode_step_time,
-    fp8_pack_latent,
-    fp8_unpack_latent,
-)
+from dslib.mla import MLA, MLAStack, fp8_pack_latent, fp8_unpack_latent
 from dslib.rope import rope_inv_freq, yarn_correction_range
 
 
@@ -92,5 +86,5 @@ def test_exercise_3():
     assert ch2.check_merged_output_weight(ch2.solution_merged_output_weight)
     wrong_shape = lambda mla: mla.o_proj.weight  # noqa: E731
     assert "shape" in ch2.check_merged_output_weight(wrong_shape).message
-    wrong = lambda mla: torch.zeros(mla.cfg.hidden_size, mla.num_heads * mla.kv_lora_rank)  # noqa: E731
+    wrong = lambda mla: torch.zeros(mla.config.hidden_size, mla.num_heads * mla.kv_lora_rank)  # noqa: E731
     assert not ch2.check_merged_output_weight(wrong)

@@ -1,12 +1,12 @@
-"""`make html` (python -m dslib.export_html): executed notebooks as standalone pages whose plots work offline."""
+"""`make html` (python tools/export_html.py): executed notebooks as standalone pages whose plots work offline."""
 from __future__ import annotations
 
 import re
 
 import pytest
-
-import dslib.export_html as ex
 from notebook_runs import FIXTURES, NOTEBOOKS, executed
+
+import tools.export_html as ex
 
 GOOD = FIXTURES / "good.ipynb"
 MATHJAX = "mathjax"  # the one script a page may load from the web (maths typesetting; TeX shows without it)

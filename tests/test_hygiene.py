@@ -15,7 +15,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 # Which chapter each dslib module belongs to. A module may import only modules of its own or earlier chapters.
 CHAPTER = {
-    "config": 1, "kv_cache": 1, "attention": 1, "viz": 1, "show": 1, "export_html": 1,
+    "config": 1, "fp8": 1, "kv_cache": 1, "attention": 1, "cost": 1, "viz": 1, "show": 1,
     "rope": 2, "mla": 2,
     "indexer": 3, "sparse": 3, "tasks": 3, "train": 3,
     "moe": 4, "moe_train": 4,
@@ -133,14 +133,16 @@ def test_environment_yml_matches_pyproject():
     for extra in ("lab", "dev", "gpu"):
         declared += project["optional-dependencies"].get(extra, [])
     env_lines = (ROOT / "environment.yml").read_text().splitlines()
-    pip_specs = [l.strip()[2:].strip() for l in env_lines if l.startswith("      - ")]
+    pip_specs = [line.strip()[2:].strip() for line in env_lines if line.startswith("      - ")]
     pip_specs = [s for s in pip_specs if not s.startswith("-e")]
     assert _requirement_names(pip_specs) == _requirement_names(declared)
 
 
 # Calls and attributes whose result is a wall-clock time. A notebook may print and plot them, never assert on them:
 # on 2 busy cores a timing ratio can invert, and a flaky notebook blocks CI. Assert on counted work instead.
-TIMING_SOURCES = re.compile(r"perf_counter\(|time\.time\(|decode_step_time\(|time_attention\(|\.seconds\b|do_bench\(")
+TIMING_SOURCES = re.compile(
+    r"perf_counter\(|time\.time\(|wall_seconds\(|decode_step_time\(|time_attention\(|\.seconds\b|do_bench\("
+)
 
 
 def _timing_names(tree: ast.AST, source: str) -> set[str]:

@@ -52,11 +52,11 @@ def test_group_scores_exercise():
 
 def test_bias_update_exercise():
     assert ch4.check_bias_update(ch4.solution_bias_update)
-    v = ch4.check_bias_update(lambda b, l, g: b - g * torch.sign(l.float().mean() - l.float()))
+    v = ch4.check_bias_update(lambda b, load, g: b - g * torch.sign(load.float().mean() - load.float()))
     assert not v and "reversed" in v.message
-    v = ch4.check_bias_update(lambda b, l, g: b + g * (l.float().mean() - l.float()))
+    v = ch4.check_bias_update(lambda b, load, g: b + g * (load.float().mean() - load.float()))
     assert not v and "sign" in v.message
-    v = ch4.check_bias_update(lambda b, l, g: g * torch.sign(l.float().mean() - l.float()))
+    v = ch4.check_bias_update(lambda b, load, g: g * torch.sign(load.float().mean() - load.float()))
     assert not v and "only the change" in v.message
 
 

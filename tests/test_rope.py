@@ -1,5 +1,4 @@
 """RoPE layouts and YaRN (dslib.rope) against the formulas of REFERENCE.md §2.3-2.5 and against transformers."""
-import math
 
 import pytest
 import torch

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from notebook_runs import NOTEBOOKS, executed
 
 CHECK_CALL = re.compile(r"\b(?:\w+\.)*check_\w+\s*\(")

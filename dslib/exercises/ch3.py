@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 
 from dslib.config import ModelConfig
+from dslib.cost import attention_flops_per_token
 from dslib.exercises import Verdict, attempt, correct, not_yet  # noqa: F401
-from dslib.sparse import attention_flops_per_token, attention_recall
+from dslib.sparse import attention_recall
 
 
 # ------------------------------------------------------------------------------------------------ exercise 1

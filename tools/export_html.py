@@ -1,7 +1,7 @@
-"""Executed notebooks as standalone HTML pages, for sharing before a workshop (a chapter-1 helper, no model code).
+"""Executed notebooks as standalone HTML pages, for sharing before a workshop (tooling, not part of dslib).
 
-    python -m dslib.export_html notebooks html            # every notebooks/*.ipynb -> html/*.html
-    python -m dslib.export_html notebooks html --only 01  # the notebooks whose name starts with 01
+    python tools/export_html.py notebooks html            # every notebooks/*.ipynb -> html/*.html (`make html`)
+    python tools/export_html.py notebooks html --only 01  # the notebooks whose name starts with 01
 
 Each notebook is executed top to bottom in a fresh kernel (nbclient, widget state kept), then written with
 nbconvert's JupyterLab template. Every figure stays interactive (zoom, pan, hover) and works offline: plotly.js is
@@ -267,7 +267,6 @@ def widget_html(model_id: str, state: dict) -> str:
         return ""
     return (f'<div class="dslib-widget" title="interactive when the notebook runs in JupyterLab">'
             f"<b>{label}</b> = <code>{html.escape(str(value))}</code></div>")
-    return ""
 
 
 def to_static(nb):
@@ -333,7 +332,7 @@ def export(src: Path, dest_dir: Path, *, timeout: int = 1800, env: dict[str, str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dslib.export_html", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python tools/export_html.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", type=Path, help="a folder of notebooks (or one .ipynb)")
     parser.add_argument("dest", type=Path, help="folder for the .html pages (created)")
     parser.add_argument("--only", default="", help="only notebooks whose file name starts with this")
