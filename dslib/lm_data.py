@@ -112,7 +112,8 @@ class Corpus:
 
         return {
             "root": self.root, "python": sys.version.split()[0], "implementation": sys.implementation.name,
-            "files_train": len(self.train), "files_eval": len(self.eval), "files_skipped_undecodable": len(self.skipped),
+            "files_train": len(self.train), "files_eval": len(self.eval),
+            "files_skipped_undecodable": len(self.skipped),
             "chars_train": chars(self.train), "chars_eval": chars(self.eval),
             "eval_files": sorted(self.eval),
             "file_list_sha1": hashlib.sha1("\n".join(sorted([*self.train, *self.eval])).encode()).hexdigest(),
@@ -266,7 +267,8 @@ def random_batch(stream: TokenStream, batch_size: int, seq_len: int, gen: torch.
     return stream.ids[starts[:, None] + torch.arange(seq_len + 1)]
 
 
-def eval_sequences(stream: TokenStream, seq_len: int, max_sequences: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def eval_sequences(stream: TokenStream, seq_len: int,
+                   max_sequences: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Consecutive non-overlapping windows `[n, seq_len + 1]` of the stream (and their classes), in order."""
     n = (len(stream) - 1) // seq_len
     if max_sequences is not None:

@@ -1,4 +1,4 @@
-"""A small DeepSeek-V3.2 trained on real text (the Python standard library), with the paper's indexer recipe (chapter 5).
+"""A small DeepSeek-V3.2 trained on real text (Python's standard library) with the paper's indexer recipe (chapter 5).
 
     python -m dslib.lm_train --out data/textlm --device cuda --minutes 7    # one H200: the shipped artifact
     python -m dslib.lm_train --out /tmp/textlm --tiny                      # CPU, seconds (the CI test)
@@ -31,7 +31,8 @@ occurrence of an identifier that lies beyond the window, expert load / MaxVio an
 (normalised mutual information between expert and token class).
 
 Artifact (`--out`): config.json + model.safetensors (FP8 blocks, bf16 embeddings/head, via
-`dslib.checkpoint.save_pretrained`), tokenizer.json, textlm_log.json: the DSA model, loaded with `dslib.load_pretrained`.
+`dslib.checkpoint.save_pretrained`), tokenizer.json, textlm_log.json: the DSA model, loaded with
+`dslib.load_pretrained`.
 """
 from __future__ import annotations
 
@@ -116,8 +117,10 @@ class TrainSettings:
     dense_steps: int | None = None  # fixed step counts instead of the budget
     compare_steps: int | None = None
     eval_reserve_s: float = 75.0  # wall seconds kept for evaluation and writing the artifact
+    max_epochs: float = 16.0  # at most this many passes over the training tokens per model (a small corpus)
     eval_sequences: int = 128
     eval_batch: int = 8
+    probe_sequences: int = 16  # held-out sequences scored during training (an overfitting check)
     vocab_size: int = 4096
     max_files: int | None = None  # the first files of each split only (tiny runs)
     log_every: int = 10
@@ -127,6 +130,7 @@ class TrainSettings:
     @classmethod
     def tiny_run(cls, **overrides) -> "TrainSettings":
         base = dict(seq_len=128, batch_size=4, dense_steps=6, compare_steps=6, eval_sequences=4, eval_batch=2,
+                    probe_sequences=2,
                     vocab_size=512, max_files=12, warmup_lr_steps=2, log_every=2, tiny=True, eval_reserve_s=0.0)
         base.update(overrides)
         return cls(**base)
@@ -220,7 +224,9 @@ def train_step(model, opt, ids: torch.Tensor, kind: str, *, lr: float, s: TrainS
     for p in main_parameters(model):
         p.requires_grad_(train_main)
     tap = Tap()
-    stats = [AttentionStats(need_probs=True, need_index_scores=True) for _ in range(cfg.num_hidden_layers)] if indexer else None
+    stats = None
+    if indexer:
+        stats = [AttentionStats(need_probs=True, need_index_scores=True) for _ in range(cfg.num_hidden_layers)]
     with _autocast(ids.device):
         logits = model(inputs, attention=attention, mode=MODE_OF[attention],
                        window=cfg.index_topk if kind == "window" else None, stats=stats, recorder=tap)
@@ -325,12 +331,12 @@ def evaluate(model, ev: EvalSet, attention: str, *, batch: int = 8, details: boo
     if details:
         out["bucket_names"] = lm_data.bucket_names(k)
         out["bucket_counts"] = count.tolist()
-        out["bucket_loss"] = [float(l / c) if c else None for l, c in zip(loss_sum, count)]
+        out["bucket_loss"] = [float(x / c) if c else None for x, c in zip(loss_sum, count)]
         if moe_layers:
             load = [class_expert[i].sum(0) for i in moe_layers]
             out["moe_layers"] = moe_layers
-            out["load"] = [l.tolist() for l in load]
-            out["maxvio"] = [max_violation(l) for l in load]
+            out["load"] = [x.tolist() for x in load]
+            out["maxvio"] = [max_violation(x) for x in load]
             out["class_expert"] = [class_expert[i].tolist() for i in moe_layers]
             out["nmi_class_expert"] = [normalised_mutual_information(class_expert[i]) for i in moe_layers]
         if any(h[1] for h in hits.values()):
@@ -536,8 +542,9 @@ def _time_steps(model, opt, stream, kinds, s: TrainSettings, device, gen, n: int
 
 
 def run(out: str | Path, s: TrainSettings, *, device: str = "cpu", argv: list[str] | None = None,
-        keep_stages: bool = False) -> dict:
-    """The whole pipeline (see the module docstring); returns the log."""
+        keep_stages: bool = False, return_model: bool = False):
+    """The whole pipeline (see the module docstring); returns the log (and the trained DSA model, in memory with
+    its fp32 weights, if `return_model`)."""
     out = Path(out)
     _check_out(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -589,9 +596,15 @@ def run(out: str | Path, s: TrainSettings, *, device: str = "cpu", argv: list[st
         n_cmp = s.compare_steps or max(2, int((train_s - n_a * per_step["dense"]) / per_cmp))
         deadline = R.elapsed() + train_s * 1.1  # stop early if the machine turns out slower than measured
         R.say("seconds per step: " + ", ".join(f"{k} {v:.3f}" for k, v in per_step.items()))
+        cap = int(s.max_epochs * len(train_stream) / (s.batch_size * s.seq_len))
+        if n_a + n_cmp > cap:  # a fast machine: fewer steps, same split, rather than many passes over the corpus
+            R.say(f"{n_a + n_cmp} steps would be more than {s.max_epochs:g} passes over the training tokens: "
+                  f"capped at {cap}")
+            n_a, n_cmp = max(1, round(n_a * cap / (n_a + n_cmp))), max(2, round(n_cmp * cap / (n_a + n_cmp)))
     n_b = max(1, round(s.indexer_warmup_share * n_cmp))
     total = n_a + n_cmp
-    R.log["plan"] = {"budget_s": budget_s, "seconds_per_step": per_step, "dense_steps": n_a, "compare_steps": n_cmp,
+    R.log["plan"] = {"budget_s": budget_s, "seconds_per_step": per_step, "max_epochs": s.max_epochs,
+                     "epochs_per_model": (n_a + n_cmp) * s.batch_size * s.seq_len / len(train_stream), "dense_steps": n_a, "compare_steps": n_cmp,
                      "dsa_warmup_steps": n_b, "dsa_sparse_steps": n_cmp - n_b, "schedule_steps": total,
                      "tokens_per_step": s.batch_size * s.seq_len}
     R.say(f"plan: (a) {n_a} dense steps, then {n_cmp} steps for each variant (dsa: {n_b} indexer warm-up + "
@@ -599,8 +612,15 @@ def run(out: str | Path, s: TrainSettings, *, device: str = "cpu", argv: list[st
     R.flush()
     stages = out / "stages"
 
+    probe = EvalSet(ev.ids[: s.probe_sequences], ev.classes[: s.probe_sequences], ev.distance[: s.probe_sequences])
+
+    def probe_loss(m, attention):  # held-out loss on a few sequences, to see over-fitting if it comes
+        loss = evaluate(m, probe, attention, batch=s.eval_batch)["loss"]
+        m.train()
+        return round(loss, 4)
+
     # -- (a) dense training
-    curve = {"step": [], "loss": []}
+    curve = {"step": [], "loss": [], "probe_step": [], "probe_loss": []}
     t = time.perf_counter()
     done_a = 0
     for step in range(n_a):
@@ -610,8 +630,10 @@ def run(out: str | Path, s: TrainSettings, *, device: str = "cpu", argv: list[st
         if step % s.log_every == 0 or step == n_a - 1:
             curve["step"].append(step)
             curve["loss"].append(round(lm, 4))
-        if step % max(1, n_a // 10) == 0:
-            R.say(f"(a) dense step {step:5d}/{n_a}  loss {lm:.3f}")
+        if step % max(1, n_a // 10) == 0 or step == n_a - 1:
+            curve["probe_step"].append(step)
+            curve["probe_loss"].append(probe_loss(model, "dense"))
+            R.say(f"(a) dense step {step:5d}/{n_a}  loss {lm:.3f}  held-out {curve['probe_loss'][-1]:.3f}")
         if R.elapsed() > deadline:
             R.say("(a) stopped early: the time budget is spent")
             break
@@ -623,7 +645,7 @@ def run(out: str | Path, s: TrainSettings, *, device: str = "cpu", argv: list[st
     # -- the three variants, in lockstep on the same batches
     variants = {name: clone(model, opt, s) for name in VARIANTS}
     del model, opt
-    curves = {name: {"step": [], "loss": [], "kl": []} for name in VARIANTS}
+    curves = {name: {"step": [], "loss": [], "kl": [], "probe_step": [], "probe_loss": []} for name in VARIANTS}
     t = time.perf_counter()
     done = 0
     for i in range(n_cmp):
@@ -641,10 +663,14 @@ def run(out: str | Path, s: TrainSettings, *, device: str = "cpu", argv: list[st
             snapshots["after (b) indexer warm-up"] = {k: v.detach().cpu().clone()
                                                       for k, v in variants["dsa"][0].state_dict().items()}
             _save_state(variants["dsa"][0], stages / "b_warmup.safetensors")
-        if i % max(1, n_cmp // 10) == 0:
+        if i % max(1, n_cmp // 10) == 0 or i == n_cmp - 1:
+            for n, (m, _) in variants.items():
+                curves[n]["probe_step"].append(done_a + i)
+                curves[n]["probe_loss"].append(probe_loss(m, ATTENTION_OF[n]))
             R.say(f"variants step {i:5d}/{n_cmp}  " + "  ".join(
-                f"{n} {curves[n]['loss'][-1]:.3f}" + (f" (kl {curves[n]['kl'][-1]:.3f})" if n == "dsa" else "")
-                for n in VARIANTS))
+                f"{n} {curves[n]['loss'][-1]:.3f}/{curves[n]['probe_loss'][-1]:.3f}"
+                + (f" (kl {curves[n]['kl'][-1]:.3f})" if n == "dsa" else "") for n in VARIANTS)
+                + "  (train / held-out loss)")
         if R.elapsed() > deadline:
             R.say(f"variants stopped early at step {done}: the time budget is spent (all variants at {done} steps)")
             break
@@ -661,6 +687,8 @@ def run(out: str | Path, s: TrainSettings, *, device: str = "cpu", argv: list[st
     models = {name: m.eval() for name, (m, _) in variants.items()}
     del variants
     results: dict = {"matrix": {}, "by_variant": {}}
+    # the same measure on training sequences: the gap to the held-out loss shows how much the model memorised
+    train_sample = EvalSet.make(train_stream, s.seq_len, max(2, s.probe_sequences * 2))
     for name, m in models.items():
         results["matrix"][name] = {}
         for att in ("dense", "sparse", "window"):
@@ -671,7 +699,10 @@ def run(out: str | Path, s: TrainSettings, *, device: str = "cpu", argv: list[st
                 results["by_variant"][name] = r
             elif detailed:  # the dense model's untrained indexer, used for selection
                 results["untrained_indexer_sparse"] = r
-        R.say(f"{name:6s} " + "  ".join(f"{a} {v['loss']:.3f}" for a, v in results["matrix"][name].items()))
+        results.setdefault("train_sample_loss", {})[name] = evaluate(m, train_sample, ATTENTION_OF[name],
+                                                                       batch=s.eval_batch)["loss"]
+        R.say(f"{name:6s} " + "  ".join(f"{a} {v['loss']:.3f}" for a, v in results["matrix"][name].items())
+              + f"  (training-set sample: {results['train_sample_loss'][name]:.3f})")
     dsa = models["dsa"]
     analysis = {}
     for label, state in snapshots.items():  # the indexer before training, after the warm-up
@@ -703,7 +734,7 @@ def run(out: str | Path, s: TrainSettings, *, device: str = "cpu", argv: list[st
     size = sum(R.log["artifact"].values())
     R.say(f"wrote {out}: {', '.join(f'{k} {v / 1e6:.2f} MB' for k, v in R.log['artifact'].items())} "
           f"({size / 1e6:.1f} MB)")
-    return R.log
+    return (R.log, dsa) if return_model else R.log
 
 
 def summary_table(log: dict) -> str:
@@ -718,7 +749,8 @@ def summary_table(log: dict) -> str:
     for name, v in r["by_variant"].items():
         lines.append(f"  {name:7s}" + "".join(f"{x:8.3f}" if x is not None else "     n/a" for x in v["bucket_loss"]))
     a = r["attention_analysis"]["after (c) sparse training"]
-    lines.append("indexer recall of dense attention mass per layer: " + ", ".join(f"{x:.3f}" for x in a["recall_indexer"])
+    lines.append("indexer recall of dense attention mass per layer: "
+                 + ", ".join(f"{x:.3f}" for x in a["recall_indexer"])
                  + " (window: " + ", ".join(f"{x:.3f}" for x in a["recall_window"]) + ")")
     idf = r["by_variant"]["dsa"].get("identifier_beyond_window")
     if idf:

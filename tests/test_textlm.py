@@ -2,6 +2,7 @@
 artifact through dslib.load_pretrained, and the text views."""
 from __future__ import annotations
 
+import json
 
 import numpy as np
 import pytest
@@ -136,3 +137,94 @@ def test_text_views_return_figures():
     assert len(fig.data) == 2
     fig = viz.selection_distance_figure([0, 1, 4], {"layer 0": [0.5, 0.5]})
     assert len(fig.data[0].x) == 2
+
+
+# ---------------------------------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from dslib import lm_train
+
+    out = tmp_path_factory.mktemp("textlm")
+    log, model = lm_train.run(out, lm_train.TrainSettings.tiny_run(), device="cpu", argv=["--tiny"], return_model=True)
+    return out, log, model
+
+
+def test_training_command_tiny_end_to_end(tiny_run):
+    out, log, _ = tiny_run
+    assert log["status"] == "done"
+    assert sorted(log["artifact"]) == ["config.json", "model.safetensors", "textlm_log.json", "tokenizer.json"]
+    on_disk = json.loads((out / "textlm_log.json").read_text())
+    assert on_disk["status"] == "done" and not (out / "stages").exists()
+    st = log["stages"]
+    assert st["dense"]["steps"] == 6 and st["variants"]["steps"] == 6
+    assert st["variants"]["dsa_warmup_steps"] + st["variants"]["dsa_sparse_steps"] == 6
+    r = log["results"]
+    assert set(r["matrix"]) == {"dense", "dsa", "window"}
+    for v in r["by_variant"].values():
+        assert sum(v["bucket_counts"]) == v["tokens"] and len(v["bucket_loss"]) == len(v["bucket_names"])
+        assert len(v["nmi_class_expert"]) == len(v["moe_layers"]) and all(0 <= x <= 1 for x in v["nmi_class_expert"])
+        total = sum(v["load"][0])
+        assert total == v["tokens"] * log["config"]["num_experts_per_tok"]
+    window = r["by_variant"]["window"].get("identifier_beyond_window")
+    if window:  # a window never reaches beyond itself
+        assert all(h == 0 for h in window["hit_rate"])
+    for a in r["attention_analysis"].values():
+        assert all(0 <= x <= 1 + 1e-5 for x in a["recall_indexer"] + a["recall_window"])
+    assert "corpus" in log and log["corpus"]["files_eval"] > 0 and log["tokenizer"]["vocab_size"] == 512
+
+
+def test_artifact_loads_and_reproduces_the_model_within_fp8(tiny_run):
+    import dslib
+    from dslib.checkpoint import FP8_DTYPE, SafetensorsSource, dequantize_fp8_blocks, is_fp8_weight, quantize_fp8_blocks
+    from dslib.lm_train import load_textlm
+
+    out, _, model = tiny_run
+    specs = SafetensorsSource(out).specs()
+    assert any(s.dtype == FP8_DTYPE for s in specs.values())
+    assert specs["model.embed_tokens.weight"].dtype == torch.bfloat16
+    loaded = dslib.load_pretrained(out, progress=False)
+    # what FP8 storage should give: every quantisable weight through its 128x128 blocks, the rest via bf16
+    expected = {}
+    for name, w in model.state_dict().items():
+        if is_fp8_weight(name, tuple(w.shape)):
+            expected[name] = dequantize_fp8_blocks(*quantize_fp8_blocks(w))
+        elif name.endswith("e_score_correction_bias"):
+            expected[name] = w.float()
+        else:
+            expected[name] = w.to(torch.bfloat16).float()
+    got = loaded.state_dict()
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+    ids = torch.randint(0, model.config.vocab_size, (1, 100))
+    with torch.no_grad():
+        ref, new = model(ids), loaded(ids)
+    rel = ((new - ref).norm() / ref.norm()).item()
+    assert rel < 0.05, rel  # FP8 weights: a few percent at most
+    lm, tok, log = load_textlm(out)
+    assert log["status"] == "done" and tok.get_vocab_size() == model.config.vocab_size
+
+
+def test_inspect_text_and_bad_input(tiny_run):
+    from dslib import viz
+    from dslib.lm_train import TextInputError, inspect_text, load_textlm
+
+    out, _, _ = tiny_run
+    lm, tok, _ = load_textlm(out)
+    cfg = lm.config
+    a = inspect_text(lm, tok, SNIPPET)
+    assert "".join(a.pieces) == SNIPPET and len(a.ids) == len(a.classes) == len(a.surprisal)
+    k = cfg.index_topk
+    for rows in a.selected.values():  # causal; exactly min(q + 1, k) keys
+        assert all(sum(s >= 0 for s in row) == min(q + 1, k) and max(row) <= q for q, row in enumerate(rows))
+    assert sorted(a.experts) == [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    for view in ("indexer selection", "experts", "token classes"):
+        fig = viz.text_view_figure(a, view, 1, 10_000, n_experts=cfg.n_routed_experts, n_group=cfg.n_group,
+                                   class_names=lm_data.TOKEN_CLASSES)
+        assert fig.data and fig.data[0].type == "heatmap"
+    dense_layer = viz.text_view_figure(a, "experts", 0, 0, n_experts=cfg.n_routed_experts)
+    assert "dense layer" in dense_layer.layout.annotations[0].text
+    with pytest.raises(TextInputError, match="empty"):
+        inspect_text(lm, tok, "  \n")
+    with pytest.raises(TextInputError, match="context holds 128 tokens"):
+        inspect_text(lm, tok, "x = 1\n" * 200)
+    with pytest.raises(FileNotFoundError, match="dslib.lm_train"):
+        load_textlm(out / "nowhere")

@@ -195,7 +195,8 @@ _VARIANT_COLORS = {"dense": COLORS["dense"], "dsa": COLORS["sparse"], "window": 
 
 def loss_by_distance_figure(buckets: Sequence[str], losses: Mapping[str, Sequence[float]], counts: Sequence[int], *,
                             window: int | None = None,
-                            title: str = "Held-out loss by distance to the previous occurrence of the token") -> go.Figure:
+                            title: str = "Held-out loss by distance to the previous occurrence of the token",
+                            ) -> go.Figure:
     """Grouped bars: mean next-token loss (nats) per distance bucket, one bar per variant (name -> losses);
     each bucket's token count under its label."""
     fig = go.Figure()
