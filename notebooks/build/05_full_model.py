@@ -690,6 +690,11 @@ standard library.
 """)
 
 code(r"""
+@functools.lru_cache(maxsize=4)
+def analyse_text(text):
+    return inspect_text(lm, lm_tok, text)   # moving a slider re-draws, it does not re-run the model
+
+
 if HAVE_TEXTLM:
     held_out = [f for f in corpus["eval_files"] if (lm_data.stdlib_root() / f).is_file()]
     pick = "json/encoder.py" if "json/encoder.py" in held_out else (held_out[0] if held_out else None)
@@ -703,7 +708,7 @@ if HAVE_TEXTLM:
             break
         sample += line
     t0 = time.perf_counter()
-    sample_view = inspect_text(lm, lm_tok, sample)
+    sample_view = analyse_text(sample)
     t_text = time.perf_counter() - t0
     k = lm_cfg.index_topk
     for layer, rows in sample_view.selected.items():   # causal, and exactly min(q + 1, k) keys per query
@@ -715,11 +720,6 @@ if HAVE_TEXTLM:
 """)
 
 code(r"""
-@functools.lru_cache(maxsize=4)
-def analyse_text(text):
-    return inspect_text(lm, lm_tok, text)   # moving a slider re-draws, it does not re-run the model
-
-
 def show_text(text="", view="indexer selection", layer=0, token=0):
     try:
         analysis = analyse_text(text)
@@ -759,7 +759,7 @@ if HAVE_TEXTLM:
     print(f"{odd!r} -> {len(lm_tok.encode(odd).ids)} tokens, decoded back exactly")
     prompt_ids = torch.tensor([lm_tok.encode("def read_lines(path):\n").ids])
     with torch.no_grad():
-        out_ids = lm.generate(prompt_ids, 48)
+        out_ids = lm.generate(prompt_ids, NEW_TOKENS)
     print("greedy continuation of 'def read_lines(path):':\n" + lm_tok.decode(out_ids[0].tolist()))
 """)
 
