@@ -300,8 +300,8 @@ def evaluate(model, ev: EvalSet, attention: str, *, batch: int = 8, details: boo
         inputs, targets = ids[:, :-1], ids[:, 1:]
         tap = Tap(selections=details)
         with _autocast(dev):
-            logits = model(inputs, attention=attention, window=k if attention == "window" else None,
-                           recorder=tap if details else None)
+            logits = model(inputs, attention=attention, mode=MODE_OF[attention],
+                           window=k if attention == "window" else None, recorder=tap if details else None)
         nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets).cpu()
         total += float(nll.sum())
         n_tok += nll.numel()
@@ -372,7 +372,7 @@ def attention_analysis(model, ev: EvalSet, *, batch: int = 4, max_sequences: int
         B, T = ids.shape
         stats = [AttentionStats(need_probs=True, need_index_scores=True) for _ in range(L)]
         with _autocast(dev):
-            model(ids, attention="dense", stats=stats)
+            model(ids, attention="dense", mode=MODE_OF["dense"], stats=stats)
         pos = torch.arange(T, device=dev)
         win = window_selection(pos, k).expand(B, -1, -1)
         rows = pos >= k
@@ -466,7 +466,7 @@ def load_textlm(path: str | Path, device: str = "cpu"):
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"No text model in {path}: make it with `python -m dslib.lm_train --out {path} --device cuda` (one GPU, "
-            "about 7 minutes), or `--tiny` for a quick CPU run at test size."
+            "a few minutes), or `--tiny` for a quick CPU run at test size."
         )
     model = load_pretrained(path, device=device, progress=False)
     log = json.loads((path / LOG_FILE).read_text()) if (path / LOG_FILE).is_file() else {}
@@ -647,6 +647,15 @@ def run(out: str | Path, s: TrainSettings, *, device: str = "cpu", argv: list[st
     R.flush()
 
     # -- the three variants, in lockstep on the same batches
+    if per_step is not None:  # (a) ran slower than measured: fit the variants into the time that is left
+        fits = int((deadline - R.elapsed()) / per_cmp)
+        if fits < n_cmp:
+            R.say(f"{n_cmp} steps per variant no longer fit the budget: {max(2, fits)}")
+            n_cmp = max(2, fits)
+            n_b = max(1, round(s.indexer_warmup_share * n_cmp))
+            total = done_a + n_cmp
+            R.log["plan"].update(compare_steps=n_cmp, dsa_warmup_steps=n_b, dsa_sparse_steps=n_cmp - n_b,
+                                 schedule_steps=total, replanned_after_dense=True)
     variants = {name: clone(model, opt, s) for name in VARIANTS}
     del model, opt
     curves = {name: {"step": [], "loss": [], "kl": [], "probe_step": [], "probe_loss": []} for name in VARIANTS}

@@ -137,6 +137,11 @@ def test_text_views_return_figures():
     assert len(fig.data) == 2
     fig = viz.selection_distance_figure([0, 1, 4], {"layer 0": [0.5, 0.5]})
     assert len(fig.data[0].x) == 2
+    fig = viz.recall_stages_figure({"untrained": [0.2, 0.3], "trained": [0.8, 0.9]}, [0.5, 0.6])
+    assert len(fig.data) == 3
+    curve = {"step": [0, 1], "loss": [3.0, 2.0], "probe_step": [1], "probe_loss": [2.5]}
+    fig = viz.lm_training_figure({"dense": curve, "dsa": curve}, branch=1)
+    assert len(fig.data) == 4
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -201,6 +206,11 @@ def test_artifact_loads_and_reproduces_the_model_within_fp8(tiny_run):
     assert rel < 0.05, rel  # FP8 weights: a few percent at most
     lm, tok, log = load_textlm(out)
     assert log["status"] == "done" and tok.get_vocab_size() == model.config.vocab_size
+    from dslib import viz
+
+    fig = viz.lm_training_figure({"dense (a)": log["stages"]["dense"]["curve"], **log["stages"]["variants"]["curves"]},
+                                 branch=log["stages"]["dense"]["steps"])
+    assert len(fig.data) == 8
 
 
 def test_inspect_text_and_bad_input(tiny_run):

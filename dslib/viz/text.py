@@ -19,7 +19,7 @@ from dslib.viz.common import COLORS, styled
 __all__ = [
     "TOKEN_CLASS_COLORS", "SELECTION_LEGEND", "TextGrid", "text_grid", "message_figure", "token_text_figure",
     "text_selection_figure", "text_expert_figure", "text_class_figure", "loss_by_distance_figure",
-    "selection_distance_figure", "recall_stages_figure", "text_view_figure",
+    "selection_distance_figure", "recall_stages_figure", "text_view_figure", "lm_training_figure",
 ]
 
 TOKEN_CLASS_COLORS = {
@@ -258,3 +258,21 @@ def text_view_figure(analysis, view: str, layer: int, token: int, *, n_experts: 
     if view == "token classes":
         return text_class_figure(analysis.pieces, analysis.classes, class_names, width=width, max_lines=max_lines)
     raise ValueError(f"view={view!r}: use 'indexer selection', 'experts' or 'token classes'.")
+
+
+def lm_training_figure(curves: Mapping[str, Mapping[str, Sequence[float]]], *, branch: int | None = None,
+                       title: str = "Training: loss on the batches (lines) and on held-out files (markers)",
+                       ) -> go.Figure:
+    """Per run (name -> {"step", "loss", "probe_step", "probe_loss"}): the training loss and the held-out probe
+    loss against the global step; `branch` marks where the variants start from the dense model."""
+    fig = go.Figure()
+    for name, c in curves.items():
+        color = _VARIANT_COLORS.get(name.split(" ")[0].lower(), "#7F7F7F")
+        fig.add_scatter(x=list(c["step"]), y=list(c["loss"]), name=f"{name}, training batches", mode="lines",
+                        line=dict(color=color, width=1), opacity=0.6)
+        if c.get("probe_step"):
+            fig.add_scatter(x=list(c["probe_step"]), y=list(c["probe_loss"]), name=f"{name}, held-out",
+                            mode="lines+markers", line=dict(color=color, dash="dot"), marker=dict(size=7))
+    if branch is not None:
+        fig.add_vline(x=branch, line_dash="dash", line_color="black", annotation_text="variants start")
+    return styled(fig, title, "step", "loss (nats per token)", height=420)

@@ -591,7 +591,7 @@ if HAVE_TEXTLM:
     stored = SafetensorsSource(TEXTLM).specs()
     n_fp8 = sum(s.dtype == torch.float8_e4m3fn for s in stored.values())
     on_disk = {p.name: p.stat().st_size for p in sorted(TEXTLM.iterdir()) if p.is_file()}
-    assert n_fp8 > 0 and lm_cfg.index_topk < lm_cfg.max_position_embeddings
+    assert n_fp8 > 0 and lm_cfg.index_topk < lm_cfg.max_position_embeddings and sum(on_disk.values()) < 25e6
     assert lm_cfg.topk_group < min(lm_cfg.n_group, lm_cfg.num_experts_per_tok)   # the group limit can bind
     assert not lm_cfg.is_moe_layer(0) and lm_cfg.n_shared_experts >= 1
     corpus, machine = lm_log["corpus"], lm_log["machine"]
@@ -606,13 +606,13 @@ if HAVE_TEXTLM:
 else:
     print("The trained text model is not in data/textlm yet. Make it on a GPU machine with\n"
           "    python -m dslib.lm_train --out data/textlm --device cuda\n"
-          "(about 7 minutes on one H200); the cells of this section then use it.")
+          "(a few minutes on one GPU); the cells of this section then use it.")
 """)
 
 md(r"""
 **What the training log measured** on the held-out files (numbers from `data/textlm/textlm_log.json`, computed by
 the training command). Rows are the three trained models, columns the attention each is run with. The distance of a
-token is how far back the previous occurrence of the same token is in its 1,024-token sequence: a token that
+token is how far back the previous occurrence of the same token is in its held-out sequence: a token that
 occurred before can be copied from there, and a window of `index_topk` keys reaches that occurrence only if the
 distance is at most `index_topk`. Compare the variants bucket by bucket, in particular beyond the window.
 """)
@@ -623,8 +623,11 @@ if HAVE_TEXTLM:
     print(summary_table(lm_log))
     by = res["by_variant"]
     plan = lm_log["stages"]["variants"]
-    print(f"\neach variant: {plan['steps']} steps after {lm_log['stages']['dense']['steps']} dense steps "
+    dense_stage = lm_log["stages"]["dense"]
+    print(f"\neach variant: {plan['steps']} steps after {dense_stage['steps']} dense steps "
           f"(DSA: {plan['dsa_warmup_steps']} indexer warm-up + {plan['dsa_sparse_steps']} sparse)")
+    display(viz.lm_training_figure({"dense (a)": dense_stage["curve"], **plan["curves"]},
+                                   branch=dense_stage["steps"]))
     display(viz.loss_by_distance_figure(
         by["dsa"]["bucket_names"], {"dense": by["dense"]["bucket_loss"], "DSA top-k": by["dsa"]["bucket_loss"],
                                     "window": by["window"]["bucket_loss"]},
