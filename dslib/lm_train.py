@@ -332,6 +332,7 @@ def evaluate(model, ev: EvalSet, attention: str, *, batch: int = 8, details: boo
         out["bucket_names"] = lm_data.bucket_names(k)
         out["bucket_counts"] = count.tolist()
         out["bucket_loss"] = [float(x / c) if c else None for x, c in zip(loss_sum, count)]
+        out["bucket_ppl"] = [math.exp(x) if x is not None else None for x in out["bucket_loss"]]
         if moe_layers:
             load = [class_expert[i].sum(0) for i in moe_layers]
             out["moe_layers"] = moe_layers
