@@ -122,7 +122,8 @@ def bench_attention(attn, cfg, sizes, device, dtype, deadline, rows, env):
     with torch.no_grad():
         for L in sizes["prefill"]:
             h = (torch.randn(1, L, d, generator=g, device=device) * 0.5).to(dtype)
-            variants = ["sparse", "indexer", "dense_sdpa"] + (["dense_naive"] if L <= sizes["naive_prefill_max"] else [])
+            variants = ["sparse", "indexer", "dense_sdpa"]
+            variants += ["dense_naive"] if L <= sizes["naive_prefill_max"] else []
             outs = {}
             for variant in variants:
                 if time.perf_counter() > deadline:
@@ -156,7 +157,8 @@ def bench_attention(attn, cfg, sizes, device, dtype, deadline, rows, env):
         for B in sizes["decode_batch"]:
             for L in sizes["decode"]:
                 h1 = (torch.randn(B, 1, d, generator=g, device=device) * 0.5).to(dtype)
-                variants = ["sparse", "dense_absorbed"] + (["dense_naive"] if B * L <= sizes["naive_decode_max"] else [])
+                variants = ["sparse", "dense_absorbed"]
+                variants += ["dense_naive"] if B * L <= sizes["naive_decode_max"] else []
                 for variant in variants:
                     if time.perf_counter() > deadline:
                         add("decode", variant, L, B, None, 0, "time budget spent")
@@ -217,7 +219,8 @@ def bench_ffn(layer, dense_layer, cfg, sizes, device, dtype, deadline, rows, env
                                  experts_touched=touched, tflops=round(flops / sec / 1e12, 3),
                                  weight_GB_per_s=round(weight_bytes / sec / 1e9, 1), note="", **env))
                 print(f"  {name:9s} N={n:>6d}  {sec * 1e3:9.3f} ms  {flops / sec / 1e12:7.2f} TFLOP/s  "
-                      f"weights {weight_bytes / sec / 1e9:7.1f} GB/s" + (f"  experts touched {touched}" if touched else ""),
+                      f"weights {weight_bytes / sec / 1e9:7.1f} GB/s"
+                      + (f"  experts touched {touched}" if touched else ""),
                       flush=True)
 
 
@@ -240,7 +243,8 @@ def check_small_model_on_device(device) -> float:
             same = torch.equal(on_dev.generate(ids.to(device), 8).cpu(), on_cpu.generate(ids, 8))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    assert diff < 1e-3 and same, f"small model on {device} differs from CPU: max |logit diff| {diff:.3g}, same tokens {same}"
+    assert diff < 1e-3 and same, (f"small model on {device} differs from CPU: max |logit diff| {diff:.3g}, "
+                                  f"same tokens {same}")
     print(f"small model on {device} == on CPU (max |logit diff| {diff:.2e}, same greedy tokens)", flush=True)
     return diff
 

@@ -258,10 +258,12 @@ class FP8Linear(torch.nn.Module):
         self.weight_scale_inv = torch.nn.Parameter(torch.empty(scale, dtype=torch.float32), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, dequantize_fp8_blocks(self.weight, self.weight_scale_inv, x.dtype, self.block))
+        weight = dequantize_fp8_blocks(self.weight, self.weight_scale_inv, x.dtype, self.block)
+        return torch.nn.functional.linear(x, weight)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 + {self.block}x{self.block} scales"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"e4m3 + {self.block}x{self.block} scales")
 
 
 # Linears that stay dequantised even with FP8 storage: MLA reads kv_b_proj's weight directly (W_UK / W_UV views
@@ -382,14 +384,17 @@ class SafetensorsFile:
         """Tensor `name` in a fresh CPU buffer, or read straight into `out` (a contiguous CPU tensor of the same
         dtype and shape, e.g. the parameter it is destined for)."""
         dtype, shape, begin, stop = self.entries[name]
-        if out is None or out.dtype != dtype or tuple(out.shape) != shape or out.device.type != "cpu" or not out.is_contiguous():
+        fits = out is not None and out.dtype == dtype and tuple(out.shape) == shape and out.device.type == "cpu"
+        if not (fits and out.is_contiguous()):
             out = torch.empty(shape, dtype=dtype)
         raw = out.view(-1).view(torch.uint8) if out.numel() else torch.empty(0, dtype=torch.uint8)
         with open(self.path, "rb") as f:
             f.seek(self.data_start + begin)
             got = f.readinto(memoryview(raw.numpy()))
         if got != stop - begin:
-            raise CheckpointError(f"{self.path}: {name} ends early ({got} of {stop - begin} bytes): the file is truncated.")
+            raise CheckpointError(
+                f"{self.path}: {name} ends early ({got} of {stop - begin} bytes): the file is truncated."
+            )
         return out
 
 
@@ -632,7 +637,8 @@ def _stored_specs(specs: dict[str, TensorSpec], *, fp8: bool, dtype: torch.dtype
         elif fp8 and spec.dtype != FP8_DTYPE and spec.dtype.is_floating_point and is_fp8_weight(name, spec.shape):
             out[name] = TensorSpec(spec.shape, FP8_DTYPE)
             out[name + SCALE_SUFFIX] = TensorSpec(scale_shape(spec.shape, block), torch.float32)
-        elif dtype is not None and spec.dtype.is_floating_point and spec.dtype != FP8_DTYPE and not name.endswith(KEEP_FP32):
+        elif (dtype is not None and spec.dtype.is_floating_point and spec.dtype != FP8_DTYPE
+              and not name.endswith(KEEP_FP32)):
             out[name] = TensorSpec(spec.shape, dtype)
         else:
             out[name] = spec
@@ -684,7 +690,8 @@ def check_against_model(specs: dict[str, TensorSpec], expected: dict[str, tuple[
             f"{where} lacks {len(missing)} tensor(s) the model needs, e.g. {', '.join(missing[:3])}. The checkpoint "
             "is incomplete or was written for another config: check config.json against the shards."
         )
-    extra = [n for n in stored if n not in expected and not (n.endswith(SCALE_SUFFIX) and n[: -len(SCALE_SUFFIX)] in expected)]
+    extra = [n for n in stored if n not in expected
+             and not (n.endswith(SCALE_SUFFIX) and n[: -len(SCALE_SUFFIX)] in expected)]
     if extra:
         raise CheckpointError(
             f"{where} holds {len(extra)} tensor(s) this model has no place for, e.g. {', '.join(extra[:3])}. "

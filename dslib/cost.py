@@ -83,7 +83,10 @@ def decode_costs(cfg: ModelConfig, context_len: int, *, gqa_groups: int = 8, dty
     H, S, L = cfg.num_attention_heads, context_len, cfg.num_hidden_layers
     mla_flops = attention_flops(cfg, 1, S, "absorbed")["total"]
     rows = {
-        "MHA": (cfg.kv_bytes_per_token_per_layer("mha", dtype_bytes=dtype_bytes), 2 * H * S * (cfg.qk_head_dim + cfg.v_head_dim)),
+        "MHA": (
+            cfg.kv_bytes_per_token_per_layer("mha", dtype_bytes=dtype_bytes),
+            2 * H * S * (cfg.qk_head_dim + cfg.v_head_dim),
+        ),
         f"GQA-{gqa_groups}": (
             cfg.kv_bytes_per_token_per_layer("gqa", dtype_bytes=dtype_bytes, kv_heads=gqa_groups),
             2 * H * S * 2 * cfg.v_head_dim,

@@ -79,14 +79,16 @@ class DevicePlan:
         return sum(self.unit_bytes.values())
 
     def layers_on(self, device: str) -> list[int]:
-        return [int(u.split(".")[-1]) for u, d in self.placement.items() if d == device and u.startswith("model.layers.")]
+        return [int(u.split(".")[-1]) for u, d in self.placement.items()
+                if d == device and u.startswith("model.layers.")]
 
     def rows(self) -> list[dict]:
         """One row per device: layers held, GB used, GB usable (for a table or a plot)."""
         rows = []
         for dev, cap, res in zip(self.devices, self.capacity, self.reserve):
             layers = self.layers_on(dev)
-            extra = [u.split(".")[-1] for u, d in self.placement.items() if d == dev and not u.startswith("model.layers.")]
+            extra = [u.split(".")[-1] for u, d in self.placement.items()
+                     if d == dev and not u.startswith("model.layers.")]
             rows.append({
                 "device": dev,
                 "layers": f"{layers[0]}-{layers[-1]}" if layers else "-",
@@ -101,7 +103,8 @@ class DevicePlan:
     def __str__(self) -> str:
         lines = [f"{'device':<8} {'layers':<8} {'also':<24} {'weights':>10} {'usable':>10}"]
         for r in self.rows():
-            lines.append(f"{r['device']:<8} {r['layers']:<8} {r['also']:<24} {r['weights_GB']:>8.2f}GB {r['usable_GB']:>8.2f}GB")
+            lines.append(f"{r['device']:<8} {r['layers']:<8} {r['also']:<24} {r['weights_GB']:>8.2f}GB "
+                         f"{r['usable_GB']:>8.2f}GB")
         return "\n".join(lines)
 
 
@@ -132,7 +135,9 @@ def plan_devices(
     if gpus is None:
         gpus = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
         if not gpus:
-            raise DevicePlanError("No CUDA device is visible. Pass pretend sizes, e.g. gpus=[141e9] * 8, to plan on CPU.")
+            raise DevicePlanError(
+                "No CUDA device is visible. Pass pretend sizes, e.g. gpus=[141e9] * 8, to plan on CPU."
+            )
     names = names or [f"cuda:{i}" for i in range(len(gpus))]
     if len(names) != len(gpus):
         raise ValueError(f"{len(names)} device names for {len(gpus)} devices.")

@@ -49,7 +49,8 @@ class IndexerKeyCache(LayerCache):
 
 
 def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """x `[B or 1, T, ...]` at the query indices `rows` `[B, P]` -> `[B, P, ...]` (row p of batch b is x[b, rows[b, p]])."""
+    """x `[B or 1, T, ...]` at the query indices `rows` `[B, P]` -> `[B, P, ...]`: row p of batch b is
+    x[b, rows[b, p]]."""
     x = x.expand(rows.shape[0], *x.shape[1:])
     idx = rows.view(*rows.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
     return x.gather(1, idx)
@@ -121,7 +122,7 @@ class LightningIndexer(nn.Module):
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
         keys = self.project_k(h, cos, sin) if keys is None else keys  # [B, S, D_I]
         if rows is not None:  # the queries at `rows` only; the keys stay all S
-            cos, sin = take_rows(cos if cos.dim() == 3 else cos[None], rows), take_rows(sin if sin.dim() == 3 else sin[None], rows)
+            cos, sin = (take_rows(t if t.dim() == 3 else t[None], rows) for t in (cos, sin))
             h, q_latent = take_rows(h, rows), take_rows(q_latent, rows)
             q_positions = take_rows(batched_positions(q_positions), rows)
         q = self.project_q(q_latent, cos, sin)  # [B, T, H_I, D_I]

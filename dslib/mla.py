@@ -336,9 +336,11 @@ def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, p
             "kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, ...), and that `prefix` is right."
         )
         if cfg is not None:
-            check += f" The module was built with {type(cfg).__name__}(hidden_size={getattr(cfg, 'hidden_size', '?')}, ...)."
+            size = getattr(cfg, "hidden_size", "?")
+            check += f" The module was built with {type(cfg).__name__}(hidden_size={size}, ...)."
         raise WeightLoadError(
-            f"Cannot load weights into {what}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems) + "\n" + check
+            f"Cannot load weights into {what}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems)
+            + "\n" + check
         )
     params = dict(module.named_parameters())
     params.update(dict(module.named_buffers()))

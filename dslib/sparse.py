@@ -84,14 +84,6 @@ def selection_mask(selected: torch.Tensor, num_keys: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ attention maths
-def gather_keys(kv_latent: torch.Tensor, k_rope: torch.Tensor, selected: torch.Tensor):
-    """The selected latents and rope keys: `[B, T, k, C]`, `[B, T, k, R]` (index -1 reads key 0; mask it later)."""
-    B = kv_latent.shape[0]
-    idx = selected.clamp(min=0)
-    batch = torch.arange(B, device=selected.device).view(B, 1, 1)
-    return kv_latent[batch, idx], k_rope[batch, idx]
-
-
 def sparse_attention(
     q_absorbed: torch.Tensor,
     q_rope: torch.Tensor,
@@ -118,10 +110,12 @@ def sparse_attention(
             "pass one row of key indices per query."
         )
     out, all_probs = [], []
+    batch = torch.arange(B, device=selected.device).view(B, 1, 1)
     for start in range(0, T, chunk):
         sl = slice(start, start + chunk)
         sel = selected[:, sl]  # [B, c, k]
-        lat, rope = gather_keys(kv_latent, k_rope, sel)  # [B, c, k, C], [B, c, k, R]
+        idx = sel.clamp(min=0)  # an empty slot (-1) reads key 0, masked to -inf below
+        lat, rope = kv_latent[batch, idx], k_rope[batch, idx]  # gathered: [B, c, k, C], [B, c, k, R]
         scores = torch.einsum("bthc,btkc->bthk", q_absorbed[:, sl], lat)
         scores = scores + torch.einsum("bthr,btkr->bthk", q_rope[:, sl], rope)
         scores = (scores * softmax_scale).float().masked_fill((sel < 0).unsqueeze(2), float("-inf"))
@@ -275,26 +269,29 @@ class DSAttention(MLA):
         if selected is not None and recorder is not None:
             recorder.on_selection(layer_idx=self.layer_idx, selected=selected, positions=positions)
 
-        probs = None
-        if selected is None:  # dense: chapter 2's MLA
-            out, probs = self.attend(q_nope, q_rope, kv_latent, k_rope, positions, mode=mode, return_probs=True,
-                                     check_positions=given)
-        elif mode == "naive":  # MHA mode, the selection as a mask: O(T·S), the reference
-            out, probs = self.attend(q_nope, q_rope, kv_latent, k_rope, positions, mode=mode, return_probs=True,
-                                     mask=selection_mask(selected, kv_latent.shape[1]), check_positions=given)
-            idx = selected.clamp(min=0).unsqueeze(2).expand(-1, -1, self.num_heads, -1)  # probs of the selected keys
-            probs = probs.gather(-1, idx).masked_fill((selected < 0).unsqueeze(2), 0.0)  # [B, T, H, k]
+        need, probs = want.need_probs, None  # probabilities only when asked (a 128K-token prefill: 68 GB in bf16)
+        if selected is None or mode == "naive":  # MLA (chapter 2); naive: MHA mode, the selection as a mask, O(T·S)
+            mask = None if selected is None else selection_mask(selected, kv_latent.shape[1])
+            out = self.attend(q_nope, q_rope, kv_latent, k_rope, positions, mode=mode, mask=mask, return_probs=need,
+                              check_positions=given)
+            if need:
+                out, probs = out  # probs [B, T, H, S]
+                if selected is not None:  # the probabilities of the selected keys, [B, T, H, k]
+                    idx = selected.clamp(min=0).unsqueeze(2).expand(-1, -1, self.num_heads, -1)
+                    probs = probs.gather(-1, idx).masked_fill((selected < 0).unsqueeze(2), 0.0)
         else:  # gather the k selected latents per query and attend in MQA mode: O(T·k)
             q_absorbed = torch.einsum("bthd,hdc->bthc", q_nope, self.w_uk())  # [B, T, H, kv_lora_rank]
-            if kernels is not None and not want.need_probs:
+            if kernels is not None and not need:
                 x = kernels.sparse_mla.sparse_mla(q_absorbed, q_rope, kv_latent, k_rope, selected, self.softmax_scale)
             else:
-                x, probs = sparse_attention(q_absorbed, q_rope, kv_latent, k_rope, selected, self.softmax_scale,
-                                            return_probs=True)  # probs [B, T, H, k]
+                x = sparse_attention(q_absorbed, q_rope, kv_latent, k_rope, selected, self.softmax_scale,
+                                     return_probs=need)
+                if need:
+                    x, probs = x  # probs [B, T, H, k]
             out = torch.einsum("bthc,hvc->bthv", x, self.w_uv())  # [B, T, H, v_head_dim]
         if stats is not None:
             stats.selected, stats.index_scores = selected, scores
-            stats.probs = None if not want.need_probs else probs if want.rows is None else take_rows(probs, want.rows)
+            stats.probs = probs if probs is None or want.rows is None else take_rows(probs, want.rows)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.v_head_dim))
 
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from dslib.attention import DecoderLayer, FeedForward, RMSNorm
 from dslib.config import ModelConfig
-from dslib.indexer import attention_target, indexer_kl_loss
+from dslib.indexer import attention_target, indexer_kl_loss, take_rows
 from dslib.sparse import AttentionStats, DSAttention, attention_recall, topk_selection, window_selection
 from dslib.tasks import IGNORE, RecallBatch, RecallTask, accuracy_by_distance, eval_set, make_batch
 
@@ -216,7 +216,7 @@ def train_stage(
             if stage == "warmup":  # dense: KL over all causal keys
                 kl = kl + indexer_kl_loss(attention_target(s.probs), s.index_scores)
             else:  # sparse: KL over the selected set only
-                sel = s.selected if rows is None else s.selected.gather(1, rows.unsqueeze(-1).expand(-1, -1, s.selected.shape[-1]))
+                sel = s.selected if rows is None else take_rows(s.selected, rows)  # [B, T or P, k]
                 scores_sel = s.index_scores.gather(-1, sel.clamp(min=0)).masked_fill(sel < 0, float("-inf"))
                 kl = kl + indexer_kl_loss(attention_target(s.probs), scores_sel)
         total = (loss if train_main else 0) + (kl if train_index else 0)
@@ -232,7 +232,8 @@ def train_stage(
             log.kl.append(round(kl.item(), 5))
         log.steps = step + 1
         if not progress and step % 50 == 0:
-            print(f"  {stage} step {step:5d}  loss {loss.item():.4f}  acc {acc:.3f} (avg {avg_acc:.3f})  kl {kl.item():.4f}"
+            print(f"  {stage} step {step:5d}  loss {loss.item():.4f}  acc {acc:.3f} (avg {avg_acc:.3f})  "
+                  f"kl {kl.item():.4f}"
                   f"  {time.perf_counter() - t0:6.1f} s", flush=True)
         if target_acc is not None and step >= warmup and avg_acc >= target_acc:
             break

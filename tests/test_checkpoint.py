@@ -49,7 +49,8 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- names
-@pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": None}, {"first_k_dense_replace": 0}, {"n_shared_experts": 2}])
+@pytest.mark.parametrize("overrides",
+                         [{}, {"q_lora_rank": None}, {"first_k_dense_replace": 0}, {"n_shared_experts": 2}])
 def test_state_dict_names_are_the_checkpoint_names(overrides):
     cfg = CFG.replace(**overrides)
     with torch.device("meta"):
@@ -208,7 +209,8 @@ def test_keep_fp8_storage_gives_the_same_logits(sharded_fp8):
     sd = fp8.state_dict()
     for name, spec in stored.specs().items():
         if spec.dtype == torch.float8_e4m3fn and "kv_b_proj" not in name:
-            assert sd[name].dtype == torch.float8_e4m3fn and torch.equal(sd[name + "_scale_inv"], stored.read(name + "_scale_inv"))
+            assert sd[name].dtype == torch.float8_e4m3fn
+            assert torch.equal(sd[name + "_scale_inv"], stored.read(name + "_scale_inv"))
     ids = torch.randint(0, CFG.vocab_size, (2, 12))
     with torch.no_grad():
         assert torch.equal(fp8(ids), plain(ids))
@@ -223,7 +225,8 @@ def test_keep_fp8_needs_an_fp8_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("cfg", [ModelConfig.deepseek_v32(), ModelConfig.small(), ModelConfig.tiny(q_lora_rank=None),
-                                 ModelConfig.tiny(first_k_dense_replace=3)], ids=["671B", "small", "no-q-lora", "all-dense"])
+                                 ModelConfig.tiny(first_k_dense_replace=3)],
+                                 ids=["671B", "small", "no-q-lora", "all-dense"])
 def test_config_accounting_equals_the_modules(cfg):
     """Chapter 1's closed-form parameter counts (the estimate) equal the tensors of the modules themselves, which
     the checkpoint table reads off a meta-device build (the measurement): per component, total, with MTP."""

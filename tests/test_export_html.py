@@ -17,7 +17,8 @@ def external_scripts(page: str) -> list[str]:
 
 
 def check_page(page: str, plots: int, name: str):
-    assert ex.count_plots_in_page(page) == plots, f"{name}: page draws {ex.count_plots_in_page(page)} plots, notebook showed {plots}"
+    drawn = ex.count_plots_in_page(page)
+    assert drawn == plots, f"{name}: page draws {drawn} plots, notebook showed {plots}"
     assert page.count("Plotly.newPlot(") >= plots, f"{name}: a plot div without its drawing script"
     assert external_scripts(page) == [], f"{name}: the page loads scripts from the web: {external_scripts(page)}"
     assert "plotly.js v" in page, f"{name}: plotly.js is not inlined"

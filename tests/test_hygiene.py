@@ -54,7 +54,9 @@ def dslib_imports(source: str, package: str) -> set[str]:
                 mod = node.module or ""
             if mod.split(".")[0] == "dslib":
                 found.add(mod)
-                found |= {f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}".count(".") <= 2 and a.name[:1].islower() and chapter_known(f"{mod}.{a.name}")}
+                found |= {f"{mod}.{a.name}" for a in node.names
+                          if f"{mod}.{a.name}".count(".") <= 2 and a.name[:1].islower()
+                          and chapter_known(f"{mod}.{a.name}")}
     return found
 
 
@@ -79,7 +81,8 @@ def test_dslib_imports_follow_chapter_order(path, module):
         return
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     for imported in dslib_imports(path.read_text(), package):
-        assert chapter_of(imported) <= own, f"{module} (chapter {own}) imports {imported} (chapter {chapter_of(imported)})"
+        theirs = chapter_of(imported)
+        assert theirs <= own, f"{module} (chapter {own}) imports {imported} (chapter {theirs})"
 
 
 def notebook_chapter(path: Path) -> int:
@@ -106,7 +109,8 @@ def test_notebook_committed_clean(nb):
     result = subprocess.run(
         [sys.executable, "-m", "nbstripout", "--verify", "--keep-id", str(nb)], capture_output=True, text=True
     )
-    assert result.returncode == 0, f"{nb.name} carries outputs or metadata: run `make strip`.\n{result.stdout}{result.stderr}"
+    assert result.returncode == 0, (f"{nb.name} carries outputs or metadata: run `make strip`.\n"
+                                   f"{result.stdout}{result.stderr}")
 
 
 def test_every_notebook_has_parameters_cell_and_exercises():
@@ -120,7 +124,8 @@ def test_every_notebook_has_parameters_cell_and_exercises():
 
 
 def _requirement_names(specs):
-    return {re.split(r"[<>=!~ \[]", s.strip(), maxsplit=1)[0].lower().replace("_", "-"): s.replace(" ", "") for s in specs}
+    return {re.split(r"[<>=!~ \[]", s.strip(), maxsplit=1)[0].lower().replace("_", "-"): s.replace(" ", "")
+            for s in specs}
 
 
 def test_environment_yml_matches_pyproject():

@@ -16,7 +16,8 @@ def test_every_figure_function_returns_a_figure():
     r = gate.route(torch.randn(3, 16))
     figs = [
         vm.params_bars(["671B"], [671.9], [38.4]),
-        vm.token_routing(r.scores[0], gate.e_score_correction_bias, r.group_kept[0], r.topk_idx[0], r.topk_weight[0], 4),
+        vm.token_routing(r.scores[0], gate.e_score_correction_bias, r.group_kept[0], r.topk_idx[0],
+                         r.topk_weight[0], 4),
         vm.token_routing(r.scores[0], gate.e_score_correction_bias, None, r.topk_idx[0], r.topk_weight[0], 1),
         vm.maxvio_curves([0, 10], {"none": [1.0, 0.5]}, colors=vm.SETTING_COLORS),
         vm.expert_load_heatmap(torch.rand(2, 16), ["L0", "L1"], 4),

@@ -505,7 +505,7 @@ md(r"""
   `deepseek_v32` attention with the same weights), and `LatentCache`, which holds only
   `kv_lora_rank + qk_rope_head_dim` values per token and layer.
 - `dslib.mla.load_weights`: strict loading that names every missing, unexpected or mis-shaped tensor.
-- Accounting: `attention_flops`, `kv_bytes_read`, `decode_costs`; the FP8 cache layout `fp8_pack_latent`.
+- Accounting in `dslib.cost`: `attention_flops`, `kv_bytes_read`, `decode_costs`; the FP8 cache layout `fp8_pack_latent`.
 
 Chapter 3 adds the lightning indexer and lets each query attend to only 2048 of these cached latents.
 
