@@ -525,21 +525,34 @@ class Run:
         (self.out / LOG_FILE).write_text(json.dumps(self.log, indent=1) + "\n")
 
 
-def _time_steps(model, opt, stream, kinds, s: TrainSettings, device, gen, n: int = 3) -> dict[str, float]:
-    """Seconds per step of each kind, measured on a throwaway copy (after one untimed step each)."""
-    twin, twin_opt = clone(model, opt, s)
+def _time_steps(model, opt, stream, s: TrainSettings, device, gen, probe=None, n: int = 3) -> dict[str, float]:
+    """Seconds per step, measured on throwaway copies after one untimed step each: "dense" (stage (a)), and the
+    variants' lockstep steps of all three models, "lockstep_warmup" (dense + window + indexer warm-up) and
+    "lockstep_sparse" (dense + window + sparse); "probe": one held-out probe."""
+    twins = [clone(model, opt, s) for _ in range(3)]
+    plans = {"dense": ("dense",), "lockstep_warmup": ("dense", "window", "warmup"),
+             "lockstep_sparse": ("dense", "window", "sparse")}
     out = {}
-    for kind in kinds:
+    for name, kinds in plans.items():
         for i in range(n + 1):
             ids = lm_data.random_batch(stream, s.batch_size, s.seq_len, gen).to(device)
             if i == 1:
                 _sync(device)
                 t = time.perf_counter()
-            train_step(twin, twin_opt, ids, kind, lr=s.lr * 0.1, s=s)
+            for (m, o), kind in zip(twins, kinds):
+                train_step(m, o, ids, kind, lr=s.lr * 0.1, s=s)
         _sync(device)
-        out[kind] = (time.perf_counter() - t) / n
-    del twin, twin_opt
+        out[name] = (time.perf_counter() - t) / n
+    if probe is not None:
+        probe(twins[0][0], "sparse")
+        t = time.perf_counter()
+        probe(twins[0][0], "sparse")
+        out["probe"] = time.perf_counter() - t
+    del twins
     return out
+
+
+PROBES = 12  # held-out probes per training phase and model (about every tenth of the steps, and the last)
 
 
 def run(out: str | Path, s: TrainSettings, *, device: str = "cpu", argv: list[str] | None = None,
@@ -584,21 +597,30 @@ def run(out: str | Path, s: TrainSettings, *, device: str = "cpu", argv: list[st
           f"index_topk {cfg.index_topk} of {s.seq_len}")
     gen = torch.Generator().manual_seed(s.seed)
 
+    probe = EvalSet(ev.ids[: s.probe_sequences], ev.classes[: s.probe_sequences], ev.distance[: s.probe_sequences])
+
+    def probe_loss(m, attention):  # held-out loss on a few sequences, to see over-fitting if it comes
+        loss = evaluate(m, probe, attention, batch=s.eval_batch)["loss"]
+        m.train()
+        return round(loss, 4)
+
     # -- step counts: fixed, or from the time budget
     if s.dense_steps is not None and s.compare_steps is not None:
         n_a, n_cmp, per_step = s.dense_steps, s.compare_steps, None
         deadline = float("inf")
     else:
-        per_step = _time_steps(model, opt, train_stream, ("dense", "window", "warmup", "sparse"), s, dev,
-                               torch.Generator().manual_seed(s.seed + 99))
+        per_step = _time_steps(model, opt, train_stream, s, dev, torch.Generator().manual_seed(s.seed + 99),
+                               probe=probe_loss)
         train_s = budget_s - R.elapsed() - s.eval_reserve_s
-        if train_s <= 0:
+        # plan for 85% of it (steps cost a little more in the loop than when timed alone), minus the probes
+        plan_s = 0.85 * train_s - PROBES * 4 * per_step["probe"]
+        if plan_s <= 0:
             raise RuntimeError(f"--minutes {s.minutes} leaves no time to train after {R.elapsed():.0f} s of setup.")
         f = s.indexer_warmup_share
-        n_a = s.dense_steps or max(1, int(s.dense_share * train_s / per_step["dense"]))
-        per_cmp = per_step["dense"] + per_step["window"] + f * per_step["warmup"] + (1 - f) * per_step["sparse"]
-        n_cmp = s.compare_steps or max(2, int((train_s - n_a * per_step["dense"]) / per_cmp))
-        deadline = R.elapsed() + train_s * 1.05  # stop early if the machine turns out slower than measured
+        n_a = s.dense_steps or max(1, int(s.dense_share * plan_s / per_step["dense"]))
+        per_cmp = f * per_step["lockstep_warmup"] + (1 - f) * per_step["lockstep_sparse"]  # one step of all three
+        n_cmp = s.compare_steps or max(2, int((plan_s - n_a * per_step["dense"]) / per_cmp))
+        deadline = R.elapsed() + train_s  # stop early if the machine turns out slower than measured
         R.say("seconds per step: " + ", ".join(f"{k} {v:.3f}" for k, v in per_step.items()))
         cap = int(s.max_epochs * len(train_stream) / (s.batch_size * s.seq_len))
         if n_a + n_cmp > cap:  # a fast machine: fewer steps, same split, rather than many passes over the corpus
@@ -616,13 +638,6 @@ def run(out: str | Path, s: TrainSettings, *, device: str = "cpu", argv: list[st
           f"{n_cmp - n_b} sparse)")
     R.flush()
     stages = out / "stages"
-
-    probe = EvalSet(ev.ids[: s.probe_sequences], ev.classes[: s.probe_sequences], ev.distance[: s.probe_sequences])
-
-    def probe_loss(m, attention):  # held-out loss on a few sequences, to see over-fitting if it comes
-        loss = evaluate(m, probe, attention, batch=s.eval_batch)["loss"]
-        m.train()
-        return round(loss, 4)
 
     # -- (a) dense training
     curve = {"step": [], "loss": [], "probe_step": [], "probe_loss": []}
@@ -648,15 +663,17 @@ def run(out: str | Path, s: TrainSettings, *, device: str = "cpu", argv: list[st
     R.flush()
 
     # -- the three variants, in lockstep on the same batches
-    if per_step is not None:  # (a) ran slower than measured: fit the variants into the time that is left
-        fits = int((deadline - R.elapsed()) / per_cmp)
+    if per_step is not None:  # if (a) ran slower than measured, fit the variants into the time that is left
+        slower = max(1.0, R.log["stages"]["dense"]["wall_s"] / max(1e-9, done_a * per_step["dense"]
+                                                                     + PROBES * per_step["probe"]))
+        fits = int((0.95 * (deadline - R.elapsed()) - PROBES * 3 * per_step["probe"] * slower) / (per_cmp * slower))
         if fits < n_cmp:
             R.say(f"{n_cmp} steps per variant no longer fit the budget: {max(2, fits)}")
             n_cmp = max(2, fits)
             n_b = max(1, round(s.indexer_warmup_share * n_cmp))
             total = done_a + n_cmp
             R.log["plan"].update(compare_steps=n_cmp, dsa_warmup_steps=n_b, dsa_sparse_steps=n_cmp - n_b,
-                                 schedule_steps=total, replanned_after_dense=True)
+                                 schedule_steps=total, replanned_after_dense=True, slower_than_timed=slower)
     variants = {name: clone(model, opt, s) for name in VARIANTS}
     del model, opt
     curves = {name: {"step": [], "loss": [], "kl": [], "probe_step": [], "probe_loss": []} for name in VARIANTS}

@@ -238,3 +238,21 @@ def test_inspect_text_and_bad_input(tiny_run):
         inspect_text(lm, tok, "x = 1\n" * 200)
     with pytest.raises(FileNotFoundError, match="dslib.lm_train"):
         load_textlm(out / "nowhere")
+
+
+def test_training_from_a_time_budget(tmp_path):
+    """The GPU run's path: seconds per step measured first, step counts planned from the budget (the variants
+    always at equal steps, even when the deadline stops them)."""
+    from dslib import lm_train
+
+    s = lm_train.TrainSettings.tiny_run(dense_steps=None, compare_steps=None, minutes=0.25, eval_reserve_s=4.0,
+                                        eval_sequences=2)
+    log = lm_train.run(tmp_path, s, device="cpu")
+    plan, st = log["plan"], log["stages"]
+    assert set(plan["seconds_per_step"]) == {"dense", "lockstep_warmup", "lockstep_sparse", "probe"}
+    assert 1 <= st["dense"]["steps"] <= plan["dense_steps"] and 1 <= st["variants"]["steps"] <= plan["compare_steps"]
+    assert st["variants"]["stopped_early"] == (st["variants"]["steps"] < plan["compare_steps"]
+                                               or st["dense"]["steps"] < plan["dense_steps"])
+    lengths = {len(c["loss"]) for c in st["variants"]["curves"].values()}
+    assert len(lengths) == 1  # the three variants logged the same steps
+    assert log["status"] == "done"
