@@ -330,6 +330,9 @@ class TensorSource(ABC):
 
     config: ModelConfig
     description: str = "tensors"
+    # True when `get(name, out=slot)` can write a tensor straight into the parameter it is destined for (a shard read
+    # into place, weights generated in place on the GPU): the loader then skips a copy.
+    fills_out: bool = False
 
     @abstractmethod
     def specs(self) -> dict[str, TensorSpec]:
@@ -433,6 +436,8 @@ class SafetensorsSource(TensorSource):
     Only headers are read at construction (that is where a corrupt or missing shard is reported); tensors are read
     one at a time by `open(shard)`. Files are opened read-only and never changed.
     """
+
+    fills_out = True
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -816,7 +821,7 @@ def _fill(module: torch.nn.Module, prefix: str, source: TensorSource, device: to
         with source.open(group) as get:
             for name in names:
                 slot = slots[name]
-                tensor = get(name, out=slot) if isinstance(source, SafetensorsSource) else get(name)
+                tensor = get(name, out=slot) if source.fills_out else get(name)
                 if tensor is slot:  # read straight into place (same dtype and shape on the CPU)
                     continue
                 if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and slot.dtype != tensor.dtype:
@@ -862,9 +867,10 @@ def load_pretrained(
 
 
 def load_layer(path: str | Path | TensorSource, layer_idx: int, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32, *, progress: bool = False) -> "torch.nn.Module":
+               dtype: torch.dtype = torch.float32, *, progress: bool = False, keep_fp8: bool = False) -> "torch.nn.Module":
     """One decoder layer (`model.layers.{layer_idx}.*`) of a checkpoint or source, read exactly as
-    `load_pretrained` reads it: e.g. a full-size layer of the 671B model from a `RandomSource` on one GPU."""
+    `load_pretrained` reads it: e.g. a full-size layer of the 671B model from a `RandomSource` on one GPU.
+    keep_fp8=True keeps its FP8 linears as stored (`FP8Linear`), as `load_pretrained(keep_fp8=True)` does."""
     from dslib.model import DecoderLayer
 
     source = path if isinstance(path, TensorSource) else SafetensorsSource(path)
@@ -872,5 +878,26 @@ def load_layer(path: str | Path | TensorSource, layer_idx: int, device: str | to
         raise ValueError(f"layer_idx={layer_idx} is outside 0..{source.config.num_hidden_layers - 1}.")
     with _parameters_on_meta():
         layer = DecoderLayer(source.config, layer_idx)
+        if keep_fp8:
+            _require_fp8(source)
+            use_fp8_storage(layer, prefix=f"model.layers.{layer_idx}.", block=_block_size(source.config))
     _fill(layer, f"model.layers.{layer_idx}.", source, torch.device(device), dtype, None, progress)
     return layer.to(device).eval()
+
+
+def load_part(path: str | Path | TensorSource, prefix: str, module: torch.nn.Module, device: str | torch.device = "cpu",
+              dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Fill `module` (built on the meta device or not) with the tensors `prefix + name` of a checkpoint or source,
+    read exactly as `load_pretrained` reads them: e.g. `load_part(src, "model.embed_tokens.", nn.Embedding(V, d))`.
+    Used to load the embeddings, final norm and head of a model whose layers are streamed."""
+    source = path if isinstance(path, TensorSource) else SafetensorsSource(path)
+    _fill(module, prefix, source, torch.device(device), dtype, None, False)
+    return module.to(device).eval()
+
+
+def _require_fp8(source: TensorSource) -> None:
+    if not any(s.dtype == FP8_DTYPE for s in source.specs().values()):
+        raise CheckpointError(
+            f"keep_fp8=True keeps FP8 weights as stored, but {source.description} holds none. Load it "
+            "without keep_fp8, or write an FP8 copy first (write_checkpoint(..., fp8=True))."
+        )
