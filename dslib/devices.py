@@ -206,6 +206,14 @@ def gpus_needed(cfg: ModelConfig, gpu_bytes: float, *, storage: str = "fp8", res
 GiB = 2**30
 
 
+def fmt_bytes(n: float) -> str:
+    """1.5e9 -> '1.50 GB', 2.5e6 -> '2.50 MB' (decimal units, as the GPU makers count)."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
 def held_module_bytes(cfg: ModelConfig, storage: str = "fp8") -> dict[str, int]:
     """Bytes each placement unit holds on the device once loaded: `module_bytes`, except that with FP8 storage
     `kv_b_proj` is held dequantised (bf16 instead of e4m3 + scales; MLA reads its weight directly)."""
@@ -332,10 +340,11 @@ class RunPlan:
                 f"{self.prompt_len:,} x batch {self.batch}, attention chunks of {self.attn_chunk:,} queries, FFN chunks "
                 f"of {self.moe_chunk:,} tokens ({self.storage} weights, backend {self.backend})")
         lines = [head]
-        for r in self.rows():
-            parts = ", ".join(f"{k[:-3]} {v:.1f}" for k, v in r.items() if k.endswith("_GB") and k not in ("planned_GB", "limit_GB"))
-            lines.append(f"  {r['device']}: resident {r['resident_layers'] or '-'}, streamed {r['streamed_layers'] or '-'}; "
-                         f"GB: {parts}; planned {r['planned_GB']:.1f} of {r['limit_GB']:.1f}")
+        for dev, lim in zip(self.devices, self.limit):
+            r = next(row for row in self.rows() if row["device"] == dev)
+            parts = ", ".join(f"{k.replace('_', ' ')} {fmt_bytes(v)}" for k, v in self.budget[dev].items() if v)
+            lines.append(f"  {dev}: resident {r['resident_layers'] or '-'}, streamed {r['streamed_layers'] or '-'}; "
+                         f"{parts}; planned {fmt_bytes(self.peak_bytes(dev))} of {fmt_bytes(lim)}")
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 
@@ -363,6 +372,7 @@ def plan_run(
     backend: str = "torch", streaming: bool | None = None, memory_limit: float | None = None,
     activation_budget: float = 20 * GiB, reserve_bytes: float = 2 * GiB, keep_caches: str = "resident",
     max_new_tokens: int = 0, names: list[str] | None = None, dtype_bytes: int = 2,
+    attn_chunk: int | None = None, moe_chunk: int | None = None,
 ) -> RunPlan:
     """Plan a forward pass of `batch` x `prompt_len` tokens on devices of `gpus` bytes (None: the visible GPUs),
     from the config alone, before anything is loaded.
@@ -370,7 +380,7 @@ def plan_run(
     All layers resident when they fit (weights + hidden state + activations + caches + `reserve_bytes` per
     device), otherwise layer streaming (unless streaming=False) with as many layers resident as fit. Per device
     the plan may use min(its memory, `memory_limit`). Chunk sizes are the largest powers of two whose estimated
-    activations (`activation_bytes`) stay within `activation_budget`.
+    activations (`activation_bytes`) stay within `activation_budget` (or the given `attn_chunk` / `moe_chunk`).
     keep_caches: "resident" keeps the caches of resident layers (decode over them after the prefill); "all" keeps
     every layer's (generation through all layers). Raises `DevicePlanError` naming the bytes needed.
     """
@@ -406,13 +416,13 @@ def plan_run(
         return activation_bytes(cfg, c, T, batch=batch, phase="moe", dtype_bytes=dtype_bytes) <= activation_budget
 
     notes = []
-    attn_chunk = _largest_chunk(attn_fits, prompt_len, 16384)
-    moe_chunk = _largest_chunk(moe_fits, prompt_len, 16384)
+    attn_chunk = attn_chunk or _largest_chunk(attn_fits, prompt_len, 16384)
+    moe_chunk = moe_chunk or _largest_chunk(moe_fits, prompt_len, 16384)
     act = max(activation_bytes(cfg, attn_chunk, T, batch=batch, backend=backend, dtype_bytes=dtype_bytes),
               activation_bytes(cfg, moe_chunk, T, batch=batch, phase="moe", dtype_bytes=dtype_bytes))
     if act > activation_budget:
-        notes.append(f"even the smallest chunks need ~{act / GiB:.1f} GiB of activations (budget "
-                     f"{activation_budget / GiB:.0f} GiB) with backend={backend!r}")
+        notes.append(f"even the smallest chunks need ~{fmt_bytes(act)} of activations (budget "
+                     f"{fmt_bytes(activation_budget)}) with backend={backend!r}")
     G = len(gpus)
     # Contiguous, balanced split of the layers over the devices (by bytes): run r holds layers owner == r.
     owner = _balanced_owner(layer_bytes, G)
@@ -428,11 +438,11 @@ def plan_run(
         if streaming is False:
             fewest = _fewest_devices(layer_bytes, per_layer_cache, embed, head, hidden + act + int(reserve_bytes), max(limit))
             raise DevicePlanError(
-                f"All {L} layers resident need {need_resident / GB:.1f} GB ({sum(layer_bytes) / GB:.1f} GB of {storage} "
-                f"weights + {embed / GB + head / GB:.1f} GB embeddings and head + caches, hidden states and activations "
-                f"for {batch} x {prompt_len:,} tokens), but the {G} device(s) offer {sum(limit) / GB:.1f} GB "
-                f"({', '.join(f'{x / GB:.1f}' for x in limit)}). Use streaming=True to stream the layers through the "
-                f"GPU a few at a time, or at least {fewest} device(s) of {max(limit) / GB:.1f} GB."
+                f"All {L} layers resident need {fmt_bytes(need_resident)} ({fmt_bytes(sum(layer_bytes))} of {storage} "
+                f"weights + {fmt_bytes(embed + head)} embeddings and head + caches, hidden states and activations "
+                f"for {batch} x {prompt_len:,} tokens), but the {G} device(s) offer {fmt_bytes(sum(limit))} "
+                f"({', '.join(fmt_bytes(x) for x in limit)}). Use streaming=True to stream the layers through the "
+                f"GPU a few at a time, or at least {fewest} device(s) of {fmt_bytes(max(limit))}."
             )
         mode = "streaming"
     else:
@@ -446,10 +456,10 @@ def plan_run(
         if mode == "streaming" and free < 0:
             need = fixed(g) + slot + kept_cache
             raise DevicePlanError(
-                f"Streaming needs at least {need / GB:.1f} GB on {names[g]}: the largest layer ({slot / GB:.2f} GB "
-                f"{storage}), {'embeddings/head, ' if g in (0, G - 1) else ''}the hidden state ({hidden / GB:.2f} GB for "
-                f"{batch} x {prompt_len:,} tokens), ~{act / GB:.1f} GB of activations and a {reserve_bytes / GB:.1f} GB "
-                f"reserve{' and every layer cache' if keep_caches == 'all' else ''}; it offers {limit[g] / GB:.1f} GB. "
+                f"Streaming needs at least {fmt_bytes(need)} on {names[g]}: the largest layer ({fmt_bytes(slot)} "
+                f"{storage}), {'embeddings/head, ' if g in (0, G - 1) else ''}the hidden state ({fmt_bytes(hidden)} for "
+                f"{batch} x {prompt_len:,} tokens), ~{fmt_bytes(act)} of activations and a {fmt_bytes(reserve_bytes)} "
+                f"reserve{' and every layer cache' if keep_caches == 'all' else ''}; it offers {fmt_bytes(limit[g])}. "
                 "Shorten the prompt, lower activation_budget, or use a device with more memory."
             )
         held = 0

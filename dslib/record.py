@@ -282,8 +282,9 @@ class SummaryRecorder:
             n += 1
         return layers, (total / max(n, 1)).tolist() if n else []
 
-    def to_dict(self, **meta) -> dict:
-        """Everything as plain lists and numbers (JSON-ready), with `meta` (machine, weights, ...) on top."""
+    def to_dict(self, *, overlap: bool = True, **meta) -> dict:
+        """Everything as plain lists and numbers (JSON-ready), with `meta` (machine, weights, ...) on top.
+        overlap=False skips the layer-overlap matrix (the one part that costs more than a copy)."""
         layers = sorted(self.sel)
         moe_layers = sorted(self.moe)
         cpu = {layer: {k: v.cpu() for k, v in self.sel[layer].items()} for layer in layers}
@@ -292,7 +293,7 @@ class SummaryRecorder:
         def rows(t):  # strips / samples: valid key positions per query, in score order ([] if never seen)
             return [[int(x) for x in r if x >= 0] for r in t]
 
-        ov_layers, overlap = self.layer_overlap()
+        overlap = self.layer_overlap()[1] if overlap else []
         cfg = self.cfg
         return {
             "format": RECORDING_FORMAT, **self.meta, **meta,

@@ -1,0 +1,420 @@
+"""The full-size model on the GPUs a machine has: resident layers, or layers streamed through (chapter 6).
+
+`dslib.devices.plan_run` decides from the config and the devices' memory, before anything is loaded, whether all
+61 layers stay resident (8 H200s in FP8) or stream: then the layers pass through each GPU one at a time in
+**layer-major order** — all prompt tokens through layer i, then layer i + 1 — while the hidden state
+`[batch, T, d]` stays on the GPU and as many layers as fit stay resident. Per layer:
+
+    for each chunk of `attn_chunk` queries:   x[chunk] += self_attn(input_layernorm(x[chunk]))
+                                               (the layer's latent + indexer caches hold the earlier chunks, so
+                                                each query still sees every earlier token)
+    for each chunk of `moe_chunk` tokens:     x[chunk] += mlp(post_attention_layernorm(x[chunk]))
+
+which is exactly `DecoderLayer.forward` (tested), in pieces small enough for a 128K-token prompt. Weights come
+from a checkpoint folder or a `TensorSource` (e.g. `dslib.synthetic.SyntheticFP8Source`, generated on the GPU),
+read by the same loader as `load_pretrained`; a streamed layer is freed after its pass. A file source is read
+one layer ahead in a background thread while the GPU computes.
+
+    plan = plan_run(cfg, prompt_len=T)                      # dslib.devices
+    model = StreamedModel(source_or_path, plan, backend="triton")
+    logits = model.prefill(ids, recorder=rec)               # [B, vocab] for the last position
+    ids = model.generate(ids, 8)                            # needs plan_run(..., keep_caches="all")
+
+The real checkpoint: `load_tokenizer(path)`, `encode_prompt(tok, text, cfg)`, then the same two lines.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dslib.attention import RMSNorm
+from dslib.checkpoint import CheckpointError, SafetensorsSource, TensorSource, load_layer, load_part
+from dslib.config import ModelConfig
+from dslib.devices import RunPlan
+from dslib.sparse import DSACache
+
+__all__ = ["StreamedModel", "StreamCache", "LayerTiming", "NonFiniteError", "load_tokenizer", "encode_prompt",
+           "run_layer"]
+
+
+class NonFiniteError(RuntimeError):
+    """A layer produced NaN or inf. The message names the layer and the first bad token."""
+
+
+@dataclass
+class LayerTiming:
+    """Seconds one layer took in one pass (CUDA-event times on a GPU). indexer_s is part of attention_s (None when
+    it could not be separated)."""
+
+    layer: int
+    kind: str  # "dense" | "moe"
+    resident: bool
+    load_s: float
+    attention_s: float
+    indexer_s: float | None
+    ffn_s: float
+    tokens: int
+
+    @property
+    def total_s(self) -> float:
+        return self.load_s + self.attention_s + self.ffn_s
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total_s": self.total_s}
+
+
+class StreamCache:
+    """The caches a streamed run keeps: one `DSACache` per kept layer (all layers, or the resident ones)."""
+
+    def __init__(self, layers: list[int], max_len: int):
+        self.max_len = max_len
+        self.layers = {i: DSACache(max_len=max_len) for i in layers}
+
+    def __len__(self) -> int:
+        lengths = {len(c) for c in self.layers.values()}
+        if len(lengths) > 1:
+            raise RuntimeError(f"the kept layer caches hold different numbers of tokens: {sorted(lengths)}")
+        return lengths.pop() if lengths else 0
+
+    def __contains__(self, layer: int) -> bool:
+        return layer in self.layers
+
+    def __getitem__(self, layer: int) -> DSACache:
+        return self.layers[layer]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.layers.values())
+
+
+# ----------------------------------------------------------------------------------------------- one layer
+def _attention_kwargs(attn: nn.Module, recorder, **kw) -> dict:
+    """Keyword arguments for DSAttention.forward: the switches it accepts, and the recorder in its protocol."""
+    params = inspect.signature(attn.forward).parameters
+    out = {k: v for k, v in kw.items() if k in params and v is not None}
+    if recorder is not None:
+        if "recorder" in params:
+            out["recorder"] = recorder
+        else:
+            out["record"] = recorder.on_selection
+    return out
+
+
+def _ffn(layer: nn.Module, h: torch.Tensor, recorder, backend: str | None) -> torch.Tensor:
+    if not layer.is_moe:
+        return layer.mlp(h)
+    params = inspect.signature(layer.mlp.forward).parameters
+    kw = {"backend": backend} if "backend" in params and backend is not None else {}
+    if recorder is not None:
+        if "recorder" in params:
+            kw["recorder"] = recorder
+            if "layer_idx" in params:
+                kw["layer_idx"] = layer.layer_idx
+        elif hasattr(recorder, "on_routing"):
+            kw["record"] = lambda routing: recorder.on_routing(layer_idx=layer.layer_idx, routing=routing)
+        else:
+            kw["record"] = recorder.routing_hook(layer.layer_idx, len(layer.mlp.experts))
+    return layer.mlp(h, **kw)
+
+
+class _Clock:
+    """Phase times without a host sync per phase: CUDA events on a GPU, perf_counter on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+        return len(self.marks) - 1
+
+    def seconds(self, a: int, b: int) -> float:
+        if self.cuda:
+            self.marks[b].synchronize()
+            return self.marks[a].elapsed_time(self.marks[b]) / 1e3
+        return self.marks[b] - self.marks[a]
+
+
+class _IndexerTimer:
+    """Adds up the time spent inside `self_attn.indexer` (forward hooks; the attention code calls the module)."""
+
+    def __init__(self, attn: nn.Module, clock: _Clock):
+        self.clock, self.spans, self.handles = clock, [], []
+        indexer = getattr(attn, "indexer", None)
+        if isinstance(indexer, nn.Module):
+            self.handles = [indexer.register_forward_pre_hook(lambda *a: self.spans.append([clock.mark()])),
+                            indexer.register_forward_hook(lambda *a: self.spans[-1].append(clock.mark()))]
+
+    def seconds(self) -> float | None:
+        for h in self.handles:
+            h.remove()
+        spans = [s for s in self.spans if len(s) == 2]
+        return sum(self.clock.seconds(a, b) for a, b in spans) if spans else None
+
+
+def run_layer(layer: nn.Module, x: torch.Tensor, positions: torch.Tensor, cache: DSACache, *, attn_chunk: int,
+              moe_chunk: int, recorder=None, clock: _Clock | None = None, **switches) -> dict:
+    """One decoder layer over x `[B, T, d]` **in place**, chunked: `attn_chunk` queries at a time through the
+    attention (their latents and indexer keys are appended to `cache`, which holds the earlier tokens), then
+    `moe_chunk` tokens at a time through the FFN. Same result as `x = layer(x, positions, cache)`.
+    switches: attention / mode / window / precision / backend, passed to the attention (and backend to the MoE).
+    Returns the phase times {"attention_s", "indexer_s", "ffn_s"} (CUDA events on a GPU)."""
+    clock = clock or _Clock(x.device)
+    T = x.shape[1]
+    kw = _attention_kwargs(layer.self_attn, recorder, **switches)
+    timer = _IndexerTimer(layer.self_attn, clock)
+    t0 = clock.mark()
+    for s in range(0, T, attn_chunk):
+        sl = slice(s, min(T, s + attn_chunk))
+        h = layer.input_layernorm(x[:, sl])
+        x[:, sl] += layer.self_attn(h, positions[sl], cache, **kw)
+    t1 = clock.mark()
+    for s in range(0, T, moe_chunk):
+        sl = slice(s, min(T, s + moe_chunk))
+        h = layer.post_attention_layernorm(x[:, sl])
+        x[:, sl] += _ffn(layer, h, recorder, switches.get("backend"))
+    t2 = clock.mark()
+    return {"attention_s": clock.seconds(t0, t1), "indexer_s": timer.seconds(), "ffn_s": clock.seconds(t1, t2)}
+
+
+def check_finite(x: torch.Tensor, where: str) -> None:
+    """Raise `NonFiniteError` naming `where` and the first token whose hidden state holds NaN or inf."""
+    if bool(torch.isfinite(x).all()):
+        return
+    bad = (~torch.isfinite(x)).flatten(2).any(-1).nonzero()
+    b, t = (int(v) for v in bad[0])
+    raise NonFiniteError(
+        f"{where} produced NaN or inf (first at batch {b}, token {t}; {len(bad)} token(s) affected). The weights of "
+        "this layer or the ones before it are corrupt, or their scale overflows the dtype: check them (e.g. "
+        "torch.isfinite on each tensor of the layer) or run in float32."
+    )
+
+
+# ----------------------------------------------------------------------------------------------- the model
+class StreamedModel:
+    """DeepSeek-V3.2 run by a `RunPlan`: resident layers stay loaded, streamed layers are loaded for each pass and
+    freed after it. `prefill` (layer-major over the whole prompt), `step` (one more token), `generate` (greedy).
+
+    source: a checkpoint folder or any `TensorSource` (a `SyntheticFP8Source` on the GPU for full-size runs).
+    FP8 linears stay FP8 (`FP8Linear`) when the source stores them so; other tensors are held in `dtype`.
+    switches (attention, mode, window, precision, backend) are passed to every layer.
+    """
+
+    def __init__(self, source: str | Path | TensorSource, plan: RunPlan, *, dtype: torch.dtype = torch.bfloat16,
+                 attention: str = "sparse", mode: str = "absorbed", window: int | None = None,
+                 precision: str | None = None, backend: str | None = None, prefetch: bool = True):
+        self.source = source if isinstance(source, TensorSource) else SafetensorsSource(source)
+        self.cfg: ModelConfig = self.source.config
+        self.plan, self.dtype = plan, dtype
+        L = self.cfg.num_hidden_layers
+        if sorted(plan.layer_device) != list(range(L)):
+            raise ValueError(f"the plan places {len(plan.layer_device)} layers, the checkpoint has {L}: make the plan "
+                             "from this checkpoint's config (plan_run(source.config, ...)).")
+        self.switches = dict(attention=attention, mode=mode, window=window, precision=precision,
+                             backend=backend if backend is not None else plan.backend)
+        self.keep_fp8 = any(s.dtype == torch.float8_e4m3fn for s in self.source.specs().values())
+        self.device_of = {i: torch.device(d) for i, d in plan.layer_device.items()}
+        first, last = self.device_of[0], self.device_of[L - 1]
+        cfg = self.cfg
+        with torch.device("meta"):  # shapes only: the loader gives every tensor its storage
+            embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.embed_tokens = load_part(self.source, "model.embed_tokens.", embed, first, dtype)
+        self.norm = load_part(self.source, "model.norm.", norm, last, dtype)
+        self.lm_head = load_part(self.source, "lm_head.", head, last, dtype)
+        self.resident: dict[int, nn.Module] = {}
+        self.load_seconds: dict[int, float] = {}
+        on_host = getattr(self.source, "device", torch.device("cpu")).type == "cpu"
+        self._pool = ThreadPoolExecutor(max_workers=1) if prefetch and on_host and plan.streamed else None
+        self._pending: tuple[int, object] | None = None
+        self.timings: list[LayerTiming] = []
+        self.last_cache: StreamCache | None = None
+
+    # ------------------------------------------------------------------------------------------- layers
+    def _load(self, i: int, device: torch.device) -> nn.Module:
+        return load_layer(self.source, i, device, self.dtype, keep_fp8=self.keep_fp8)
+
+    def layer(self, i: int) -> tuple[nn.Module, float]:
+        """Layer i on its device and the seconds its loading took now (0 for a resident layer loaded before)."""
+        if i in self.resident:
+            return self.resident[i], 0.0
+        dev = self.device_of[i]
+        _sync(dev)
+        t0 = time.perf_counter()
+        if self._pending is not None and self._pending[0] == i:
+            layer = self._pending[1].result().to(dev)  # read ahead on the host; now onto the device
+            self._pending = None
+        else:
+            layer = self._load(i, dev)
+        _sync(dev)
+        seconds = time.perf_counter() - t0
+        if i in self.plan.resident:
+            self.resident[i] = layer
+            self.load_seconds[i] = seconds
+        return layer, seconds
+
+    def _read_ahead(self, after: int) -> None:
+        """Start reading the next streamed layer after `after` into host memory (file sources only)."""
+        if self._pool is None or self._pending is not None:
+            return
+        nxt = next((j for j in self.plan.streamed if j > after), None)
+        if nxt is not None:
+            self._pending = (nxt, self._pool.submit(self._load, nxt, torch.device("cpu")))
+
+    def load_resident(self) -> float:
+        """Load every resident layer now (otherwise each is loaded on first use). Returns the seconds it took."""
+        return sum(self.layer(i)[1] for i in self.plan.resident)
+
+    def new_cache(self, *, keep: str | None = None, max_len: int | None = None) -> StreamCache:
+        """Caches for the layers the plan keeps ("resident" or "all"), sized for max_len tokens."""
+        keep = keep or self.plan.keep_caches
+        layers = self.plan.resident if keep == "resident" else list(range(self.cfg.num_hidden_layers))
+        return StreamCache(layers, max_len or self.plan.prompt_len)
+
+    # ------------------------------------------------------------------------------------------- passes
+    def check_input(self, input_ids: torch.Tensor, start: int = 0) -> None:
+        cfg = self.cfg
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError("input_ids must be an integer tensor [batch, seq]; use ids[None] for one sequence.")
+        if start + input_ids.shape[1] > cfg.max_position_embeddings:
+            raise ValueError(
+                f"{start} cached + {input_ids.shape[1]:,} new tokens exceed max_position_embeddings="
+                f"{cfg.max_position_embeddings:,}, the longest context the model has positions for. Shorten the prompt."
+            )
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
+            raise ValueError(f"token ids must lie in 0..{cfg.vocab_size - 1} (vocab_size); were they made by another "
+                             "model's tokenizer?")
+        if start == 0 and input_ids.shape[1] > self.plan.prompt_len:
+            raise ValueError(f"the plan was made for prompts of up to {self.plan.prompt_len:,} tokens, got "
+                             f"{input_ids.shape[1]:,}: make a new plan (plan_run(..., prompt_len=...)).")
+        if input_ids.shape[0] > self.plan.batch:
+            raise ValueError(f"the plan was made for batch {self.plan.batch}, got {input_ids.shape[0]}.")
+
+    @torch.no_grad()
+    def forward_layers(self, x: torch.Tensor, positions: torch.Tensor, cache: StreamCache | None, layers,
+                       *, recorder=None, check: bool = True, timings: list | None = None, on_layer=None) -> torch.Tensor:
+        """Run hidden states x `[B, T, d]` through `layers` (ascending indices) in layer-major order; returns x
+        (updated in place on each layer's device). Layers without a kept cache get a temporary one (they must then
+        start at position 0: a prefill). Each layer's `LayerTiming` is appended to `timings` and passed to
+        `on_layer` (e.g. to flush a recording as the run goes)."""
+        T = x.shape[1]
+        start = int(positions[0]) if T else 0
+        for i in layers:
+            layer, load_s = self.layer(i)
+            self._read_ahead(i)
+            dev = self.device_of[i]
+            x, positions = x.to(dev), positions.to(dev)
+            if cache is not None and i in cache:
+                layer_cache = cache[i]
+            elif start == 0:
+                layer_cache = DSACache(max_len=T)
+            else:
+                raise ValueError(f"layer {i} has no cache of the {start} earlier tokens: use a cache that keeps every "
+                                 "layer (plan_run(..., keep_caches='all'), model.new_cache(keep='all')).")
+            if recorder is not None and getattr(layer, "is_moe", False) and hasattr(recorder, "note_gate"):
+                recorder.note_gate(i, layer.mlp.gate)
+            phases = run_layer(layer, x, positions, layer_cache, attn_chunk=self.plan.attn_chunk,
+                               moe_chunk=self.plan.moe_chunk, recorder=recorder, **self.switches)
+            if check:
+                check_finite(x, f"layer {i} ({'MoE' if layer.is_moe else 'dense'})")
+            if timings is not None or on_layer is not None:
+                timing = LayerTiming(i, "moe" if layer.is_moe else "dense", i in self.resident, load_s,
+                                     phases["attention_s"], phases["indexer_s"], phases["ffn_s"], T * x.shape[0])
+                if timings is not None:
+                    timings.append(timing)
+            del layer, layer_cache
+            if on_layer is not None:
+                on_layer(timing)
+        return x
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, *, cache: StreamCache | None = None, recorder=None,
+                check: bool = True, on_layer=None) -> torch.Tensor:
+        """The prompt `[B, T]` through every layer, layer-major; returns the last position's logits `[B, vocab]`
+        (fp32). With a `cache` the tokens continue it (len(cache) earlier tokens); it stays available as
+        `self.last_cache`. Per-layer times go to `self.timings` (and to `on_layer`, layer by layer)."""
+        start = len(cache) if cache is not None else 0
+        self.check_input(input_ids, start)
+        first = self.device_of[0]
+        x = self.embed_tokens(input_ids.to(first))  # [B, T, d]
+        positions = torch.arange(start, start + input_ids.shape[1], device=first)
+        self.timings, self.last_cache = [], cache
+        x = self.forward_layers(x, positions, cache, range(self.cfg.num_hidden_layers), recorder=recorder,
+                                check=check, timings=self.timings, on_layer=on_layer)
+        last = self.device_of[self.cfg.num_hidden_layers - 1]
+        logits = self.lm_head(self.norm(x[:, -1:].to(last))).float()[:, 0]  # [B, vocab]
+        if check:
+            check_finite(logits[:, None], "the LM head")
+        return logits
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, eos_token_id: int | None = None,
+                 recorder=None) -> torch.Tensor:
+        """Greedy decoding `[B, T] -> [B, T + n]` through the latent + indexer caches of every layer (streamed
+        layers are read again for every new token: with streaming, each token costs a pass over the weights)."""
+        if self.plan.keep_caches != "all":
+            raise ValueError("generate needs every layer's cache: make the plan with plan_run(..., keep_caches='all', "
+                             "max_new_tokens=n).")
+        cache = self.new_cache(keep="all", max_len=input_ids.shape[1] + max_new_tokens)
+        seq = input_ids
+        logits = self.prefill(input_ids, cache=cache, recorder=recorder)
+        for step in range(max_new_tokens):
+            nxt = logits.argmax(-1).to(seq.device)  # [B]
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+            if (eos_token_id is not None and bool((nxt == eos_token_id).all())) or step == max_new_tokens - 1:
+                break
+            logits = self.prefill(nxt[:, None], cache=cache, recorder=recorder)
+        return seq
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------- the real checkpoint
+def load_tokenizer(path: str | Path):
+    """The checkpoint folder's `tokenizer.json`, read with the `tokenizers` library (no transformers needed)."""
+    file = Path(path) / "tokenizer.json"
+    if not file.is_file():
+        raise CheckpointError(
+            f"{file} is missing. A DeepSeek-V3.2 checkpoint folder holds tokenizer.json next to config.json and the "
+            "shards: copy it from the release (it is small), or tokenize the prompt yourself and pass token ids."
+        )
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(file))
+
+
+def encode_prompt(tokenizer, text: str, cfg: ModelConfig, *, add_bos: bool = True) -> torch.Tensor:
+    """Token ids `[1, T]` of `text` (begin-of-sentence first, as DeepSeek's chat format starts); rejects a prompt
+    longer than max_position_embeddings before anything is loaded."""
+    ids = tokenizer.encode(text).ids
+    bos = cfg.bos_token_id
+    if add_bos and bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    if len(ids) > cfg.max_position_embeddings:
+        raise ValueError(
+            f"the prompt is {len(ids):,} tokens long, but max_position_embeddings={cfg.max_position_embeddings:,} "
+            "is the longest context the model has positions for. Shorten the prompt."
+        )
+    if ids and max(ids) >= cfg.vocab_size:
+        raise ValueError(f"the tokenizer produced id {max(ids)} but the model's vocab_size is {cfg.vocab_size}: this "
+                         "tokenizer.json belongs to another model.")
+    return torch.tensor([ids], dtype=torch.long)
