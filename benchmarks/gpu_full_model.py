@@ -474,6 +474,7 @@ def main(argv=None) -> None:
     ap.add_argument("--scratch", default=None, help="folder for the temporary checkpoint (default: the system temp)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: weights,prefill,decode,checkpoint")
     ap.add_argument("--cpu-bytes", type=float, default=4e9, help=argparse.SUPPRESS)
+    ap.add_argument("--standin-layers", type=int, default=None, help=argparse.SUPPRESS)  # tests: fewer layers
     args = ap.parse_args(argv)
 
     out = Path(args.out)
@@ -488,6 +489,8 @@ def main(argv=None) -> None:
             args.backend = "torch"
     if args.standin:
         cfg, args.dtype = standin_config(), torch.float32
+        if args.standin_layers:
+            cfg = cfg.replace(num_hidden_layers=args.standin_layers)
         args.prompt_len = args.prompt_len or 2048
         torch.set_num_threads(1)  # small matmuls: one thread is steadiest on a shared CPU
     else:

@@ -20,8 +20,9 @@ CHAPTER = {
     "indexer": 3, "sparse": 3, "tasks": 3, "train": 3,
     "moe": 4, "moe_train": 4,
     "model": 5, "checkpoint": 5, "devices": 5, "record": 5,
+    "synthetic": 6, "streaming": 6,
 }
-EXERCISES = {f"exercises.ch{n}": n for n in range(1, 6)}
+EXERCISES = {f"exercises.ch{n}": n for n in range(1, 7)}
 
 
 def chapter_of(module: str) -> int | None:
