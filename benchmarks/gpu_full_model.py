@@ -210,7 +210,7 @@ def section_prefill(run: Run, cfg, args, device, plan):
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     t_start = time.perf_counter()
-    model = StreamedModel(src, plan, dtype=args.dtype, backend=args.backend)
+    model = StreamedModel(src, plan, dtype=args.dtype, backend=args.backend, precision=args.precision)
     t_resident = model.load_resident()
     ids = torch.randint(0, cfg.vocab_size, (1, T), generator=torch.Generator().manual_seed(args.seed))
     k = cfg.index_topk
@@ -220,7 +220,7 @@ def section_prefill(run: Run, cfg, args, device, plan):
     meta = dict(machine=machine_name(device), torch=torch.__version__, dslib=dslib.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 weights=f"synthetic weights, seed {args.seed}", prompt=f"{T:,} random token ids, seed {args.seed}",
-                backend=args.backend, stand_in=args.standin, command=" ".join(sys.argv))
+                backend=args.backend, precision=args.precision, stand_in=args.standin, command=" ".join(sys.argv))
     if args.standin:
         meta["label"] = "STAND-IN: a small CPU run of the same code (not the H200 recording)"
     layers_done: list[dict] = []
@@ -267,21 +267,20 @@ def decode_time(model, layers, cache, batch, steps, device, *, graphs: bool):
     g = torch.Generator().manual_seed(batch)
     first, last = model.device_of[layers[0]], model.device_of[layers[-1]]
 
-    def step(ids, pos, timings=None):
+    def step(ids, start, timings=None):
         x = model.embed_tokens(ids.to(first))
-        x = model.forward_layers(x, pos, cache, layers, check=False, timings=timings)
+        x = model.forward_layers(x, start, cache, layers, check=False, timings=timings)
         return model.lm_head(model.norm(x.to(last)))
 
     start = len(cache)
     times, per_layer = [], {}
     for s in range(steps):
         ids = torch.randint(0, cfg.vocab_size, (batch, 1), generator=g)
-        pos = torch.tensor([start + s], device=first)
         timings = [] if s == steps - 1 else None
         sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            step(ids, pos, timings)
+            step(ids, start + s, timings)
         sync(device)
         times.append(time.perf_counter() - t0)
         for t in timings or []:
@@ -291,15 +290,14 @@ def decode_time(model, layers, cache, batch, steps, device, *, graphs: bool):
     if graphs and device.type == "cuda":
         try:
             ids = torch.randint(0, cfg.vocab_size, (batch, 1), generator=g).to(first)
-            pos = torch.tensor([len(cache)], device=first)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream), torch.no_grad():
-                step(ids, pos)  # warm-up on the side stream, as graph capture wants
+                step(ids, len(cache))  # warm-up on the side stream, as graph capture wants
             torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
+            graph = torch.cuda.CUDAGraph()  # replays re-run the step at the same position (a timing, not a decode)
             with torch.cuda.graph(graph), torch.no_grad():
-                step(ids, pos)
+                step(ids, len(cache))
             graph.replay()
             sync(device)
             t0 = time.perf_counter()
@@ -319,9 +317,8 @@ def batched_cache(cache, layers, batch, max_len):
     big = StreamCache([], max_len)
     for i in layers:
         src = cache[i]
-        c = type(src)(max_len=max_len)
-        c.latent.append(src.latent.kv_latent.expand(batch, -1, -1).contiguous(), src.latent.k_rope.expand(batch, -1, -1).contiguous())
-        c.index_keys.append(src.index_keys.keys.expand(batch, -1, -1).contiguous())
+        c = type(src)(max_len, i)
+        c.append(*(t.expand(batch, -1, -1).contiguous() for t in (src.kv_latent, src.k_rope, src.index_keys)))
         big.layers[i] = c
     return big
 
@@ -421,7 +418,7 @@ def section_checkpoint(run: Run, cfg_full, args, device):
         names = None if device.type == "cuda" else ["cpu"]
         plan = plan_run(source.config, gpus, prompt_len=ids.shape[1], max_new_tokens=4, keep_caches="all", names=names,
                         dtype_bytes=torch.empty((), dtype=args.dtype).element_size())
-        model = StreamedModel(source, plan, dtype=args.dtype, backend=args.backend)
+        model = StreamedModel(source, plan, dtype=args.dtype, backend=args.backend, precision=args.precision)
         out = model.generate(ids, 4)
         logits_file = model.prefill(ids)
         t_load_run = time.perf_counter() - t0
@@ -435,7 +432,7 @@ def section_checkpoint(run: Run, cfg_full, args, device):
             b = load_layer(same, i, device, args.dtype, keep_fp8=True).state_dict()
             weights_equal &= a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
             del a, b
-        direct = StreamedModel(same, plan, dtype=args.dtype, backend=args.backend)
+        direct = StreamedModel(same, plan, dtype=args.dtype, backend=args.backend, precision=args.precision)
         logits_direct = direct.prefill(ids)
         del direct
         diff = float((logits_file - logits_direct).abs().max())
@@ -466,6 +463,8 @@ def main(argv=None) -> None:
     ap.add_argument("--standin", action="store_true", help="CPU: the stand-in recording (small config, same code)")
     ap.add_argument("--prompt-len", type=int, default=None, help="default 131072 (16384 without the Triton kernels)")
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp8"],
+                    help="the indexer's arithmetic; auto: fp8 with the Triton kernels (as deployed), else fp32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budget-s", type=float, default=500.0, help="stop streaming layers after this many seconds")
     ap.add_argument("--decode-steps", type=int, default=12)
@@ -487,6 +486,8 @@ def main(argv=None) -> None:
             args.backend = "triton" if device.type == "cuda" and kernels.available() else "torch"
         except ImportError:
             args.backend = "torch"
+    if args.precision == "auto":
+        args.precision = "fp8" if args.backend == "triton" else "fp32"
     if args.standin:
         cfg, args.dtype = standin_config(), torch.float32
         if args.standin_layers:
@@ -503,7 +504,7 @@ def main(argv=None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True  # the torch indexer's fp32 matmuls (the deployed one is FP8)
     run = Run(out, time.perf_counter() + args.budget_s)
     run.results.update(machine=machine_name(device), torch=torch.__version__, python=platform.python_version(),
-                       triton=_version("triton"), backend=args.backend, prompt_len=args.prompt_len, seed=args.seed,
+                       triton=_version("triton"), backend=args.backend, precision=args.precision, prompt_len=args.prompt_len, seed=args.seed,
                        quick=args.quick, standin=args.standin, argv=sys.argv[1:],
                        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     print(f"{run.results['machine']} | torch {torch.__version__} | backend {args.backend} | prompt {args.prompt_len:,} "

@@ -100,10 +100,7 @@ def dense_sdpa(attn, h: torch.Tensor) -> torch.Tensor:
     """Causal MHA-mode MLA via torch's fused attention (V zero-padded to the q/k head size so the flash kernel
     applies); the dense baseline an engine would use for prefill. h [B, T, d] -> [B, T, d]."""
     B, T, _ = h.shape
-    positions = torch.arange(T, device=h.device)
-    cos, sin = attn.rotary(positions)
-    _, q_nope, q_rope = attn.project_q(h, cos, sin)
-    kv_latent, k_rope = attn.project_kv(h, cos, sin)
+    _, q_nope, q_rope, kv_latent, k_rope, _ = attn._project(h, torch.arange(T, device=h.device))
     k, v = attn.expand_kv(kv_latent, k_rope)  # [B, T, H, 192], [B, T, H, 128]
     q = torch.cat([q_nope, q_rope], dim=-1)
     pad = q.shape[-1] - v.shape[-1]
@@ -116,8 +113,7 @@ def dense_sdpa(attn, h: torch.Tensor) -> torch.Tensor:
 
 def indexer_only(attn, h: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(h.shape[1], device=h.device)
-    cos, sin = attn.rotary(positions)
-    q_latent, _, _ = attn.project_q(h, cos, sin)
+    q_latent, _, _, _, _, (cos, sin) = attn._project(h, positions)
     return attn.indexer(h, q_latent, cos, sin, positions)
 
 
@@ -126,8 +122,8 @@ def filled_cache(cfg: ModelConfig, batch: int, length: int, device, dtype, extra
     cache = DSACache(max_len=length + extra)
     g = torch.Generator(device=device).manual_seed(length)
     rnd = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)  # noqa: E731
-    cache.latent.append(rnd(batch, length, cfg.kv_lora_rank), rnd(batch, length, cfg.qk_rope_head_dim))
-    cache.index_keys.append(rnd(batch, length, cfg.index_head_dim))
+    cache.append(rnd(batch, length, cfg.kv_lora_rank), rnd(batch, length, cfg.qk_rope_head_dim),
+                 rnd(batch, length, cfg.index_head_dim))
     return cache
 
 

@@ -871,13 +871,13 @@ def load_layer(path: str | Path | TensorSource, layer_idx: int, device: str | to
     """One decoder layer (`model.layers.{layer_idx}.*`) of a checkpoint or source, read exactly as
     `load_pretrained` reads it: e.g. a full-size layer of the 671B model from a `RandomSource` on one GPU.
     keep_fp8=True keeps its FP8 linears as stored (`FP8Linear`), as `load_pretrained(keep_fp8=True)` does."""
-    from dslib.model import DecoderLayer
+    from dslib.model import decoder_layer
 
     source = path if isinstance(path, TensorSource) else SafetensorsSource(path)
     if not 0 <= layer_idx < source.config.num_hidden_layers:
         raise ValueError(f"layer_idx={layer_idx} is outside 0..{source.config.num_hidden_layers - 1}.")
     with _parameters_on_meta():
-        layer = DecoderLayer(source.config, layer_idx)
+        layer = decoder_layer(source.config, layer_idx)
         if keep_fp8:
             _require_fp8(source)
             use_fp8_storage(layer, prefix=f"model.layers.{layer_idx}.", block=_block_size(source.config))

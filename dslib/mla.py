@@ -25,16 +25,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dslib.attention import RMSNorm
+from dslib.attention import RMSNorm, causal_mask
 from dslib.config import ModelConfig
+from dslib.kv_cache import LayerCache
 from dslib.rope import RotaryEmbedding, apply_rope_interleaved, softmax_scale
 
 __all__ = [
     "LatentCache",
     "MLA",
+    "dense_masked_attention",
     "load_weights",
     "WeightLoadError",
-    "causal_allowed",
     "attention_flops",
     "kv_bytes_read",
     "decode_costs",
@@ -48,153 +49,93 @@ MODES = ("absorbed", "naive")
 
 
 # --------------------------------------------------------------------------------------------- the latent cache
-class LatentCache:
-    """One layer's MLA cache: `kv_latent [B, S, kv_lora_rank]` (normalised c^KV) and `k_rope [B, S, rope]`
-    (already rotated). That is all MLA ever needs from past tokens.
+class LatentCache(LayerCache):
+    """One layer's MLA cache, chapter 1's container with new contents: `kv_latent [B, S, kv_lora_rank]`
+    (normalised c^KV) and `k_rope [B, S, rope]` (already rotated). That is all MLA ever needs from past tokens.
 
-    `append(kv_latent, k_rope)` adds T new tokens and returns the whole cache (views, no copy). Storage grows
-    by doubling (or is allocated once for `max_len` tokens); `nbytes` counts the bytes of the cached tokens.
+    `append(kv_latent, k_rope)` adds T new tokens and returns the whole cache (views, no copy); `nbytes` counts
+    the bytes of the cached tokens, B * S * (kv_lora_rank + qk_rope_head_dim) * element size.
     """
 
-    def __init__(self, max_len: int | None = None):
-        if max_len is not None and (not isinstance(max_len, int) or max_len <= 0):
-            raise ValueError(f"max_len must be a positive int or None, got {max_len!r}.")
-        self.max_len = max_len
-        self._latent: torch.Tensor | None = None  # [B, capacity, kv_lora_rank]
-        self._rope: torch.Tensor | None = None  # [B, capacity, rope]
-        self._len = 0
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __repr__(self) -> str:
-        if self._latent is None:
-            return f"LatentCache(empty, max_len={self.max_len})"
-        b, _, c = self._latent.shape
-        return f"LatentCache(batch={b}, tokens={self._len}, latent={c}, rope={self._rope.shape[-1]}, nbytes={self.nbytes})"
+    fields = ("kv_latent", "k_rope")
 
     @property
     def kv_latent(self) -> torch.Tensor:
         """`[B, S, kv_lora_rank]`, the normalised latents of the S cached tokens."""
-        self._require_data()
-        return self._latent[:, : self._len]
+        return self.buffers["kv_latent"].view()
 
     @property
     def k_rope(self) -> torch.Tensor:
         """`[B, S, qk_rope_head_dim]`, the rotated shared rope keys of the S cached tokens."""
-        self._require_data()
-        return self._rope[:, : self._len]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held for the cached tokens: B * S * (kv_lora_rank + qk_rope_head_dim) * element size."""
-        if self._latent is None:
-            return 0
-        b = self._latent.shape[0]
-        per_token = self._latent.shape[-1] * self._latent.element_size() + self._rope.shape[-1] * self._rope.element_size()
-        return b * self._len * per_token
-
-    def reset(self) -> None:
-        """Forget every token (keeps nothing allocated)."""
-        self._latent = self._rope = None
-        self._len = 0
-
-    def _require_data(self) -> None:
-        if self._latent is None:
-            raise RuntimeError("The cache is empty: append(kv_latent, k_rope) first (MLA.forward does it).")
-
-    def append(self, kv_latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add T tokens: kv_latent `[B, T, kv_lora_rank]`, k_rope `[B, T, rope]`.
-        Returns (all_latent `[B, S, kv_lora_rank]`, all_k_rope `[B, S, rope]`) with S = old length + T."""
-        if kv_latent.dim() != 3 or k_rope.dim() != 3 or kv_latent.shape[:2] != k_rope.shape[:2]:
-            raise ValueError(
-                f"append expects kv_latent [B, T, kv_lora_rank] and k_rope [B, T, rope] with the same B and T, got "
-                f"{tuple(kv_latent.shape)} and {tuple(k_rope.shape)}."
-            )
-        b, t = kv_latent.shape[:2]
-        if self._latent is not None:
-            expected = (self._latent.shape[0], self._latent.shape[2], self._rope.shape[2])
-            if (b, kv_latent.shape[2], k_rope.shape[2]) != expected:
-                raise ValueError(
-                    f"This cache holds batch {expected[0]}, latent {expected[1]}, rope {expected[2]}; got batch {b}, "
-                    f"latent {kv_latent.shape[2]}, rope {k_rope.shape[2]}. Use one LatentCache per layer and per batch."
-                )
-            if kv_latent.dtype != self._latent.dtype or kv_latent.device != self._latent.device:
-                raise ValueError(
-                    f"This cache holds {self._latent.dtype} on {self._latent.device}; got {kv_latent.dtype} on "
-                    f"{kv_latent.device}. Keep the model in one dtype/device while decoding."
-                )
-        new_len = self._len + t
-        if self.max_len is not None and new_len > self.max_len:
-            raise ValueError(
-                f"Appending {t} tokens to a cache of {self._len} exceeds max_len={self.max_len}. Create the cache "
-                f"with a larger max_len (or None to grow freely), or shorten the sequence."
-            )
-        self._reserve(new_len, kv_latent, k_rope)
-        self._latent[:, self._len : new_len] = kv_latent
-        self._rope[:, self._len : new_len] = k_rope
-        self._len = new_len
-        return self.kv_latent, self.k_rope
-
-    def _reserve(self, needed: int, kv_latent: torch.Tensor, k_rope: torch.Tensor) -> None:
-        capacity = 0 if self._latent is None else self._latent.shape[1]
-        if needed <= capacity:
-            return
-        # Pre-allocate (max_len) or double, so decoding T tokens costs O(T) copies, not O(T²).
-        new_cap = self.max_len if self.max_len is not None else max(needed, 2 * capacity, 16)
-        b = kv_latent.shape[0]
-        latent = kv_latent.new_empty(b, new_cap, kv_latent.shape[-1])
-        rope = k_rope.new_empty(b, new_cap, k_rope.shape[-1])
-        if self._latent is not None:
-            latent[:, : self._len] = self._latent[:, : self._len]
-            rope[:, : self._len] = self._rope[:, : self._len]
-        self._latent, self._rope = latent, rope
+        return self.buffers["k_rope"].view()
 
 
-# --------------------------------------------------------------------------------------------- masking
-def causal_allowed(q_positions: torch.Tensor, num_keys: int) -> torch.Tensor:
-    """Bool `[B or 1, T, S]`: key s (at position s) is visible to a query at position p iff s <= p."""
-    if q_positions.dim() == 1:
-        q_positions = q_positions[None]  # [1, T]
-    keys = torch.arange(num_keys, device=q_positions.device)
-    return keys[None, None, :] <= q_positions[..., None]
+# --------------------------------------------------------------------------------------------- attention maths
+def dense_masked_attention(
+    q_absorbed: torch.Tensor,
+    q_rope: torch.Tensor,
+    kv_latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    allowed: torch.Tensor,
+    softmax_scale: float,
+    *,
+    return_probs: bool = False,
+):
+    """MQA-mode (absorbed) attention over *all* S cached latents, with a mask. Costs O(T·S).
+
+        score[t,h,s] = (q_absorbed[t,h] · kv_latent[s] + q_rope[t,h] · k_rope[s]) · scale,  -inf where not allowed
+        x[t,h]       = Σ_s softmax_s(score[t,h,:]) · kv_latent[s]
+
+    q_absorbed `[B, T, H, C]` (= W_UK_hᵀ q_nope, C = kv_lora_rank), q_rope `[B, T, H, R]`,
+    kv_latent `[B, S, C]`, k_rope `[B, S, R]`, allowed bool `[B or 1, T, S]`. One 576-wide key and value per
+    token, shared by every head. Returns x `[B, T, H, C]` (latent space; W_UV comes after) and, if asked, the
+    probabilities `[B, T, H, S]`. (Chapter 3 uses it as the reference its gathering sparse path must equal.)
+    """
+    scores = torch.einsum("bthc,bsc->bths", q_absorbed, kv_latent)  # content part
+    scores = scores + torch.einsum("bthr,bsr->bths", q_rope, k_rope)  # position part
+    scores = (scores * softmax_scale).float().masked_fill(~allowed.unsqueeze(2), float("-inf"))
+    probs = scores.softmax(dim=-1).to(kv_latent.dtype)  # [B, T, H, S]
+    x = torch.einsum("bths,bsc->bthc", probs, kv_latent)
+    return (x, probs) if return_probs else x
 
 
 # --------------------------------------------------------------------------------------------- the module
 class MLA(nn.Module):
     """Multi-head Latent Attention of DeepSeek-V3.2 (REFERENCE.md §2), parameters named as in the checkpoint.
 
-    forward(h [B, T, d], positions=None, cache=None, mode="absorbed", mask=None) -> [B, T, d]
+    forward(h [B, T, d], positions=None, cache=None, *, mode="absorbed") -> [B, T, d]
     """
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
+    cache_type = LatentCache
+
+    def __init__(self, config: ModelConfig, layer_idx: int = 0):
         super().__init__()
-        self.cfg = cfg
+        self.config = config
         self.layer_idx = layer_idx
-        d, H = cfg.hidden_size, cfg.num_attention_heads
+        d, H = config.hidden_size, config.num_attention_heads
         self.num_heads = H
-        self.q_lora_rank = cfg.q_lora_rank
-        self.kv_lora_rank = cfg.kv_lora_rank
-        self.nope_dim = cfg.qk_nope_head_dim
-        self.rope_dim = cfg.qk_rope_head_dim
-        self.qk_head_dim = cfg.qk_head_dim
-        self.v_head_dim = cfg.v_head_dim
-        self.softmax_scale = softmax_scale(cfg)
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.qk_head_dim = config.qk_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.softmax_scale = softmax_scale(config)
 
         # Queries: down to a q_lora_rank latent (normalised), then up to H heads of [nope | rope].
-        # The norms use eps 1e-6 like DeepSeek's reference and transformers (not cfg.rms_norm_eps).
-        if cfg.q_lora_rank:
-            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * self.qk_head_dim, bias=False)
+        # The norms use eps 1e-6 like DeepSeek's reference and transformers (not config.rms_norm_eps).
+        if config.q_lora_rank:
+            self.q_a_proj = nn.Linear(d, config.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, H * self.qk_head_dim, bias=False)
         else:
             self.q_proj = nn.Linear(d, H * self.qk_head_dim, bias=False)
         # Keys/values: down to [latent | rope] (the only thing cached), then up to H heads of [k_nope | v].
-        self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_lora_rank + self.rope_dim, bias=False)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
-        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope_dim + self.v_head_dim), bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, config.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(config.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(config.kv_lora_rank, H * (self.nope_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_head_dim, d, bias=False)
-        self.rotary = RotaryEmbedding(cfg)
+        self.rotary = RotaryEmbedding(config)
 
     # ----------------------------------------------------------------------------------- weight views
     def w_uk(self) -> torch.Tensor:
@@ -234,6 +175,15 @@ class MLA(nn.Module):
         kv_latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         return self.kv_a_layernorm(kv_latent), apply_rope_interleaved(k_rope, cos, sin)
 
+    def _project(self, h: torch.Tensor, positions: torch.Tensor):
+        """Every projection of one call: h `[B, T, d]` at `positions` -> (q_latent, q_nope, q_rope, kv_latent,
+        k_rope, (cos, sin)), shapes as in `project_q` / `project_kv`; cos/sin are the positions' rotation angles
+        (the chapter-3 indexer rotates with the same ones)."""
+        cos, sin = self.rotary(positions)
+        q_latent, q_nope, q_rope = self.project_q(h, cos, sin)
+        kv_latent, k_rope = self.project_kv(h, cos, sin)
+        return q_latent, q_nope, q_rope, kv_latent, k_rope, (cos, sin)
+
     def expand_kv(self, kv_latent: torch.Tensor, k_rope: torch.Tensor):
         """Naive mode's up-projection: latents -> per-head keys `[B, S, H, nope + rope]` and values
         `[B, S, H, v_head_dim]`. k = [W_UK_i c | k_rope] (k_rope copied to every head), v = W_UV_i c."""
@@ -262,10 +212,10 @@ class MLA(nn.Module):
         q_nope `[B, T, H, nope]`, q_rope `[B, T, H, rope]` (rotated), kv_latent `[B, S, kv_lora_rank]`,
         k_rope `[B, S, rope]` (rotated), q_positions int64 `[T]` or `[B, T]`. Causal by position (key s visible to
         the query at position p iff s <= p), AND-ed with `mask` (bool `[B, T, S]`, True = may attend) if given.
-        mode "naive" (MHA: per-head K/V from `expand_kv`) or "absorbed" (MQA over the latents); same result.
-        With `return_probs=True` also returns the attention probabilities `[B, H, T, S]`.
-        `check_positions=False` skips the check that every query has its own key (it reads q_positions back from
-        the device, a sync per call); `forward` skips it when it made the positions itself.
+        mode "naive" (MHA: per-head K/V from `expand_kv`) or "absorbed" (MQA over the latents,
+        `dense_masked_attention`); same result. With `return_probs=True` also returns the attention probabilities
+        `[B, T, H, S]`. `check_positions=False` skips the check that every query has its own key (it reads
+        q_positions back from the device, a sync per call); `forward` skips it when it made the positions itself.
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
@@ -281,7 +231,7 @@ class MLA(nn.Module):
                 f"A query sits at position {int(q_positions.max())} but only {S} keys (positions 0..{S - 1}) were "
                 "given: append the new tokens' latents to the cache before attending (MLA.forward does it)."
             )
-        allowed = causal_allowed(q_positions, S)  # [B or 1, T, S]
+        allowed = causal_mask(q_positions, S)  # [B or 1, T, S]
         if mask is not None:
             if mask.dtype != torch.bool or mask.shape[-2:] != (T, S):
                 raise ValueError(
@@ -289,80 +239,64 @@ class MLA(nn.Module):
                     f"{tuple(mask.shape)}."
                 )
             allowed = allowed & mask
-        if mode == "naive":
-            scores, v = self._naive_scores(q_nope, q_rope, kv_latent, k_rope)
-        else:
-            scores = self._absorbed_scores(q_nope, q_rope, kv_latent, k_rope)
-        scores = scores.float().masked_fill(~allowed[:, None], float("-inf"))  # [B, H, T, S]
-        probs = F.softmax(scores, dim=-1).to(q_nope.dtype)
-        if mode == "naive":
-            out = torch.einsum("bhts,bshv->bthv", probs, v)  # [B, T, H, v_head_dim]
-        else:
-            # Weighted sum of the shared latents per head, then W_UV lifts each head's 512-d result to v_head_dim.
-            latent_out = torch.einsum("bhts,bsc->bthc", probs, kv_latent)  # [B, T, H, kv_lora_rank]
-            out = torch.einsum("bthc,hvc->bthv", latent_out, self.w_uv())  # [B, T, H, v_head_dim]
+        if mode == "naive":  # MHA mode: materialise per-head keys and values, then ordinary attention
+            k, v = self.expand_kv(kv_latent, k_rope)  # [B, S, H, nope + rope], [B, S, H, v_head_dim]
+            q = torch.cat([q_nope, q_rope], dim=-1)  # [B, T, H, nope + rope]
+            scores = torch.einsum("bthd,bshd->bths", q, k) * self.softmax_scale
+            scores = scores.float().masked_fill(~allowed.unsqueeze(2), float("-inf"))
+            probs = F.softmax(scores, dim=-1).to(q_nope.dtype)  # [B, T, H, S]
+            out = torch.einsum("bths,bshv->bthv", probs, v)  # [B, T, H, v_head_dim]
+        else:  # MQA mode: W_UK folded into the query, attention over the shared latents, W_UV lifts the result
+            q_absorbed = torch.einsum("bthd,hdc->bthc", q_nope, self.w_uk())  # [B, T, H, kv_lora_rank]
+            x, probs = dense_masked_attention(q_absorbed, q_rope, kv_latent, k_rope, allowed, self.softmax_scale,
+                                              return_probs=True)
+            out = torch.einsum("bthc,hvc->bthv", x, self.w_uv())  # [B, T, H, v_head_dim]
         return (out, probs) if return_probs else out
 
-    def _naive_scores(self, q_nope, q_rope, kv_latent, k_rope):
-        """MHA mode: materialise per-head keys/values, then q·k. scores `[B, H, T, S]`, v `[B, S, H, v]`."""
-        k, v = self.expand_kv(kv_latent, k_rope)  # [B, S, H, nope + rope], [B, S, H, v_head_dim]
-        q = torch.cat([q_nope, q_rope], dim=-1)  # [B, T, H, nope + rope]
-        return torch.einsum("bthd,bshd->bhts", q, k) * self.softmax_scale, v
-
-    def _absorbed_scores(self, q_nope, q_rope, kv_latent, k_rope):
-        """MQA mode: q_absorbed = W_UKᵀ q_nope per head, then one shared 576-d key [c^KV | k_rope] for all heads."""
-        q_absorbed = torch.einsum("bthd,hdc->bthc", q_nope, self.w_uk())  # [B, T, H, kv_lora_rank]
-        scores = torch.einsum("bthc,bsc->bhts", q_absorbed, kv_latent)  # content part
-        scores = scores + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)  # position part
-        return scores * self.softmax_scale
-
-    def check_input(self, h: torch.Tensor, start: int, positions: torch.Tensor | None):
-        """Check h `[B, T, d]`; default positions to start + arange(T); reject positions past the context.
+    def check_input(self, h: torch.Tensor, cache, positions: torch.Tensor | None):
+        """Check h `[B, T, d]` and the cache's type; default positions to len(cache) + arange(T); reject positions
+        past the context.
 
         Returns (positions, given): `given` says whether the caller passed positions (reading them back to check
         them costs a device sync, so `attend` re-checks only those)."""
-        if h.dim() != 3 or h.shape[-1] != self.cfg.hidden_size:
-            raise ValueError(f"h must be [B, T, hidden_size={self.cfg.hidden_size}], got {tuple(h.shape)}.")
-        T = h.shape[1]
+        cfg = self.config
+        if h.dim() != 3 or h.shape[-1] != cfg.hidden_size:
+            raise ValueError(f"h must be [B, T, hidden_size={cfg.hidden_size}], got {tuple(h.shape)}.")
+        if cache is not None and not isinstance(cache, self.cache_type):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.cache_type.__name__} (one per layer), got "
+                f"{type(cache).__name__}. Create it with {self.cache_type.__module__}.{self.cache_type.__name__}()."
+            )
+        start, T = (len(cache) if cache is not None else 0), h.shape[1]
         given = positions is not None
         last = int(positions.max()) if given else start + T - 1
-        if last >= self.cfg.max_position_embeddings:
+        if last >= cfg.max_position_embeddings:
             raise ValueError(
-                f"position {last} is beyond max_position_embeddings={self.cfg.max_position_embeddings}. Shorten the "
+                f"position {last} is beyond max_position_embeddings={cfg.max_position_embeddings}. Shorten the "
                 "sequence or use a config with a longer context."
             )
         if not given:
             positions = torch.arange(start, start + T, device=h.device)
         return positions, given
 
-    def forward(
-        self,
-        h: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        cache: LatentCache | None = None,
-        mode: str = "absorbed",
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, positions: torch.Tensor | None = None, cache: LatentCache | None = None, *,
+                mode: str = "absorbed", recorder=None) -> torch.Tensor:
         """h `[B, T, d]` -> `[B, T, d]`. positions default to len(cache) + arange(T); the new tokens' latents are
-        appended to `cache` when one is given (decode token by token or prefill in chunks)."""
-        positions, given = self.check_input(h, len(cache) if cache is not None else 0, positions)
+        appended to `cache` when one is given (decode token by token or prefill in chunks). (`recorder`: MLA
+        attends to every earlier token, it selects nothing to record.)"""
+        positions, given = self.check_input(h, cache, positions)
         B, T, _ = h.shape
-        cos, sin = self.rotary(positions)
-        _, q_nope, q_rope = self.project_q(h, cos, sin)
-        kv_latent, k_rope = self.project_kv(h, cos, sin)
+        _, q_nope, q_rope, kv_latent, k_rope, _ = self._project(h, positions)
         if cache is not None:
             kv_latent, k_rope = cache.append(kv_latent, k_rope)  # [B, S, kv_lora_rank], [B, S, rope]
-        out = self.attend(q_nope, q_rope, kv_latent, k_rope, positions, mode=mode, mask=mask, check_positions=given)
+        out = self.attend(q_nope, q_rope, kv_latent, k_rope, positions, mode=mode, check_positions=given)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.v_head_dim))
 
     def attention_probs(self, h: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Attention probabilities `[B, H, T, T]` of a prefill of h `[B, T, d]` (for pictures; no cache)."""
-        B, T, _ = h.shape
-        positions = torch.arange(T, device=h.device) if positions is None else positions
-        cos, sin = self.rotary(positions)
-        _, q_nope, q_rope = self.project_q(h, cos, sin)
-        kv_latent, k_rope = self.project_kv(h, cos, sin)
-        return self.attend(q_nope, q_rope, kv_latent, k_rope, positions, return_probs=True)[1]
+        positions, _ = self.check_input(h, None, positions)
+        _, q_nope, q_rope, kv_latent, k_rope, _ = self._project(h, positions)
+        return self.attend(q_nope, q_rope, kv_latent, k_rope, positions, return_probs=True)[1].transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------------- loading weights
@@ -400,7 +334,7 @@ def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, p
             problems.append(f"{key!r} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
     if problems:
         what = type(module).__name__
-        cfg = getattr(module, "cfg", None)
+        cfg = getattr(module, "config", None)
         check = (
             "Check that the checkpoint was made for this architecture and that the config the module was built "
             "from matches the checkpoint's config.json (hidden_size, num_attention_heads, q_lora_rank, "
@@ -516,7 +450,7 @@ def decode_step_time(mla: MLA, num_keys: int, mode: str, *, batch: int = 1, repe
 
 def _time_attend(mla: MLA, num_keys: int, mode: str, batch: int, repeats: int, reduce: str) -> float:
     p = next(mla.parameters())
-    cfg = mla.cfg
+    cfg = mla.config
     H = cfg.num_attention_heads
     q_nope = torch.randn(batch, 1, H, cfg.qk_nope_head_dim, dtype=p.dtype, device=p.device)
     q_rope = torch.randn(batch, 1, H, cfg.qk_rope_head_dim, dtype=p.dtype, device=p.device)
@@ -585,7 +519,7 @@ class MLAStack(nn.Module):
 
     def __init__(self, cfg: ModelConfig, num_layers: int | None = None, init_std: float | None = None):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         n = num_layers or cfg.num_hidden_layers
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(

@@ -13,6 +13,9 @@ from collections import defaultdict
 
 import torch
 
+from dslib.moe import Routing, expert_load
+from dslib.sparse import selection_mask
+
 
 class Recorder:
     """Per-layer statistics of one or more forward passes (batch element `batch` of each call).
@@ -27,27 +30,19 @@ class Recorder:
         self.routing: dict[int, list[torch.Tensor]] = defaultdict(list)
         self.n_experts: int | None = None
 
-    def reset(self) -> None:
-        self.selections.clear()
-        self.routing.clear()
-
     # ----------------------------------------------------------------------------- what the layers call
     def on_selection(self, *, layer_idx: int, selected: torch.Tensor, positions: torch.Tensor) -> None:
-        """DSAttention's `record`: selected `[B, T, k]` key indices for the queries at `positions` `[T]`/`[B, T]`."""
+        """DSAttention's report: selected `[B, T, k]` key indices for the queries at `positions` `[T]`/`[B, T]`."""
         if not self.keep_selections:
             return
         pos = positions if positions.dim() == 1 else positions[self.batch]
         self.selections[layer_idx].append((pos.detach().cpu(), selected[self.batch].detach().cpu()))
 
-    def routing_hook(self, layer_idx: int, n_experts: int):
-        """MoE's `record` for layer `layer_idx`: receives the gate's `Routing` (its `topk_idx [N, k]`)."""
-        self.n_experts = n_experts
-
-        def record(routing) -> None:
-            if self.keep_routing:
-                self.routing[layer_idx].append(routing.topk_idx.detach().cpu())
-
-        return record
+    def on_routing(self, *, layer_idx: int, routing: Routing) -> None:
+        """MoE's report for layer `layer_idx`: the gate's `Routing` (its `topk_idx [N, k]` is kept)."""
+        self.n_experts = routing.scores.shape[-1]
+        if self.keep_routing:
+            self.routing[layer_idx].append(routing.topk_idx.detach().cpu())
 
     # ----------------------------------------------------------------------------- views
     @property
@@ -78,24 +73,18 @@ class Recorder:
         """bool `[Q, S]`: row q = the q-th recorded query position (ascending), True at its selected keys."""
         rows = {}
         for pos, sel in self.selections[layer]:
-            for p, s in zip(pos.tolist(), sel):
-                rows[p] = s
+            rows.update(zip(pos.tolist(), sel))  # a later record of the same position wins
         if not rows:
             raise KeyError(f"no selection recorded for layer {layer} (dense attention records none).")
         positions = sorted(rows)
-        S = max(positions) + 1
-        mat = torch.zeros(len(positions), S + 1, dtype=torch.bool)
-        for i, p in enumerate(positions):
-            s = rows[p]
-            mat[i, torch.where(s < 0, S, s)] = True
-        return mat[:, :S]
+        return selection_mask(torch.stack([rows[p] for p in positions])[None], max(positions) + 1)[0]
 
     def expert_load(self, layer: int) -> torch.Tensor:
         """Tokens routed to each expert of `layer`, summed over the recorded calls: `[n_routed_experts]` int64."""
         if layer not in self.routing:
             raise KeyError(f"no routing recorded for layer {layer}; MoE layers recorded: {self.moe_layers}.")
         idx = torch.cat([r.reshape(-1) for r in self.routing[layer]])
-        return torch.bincount(idx, minlength=self.n_experts or int(idx.max()) + 1)
+        return expert_load(idx, self.n_experts or int(idx.max()) + 1)
 
     def expert_load_matrix(self) -> tuple[list[int], torch.Tensor]:
         """(MoE layer indices, load `[n_layers, n_routed_experts]` int64) for a per-layer heatmap."""
@@ -124,7 +113,7 @@ def distance_bin_edges(max_distance: int) -> list[int]:
 class SummaryRecorder:
     """What the model decided, kept as compact summaries that fit 128K tokens x 61 layers (never a [T, S] matrix).
 
-    Same hooks as `Recorder` (`on_selection`, `on_routing` / `routing_hook`). Accumulators live on the device of
+    Same hooks as `Recorder` (`on_selection`, `on_routing`). Accumulators live on the device of
     the tensors they are given (no host sync per call); `to_dict()` copies them out. Per DSA layer:
       distance_hist   counts of selected keys by query-key distance, log-scale bins (`distance_bin_edges`)
       beyond_window   selected keys at distance >= `window` (index_topk by default: a sliding window of the same
@@ -169,8 +158,8 @@ class SummaryRecorder:
         """Read the router bias of every MoE layer of a model (or an iterable of decoder layers)."""
         layers = getattr(getattr(model, "model", None), "layers", model)
         for layer in layers:
-            if getattr(layer, "is_moe", False):
-                self.note_gate(layer.layer_idx, layer.mlp.gate)
+            if hasattr(layer.mlp, "gate"):  # a MoE layer
+                self.note_gate(layer.mlp.layer_idx, layer.mlp.gate)
         return self
 
     def note_gate(self, layer_idx: int, gate) -> None:
@@ -254,10 +243,6 @@ class SummaryRecorder:
             st["ep_received" + suffix] += remote.sum(0)
         if bias is None:
             self.meta["unlimited_bias"] = "zero (no gate bias was noted)"
-
-    def routing_hook(self, layer_idx: int, n_experts: int):
-        """The older MoE hook protocol (`record(routing)`), for code that passes `record=` to MoE.forward."""
-        return lambda routing: self.on_routing(layer_idx=layer_idx, routing=routing)
 
     # ------------------------------------------------------------------------------------------- output
     def layer_overlap(self) -> tuple[list[int], list[list[float]]]:

@@ -24,7 +24,10 @@ The real checkpoint: `load_tokenizer(path)`, `encode_prompt(tok, text, cfg)`, th
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -35,12 +38,14 @@ from torch import nn
 
 from dslib.attention import RMSNorm
 from dslib.checkpoint import CheckpointError, SafetensorsSource, TensorSource, load_layer, load_part
+from dslib import sparse
 from dslib.config import ModelConfig
 from dslib.devices import RunPlan
+from dslib.moe import MoE
 from dslib.sparse import DSACache
 
 __all__ = ["StreamedModel", "StreamCache", "LayerTiming", "NonFiniteError", "load_tokenizer", "encode_prompt",
-           "run_layer"]
+           "run_layer", "check_finite", "is_moe"]
 
 
 class NonFiniteError(RuntimeError):
@@ -94,33 +99,8 @@ class StreamCache:
 
 
 # ----------------------------------------------------------------------------------------------- one layer
-def _attention_kwargs(attn: nn.Module, recorder, **kw) -> dict:
-    """Keyword arguments for DSAttention.forward: the switches it accepts, and the recorder in its protocol."""
-    params = inspect.signature(attn.forward).parameters
-    out = {k: v for k, v in kw.items() if k in params and v is not None}
-    if recorder is not None:
-        if "recorder" in params:
-            out["recorder"] = recorder
-        else:
-            out["record"] = recorder.on_selection
-    return out
-
-
-def _ffn(layer: nn.Module, h: torch.Tensor, recorder, backend: str | None) -> torch.Tensor:
-    if not layer.is_moe:
-        return layer.mlp(h)
-    params = inspect.signature(layer.mlp.forward).parameters
-    kw = {"backend": backend} if "backend" in params and backend is not None else {}
-    if recorder is not None:
-        if "recorder" in params:
-            kw["recorder"] = recorder
-            if "layer_idx" in params:
-                kw["layer_idx"] = layer.layer_idx
-        elif hasattr(recorder, "on_routing"):
-            kw["record"] = lambda routing: recorder.on_routing(layer_idx=layer.layer_idx, routing=routing)
-        else:
-            kw["record"] = recorder.routing_hook(layer.layer_idx, len(layer.mlp.experts))
-    return layer.mlp(h, **kw)
+def is_moe(layer: nn.Module) -> bool:
+    return isinstance(layer.mlp, MoE)
 
 
 class _Clock:
@@ -130,7 +110,7 @@ class _Clock:
         self.cuda = device.type == "cuda"
         self.marks: list = []
 
-    def mark(self):
+    def mark(self) -> int:
         if self.cuda:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
@@ -146,46 +126,71 @@ class _Clock:
         return self.marks[b] - self.marks[a]
 
 
-class _IndexerTimer:
-    """Adds up the time spent inside `self_attn.indexer` (forward hooks; the attention code calls the module)."""
+@contextlib.contextmanager
+def _indexer_timer(attn: nn.Module, clock: _Clock):
+    """Time the indexer + top-k of a layer while it runs (yields a list of (start, end) marks): forward hooks on
+    `attn.indexer` (the torch path scores there), and for as long as the layer runs, timing wrappers around the two
+    functions DSAttention calls for the selection (`dslib.sparse.topk_selection`, and the kernel
+    `dslib.kernels.indexer.index_topk` when it is loaded). Instrumentation only: the numbers are not touched."""
+    spans: list[list[int]] = []
+    handles = []
+    if isinstance(getattr(attn, "indexer", None), nn.Module):
+        handles = [attn.indexer.register_forward_pre_hook(lambda *a: spans.append([clock.mark()])),
+                   attn.indexer.register_forward_hook(lambda *a: spans[-1].append(clock.mark()))]
+    targets = [(sparse, "topk_selection")]
+    kern = sys.modules.get("dslib.kernels.indexer")
+    if kern is not None and hasattr(kern, "index_topk"):
+        targets.append((kern, "index_topk"))
+    saved = [(mod, name, getattr(mod, name)) for mod, name in targets]
 
-    def __init__(self, attn: nn.Module, clock: _Clock):
-        self.clock, self.spans, self.handles = clock, [], []
-        indexer = getattr(attn, "indexer", None)
-        if isinstance(indexer, nn.Module):
-            self.handles = [indexer.register_forward_pre_hook(lambda *a: self.spans.append([clock.mark()])),
-                            indexer.register_forward_hook(lambda *a: self.spans[-1].append(clock.mark()))]
+    def timed(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            a = clock.mark()
+            out = fn(*args, **kwargs)
+            spans.append([a, clock.mark()])
+            return out
+        return wrapper
 
-    def seconds(self) -> float | None:
-        for h in self.handles:
+    for mod, name, fn in saved:
+        setattr(mod, name, timed(fn))
+    try:
+        yield spans
+    finally:
+        for mod, name, fn in saved:
+            setattr(mod, name, fn)
+        for h in handles:
             h.remove()
-        spans = [s for s in self.spans if len(s) == 2]
-        return sum(self.clock.seconds(a, b) for a, b in spans) if spans else None
 
 
-def run_layer(layer: nn.Module, x: torch.Tensor, positions: torch.Tensor, cache: DSACache, *, attn_chunk: int,
-              moe_chunk: int, recorder=None, clock: _Clock | None = None, **switches) -> dict:
+def run_layer(layer: nn.Module, x: torch.Tensor, cache: DSACache, *, attn_chunk: int, moe_chunk: int,
+              positions: torch.Tensor | None = None, recorder=None, clock: _Clock | None = None,
+              **options) -> dict:
     """One decoder layer over x `[B, T, d]` **in place**, chunked: `attn_chunk` queries at a time through the
     attention (their latents and indexer keys are appended to `cache`, which holds the earlier tokens), then
-    `moe_chunk` tokens at a time through the FFN. Same result as `x = layer(x, positions, cache)`.
-    switches: attention / mode / window / precision / backend, passed to the attention (and backend to the MoE).
-    Returns the phase times {"attention_s", "indexer_s", "ffn_s"} (CUDA events on a GPU)."""
+    `moe_chunk` tokens at a time through the FFN. Same result as `x = layer(x, positions, cache, **options)`.
+    positions: None = len(cache) + arange(T) (no host sync to check them). options: attention / mode / window /
+    precision / backend, as `DSAttention.forward` takes them. Returns the phase times {"attention_s",
+    "indexer_s" (indexer + top-k, part of the attention; None if not seen), "ffn_s"}."""
     clock = clock or _Clock(x.device)
     T = x.shape[1]
-    kw = _attention_kwargs(layer.self_attn, recorder, **switches)
-    timer = _IndexerTimer(layer.self_attn, clock)
-    t0 = clock.mark()
-    for s in range(0, T, attn_chunk):
-        sl = slice(s, min(T, s + attn_chunk))
-        h = layer.input_layernorm(x[:, sl])
-        x[:, sl] += layer.self_attn(h, positions[sl], cache, **kw)
-    t1 = clock.mark()
+    mlp_kw = {"backend": options["backend"]} if "backend" in options and "backend" in inspect.signature(layer.mlp.forward).parameters else {}
+    with _indexer_timer(layer.self_attn, clock) as spans:
+        t0 = clock.mark()
+        for s in range(0, T, attn_chunk):
+            sl = slice(s, min(T, s + attn_chunk))
+            h = layer.input_layernorm(x[:, sl])
+            x[:, sl] += layer.self_attn(h, None if positions is None else positions[sl], cache, recorder=recorder,
+                                        **options)
+        t1 = clock.mark()
     for s in range(0, T, moe_chunk):
         sl = slice(s, min(T, s + moe_chunk))
         h = layer.post_attention_layernorm(x[:, sl])
-        x[:, sl] += _ffn(layer, h, recorder, switches.get("backend"))
+        x[:, sl] += layer.mlp(h, recorder=recorder, **mlp_kw)
     t2 = clock.mark()
-    return {"attention_s": clock.seconds(t0, t1), "indexer_s": timer.seconds(), "ffn_s": clock.seconds(t1, t2)}
+    done = [sp for sp in spans if len(sp) == 2]
+    return {"attention_s": clock.seconds(t0, t1), "ffn_s": clock.seconds(t1, t2),
+            "indexer_s": sum(clock.seconds(a, b) for a, b in done) if done else None}
 
 
 def check_finite(x: torch.Tensor, where: str) -> None:
@@ -221,8 +226,9 @@ class StreamedModel:
         if sorted(plan.layer_device) != list(range(L)):
             raise ValueError(f"the plan places {len(plan.layer_device)} layers, the checkpoint has {L}: make the plan "
                              "from this checkpoint's config (plan_run(source.config, ...)).")
-        self.switches = dict(attention=attention, mode=mode, window=window, precision=precision,
-                             backend=backend if backend is not None else plan.backend)
+        switches = dict(attention=attention, mode=mode, window=window, precision=precision,
+                        backend=backend if backend is not None else plan.backend)
+        self.switches = {k: v for k, v in switches.items() if v is not None}
         self.keep_fp8 = any(s.dtype == torch.float8_e4m3fn for s in self.source.specs().values())
         self.device_of = {i: torch.device(d) for i, d in plan.layer_device.items()}
         first, last = self.device_of[0], self.device_of[L - 1]
@@ -303,19 +309,17 @@ class StreamedModel:
             raise ValueError(f"the plan was made for batch {self.plan.batch}, got {input_ids.shape[0]}.")
 
     @torch.no_grad()
-    def forward_layers(self, x: torch.Tensor, positions: torch.Tensor, cache: StreamCache | None, layers,
-                       *, recorder=None, check: bool = True, timings: list | None = None, on_layer=None) -> torch.Tensor:
-        """Run hidden states x `[B, T, d]` through `layers` (ascending indices) in layer-major order; returns x
-        (updated in place on each layer's device). Layers without a kept cache get a temporary one (they must then
-        start at position 0: a prefill). Each layer's `LayerTiming` is appended to `timings` and passed to
-        `on_layer` (e.g. to flush a recording as the run goes)."""
+    def forward_layers(self, x: torch.Tensor, start: int, cache: StreamCache | None, layers, *, recorder=None,
+                       check: bool = True, timings: list | None = None, on_layer=None) -> torch.Tensor:
+        """Run hidden states x `[B, T, d]` of the tokens at positions start..start+T-1 through `layers` (ascending
+        indices) in layer-major order; returns x (updated in place on each layer's device). Kept layer caches
+        must hold `start` tokens; other layers get a temporary cache (then start must be 0: a prefill). Each
+        layer's `LayerTiming` is appended to `timings` and passed to `on_layer` (e.g. to flush a recording)."""
         T = x.shape[1]
-        start = int(positions[0]) if T else 0
         for i in layers:
             layer, load_s = self.layer(i)
             self._read_ahead(i)
-            dev = self.device_of[i]
-            x, positions = x.to(dev), positions.to(dev)
+            x = x.to(self.device_of[i])
             if cache is not None and i in cache:
                 layer_cache = cache[i]
             elif start == 0:
@@ -323,14 +327,17 @@ class StreamedModel:
             else:
                 raise ValueError(f"layer {i} has no cache of the {start} earlier tokens: use a cache that keeps every "
                                  "layer (plan_run(..., keep_caches='all'), model.new_cache(keep='all')).")
-            if recorder is not None and getattr(layer, "is_moe", False) and hasattr(recorder, "note_gate"):
+            if len(layer_cache) != start:
+                raise ValueError(f"layer {i}'s cache holds {len(layer_cache)} tokens, the input starts at position {start}.")
+            moe = is_moe(layer)
+            if recorder is not None and moe and hasattr(recorder, "note_gate"):
                 recorder.note_gate(i, layer.mlp.gate)
-            phases = run_layer(layer, x, positions, layer_cache, attn_chunk=self.plan.attn_chunk,
-                               moe_chunk=self.plan.moe_chunk, recorder=recorder, **self.switches)
+            phases = run_layer(layer, x, layer_cache, attn_chunk=self.plan.attn_chunk, moe_chunk=self.plan.moe_chunk,
+                               recorder=recorder, **self.switches)
             if check:
-                check_finite(x, f"layer {i} ({'MoE' if layer.is_moe else 'dense'})")
+                check_finite(x, f"layer {i} ({'MoE' if moe else 'dense'})")
             if timings is not None or on_layer is not None:
-                timing = LayerTiming(i, "moe" if layer.is_moe else "dense", i in self.resident, load_s,
+                timing = LayerTiming(i, "moe" if moe else "dense", i in self.resident, load_s,
                                      phases["attention_s"], phases["indexer_s"], phases["ffn_s"], T * x.shape[0])
                 if timings is not None:
                     timings.append(timing)
@@ -349,9 +356,8 @@ class StreamedModel:
         self.check_input(input_ids, start)
         first = self.device_of[0]
         x = self.embed_tokens(input_ids.to(first))  # [B, T, d]
-        positions = torch.arange(start, start + input_ids.shape[1], device=first)
         self.timings, self.last_cache = [], cache
-        x = self.forward_layers(x, positions, cache, range(self.cfg.num_hidden_layers), recorder=recorder,
+        x = self.forward_layers(x, start, cache, range(self.cfg.num_hidden_layers), recorder=recorder,
                                 check=check, timings=self.timings, on_layer=on_layer)
         last = self.device_of[self.cfg.num_hidden_layers - 1]
         logits = self.lm_head(self.norm(x[:, -1:].to(last))).float()[:, 0]  # [B, vocab]

@@ -92,5 +92,5 @@ def test_exercise_3():
     assert ch2.check_merged_output_weight(ch2.solution_merged_output_weight)
     wrong_shape = lambda mla: mla.o_proj.weight  # noqa: E731
     assert "shape" in ch2.check_merged_output_weight(wrong_shape).message
-    wrong = lambda mla: torch.zeros(mla.cfg.hidden_size, mla.num_heads * mla.kv_lora_rank)  # noqa: E731
+    wrong = lambda mla: torch.zeros(mla.config.hidden_size, mla.num_heads * mla.kv_lora_rank)  # noqa: E731
     assert not ch2.check_merged_output_weight(wrong)

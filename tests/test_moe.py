@@ -1,12 +1,15 @@
 """Chapter 4: gate, experts, MoE block and balancing — against transformers' deepseek_v3 and simple references."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from dslib.config import ConfigError, ModelConfig
+from dslib.attention import FeedForward
 from dslib.moe import (
-    MLP, Gate, MoE, Routing, dispatch, expert_load, expert_weights, group_scores, groups_touched, max_violation,
+    Gate, MoE, Routing, dispatch, expert_load, expert_weights, group_scores, groups_touched, max_violation,
     moe_reference, router_scores, select_experts, sequence_aux_loss, update_bias,
 )
 
@@ -76,7 +79,7 @@ def test_mlp_equals_transformers():
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MLP
 
     cfg = cfg_()
-    ours = MLP(32, 16)
+    ours = FeedForward(32, 16)
     theirs = DeepseekV3MLP(hf_config(cfg), intermediate_size=16)
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(3, 5, 32)
@@ -222,11 +225,12 @@ def test_dispatch_handles_idle_experts_and_gradients():
     assert moe.experts[5].up_proj.weight.grad is None
 
 
-def test_record_receives_routing():
-    moe = randomise(MoE(cfg_()))
+def test_recorder_receives_routing():
+    moe = randomise(MoE(cfg_(), layer_idx=7))
     seen = []
-    moe(torch.randn(2, 3, 32), record=seen.append)
-    assert len(seen) == 1 and isinstance(seen[0], Routing)
+    moe(torch.randn(2, 3, 32), recorder=SimpleNamespace(on_routing=lambda **kw: seen.append(kw)))
+    assert len(seen) == 1 and seen[0]["layer_idx"] == 7 and isinstance(seen[0]["routing"], Routing)
+    seen = [seen[0]["routing"]]
     assert seen[0].topk_idx.shape == (6, 4) and seen[0].scores.shape == (6, 16)
 
 

@@ -32,11 +32,7 @@ class Both:
 
     def on_routing(self, **kw):
         for r in self.recs:
-            r.on_routing(**kw) if hasattr(r, "on_routing") else r.routing_hook(kw["layer_idx"], 0)(kw["routing"])
-
-    def routing_hook(self, layer_idx, n):
-        hooks = [r.routing_hook(layer_idx, n) for r in self.recs]
-        return lambda routing: [h(routing) for h in hooks]
+            r.on_routing(**kw)
 
 
 @pytest.fixture(scope="module")

@@ -142,7 +142,7 @@ def test_run_layer_in_chunks_equals_the_decoder_layer(source, cfg):
     with torch.no_grad():
         want = layer(x, pos, DSACache())
         got = x.clone()
-        run_layer(layer, got, pos, DSACache(max_len=40), attn_chunk=16, moe_chunk=24)
+        run_layer(layer, got, DSACache(max_len=40), attn_chunk=16, moe_chunk=24)
     assert (got - want).abs().max() < 1e-5
 
 

@@ -40,11 +40,11 @@ def test_model_forward_paths_agree(tmp_path):
     tokens = eval_set(TASK, 3).tokens
     with torch.no_grad():
         for attention in ("dense", "sparse", "window"):
-            a = m(tokens, attention)
-            b, _ = m.forward_train(tokens, attention, impl="gather")
-            c, _ = m.forward_train(tokens, attention, impl="masked")
+            a = m(tokens, attention)  # absorbed: a selection gathers its latents
+            stats = m.stats(need_probs=True)
+            b = m(tokens, attention, mode="naive", stats=stats)  # MHA mode, a selection as a mask
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5)
+            assert (stats[0].selected is None) == (attention == "dense")
     path = train.save_model(m, tmp_path / "m.safetensors")
     m2 = train.load_model(path)
     with torch.no_grad():
@@ -122,8 +122,10 @@ def test_rows_give_the_same_numbers_as_full():
     b = eval_set(TASK, 3)
     rows = train.query_rows(b)
     with torch.no_grad():
-        _, full = m.forward_train(b.tokens, "dense", need_probs=True, need_index_scores=True)
-        _, part = m.forward_train(b.tokens, "dense", need_probs=True, need_index_scores=True, rows=rows)
+        full = m.stats(need_probs=True, need_index_scores=True)
+        part = m.stats(need_probs=True, need_index_scores=True, rows=rows)
+        m(b.tokens, "dense", stats=full)
+        m(b.tokens, "dense", stats=part)
     for f, p in zip(full, part):
         idx = rows.unsqueeze(-1).expand(-1, -1, f.index_scores.shape[-1])
         torch.testing.assert_close(p.index_scores, f.index_scores.gather(1, idx), rtol=1e-5, atol=1e-6)

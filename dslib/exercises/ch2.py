@@ -115,10 +115,10 @@ def check_merged_output_weight(fn) -> Verdict:
         return problem
     if not isinstance(got, torch.Tensor):
         return not_yet(f"it should return a tensor, got {type(got).__name__}.")
-    want_shape = (mla.cfg.hidden_size, H * c)
+    want_shape = (mla.config.hidden_size, H * c)
     if tuple(got.shape) != want_shape:
         return not_yet(f"the merged weight has shape {tuple(got.shape)}; it maps H·kv_lora_rank = {H * c} inputs to "
-                       f"hidden_size = {mla.cfg.hidden_size} outputs, so shape {want_shape}.")
+                       f"hidden_size = {mla.config.hidden_size} outputs, so shape {want_shape}.")
     out = x.reshape(5, -1) @ got.detach().T
     if torch.allclose(out, expected, atol=1e-5):
         return correct("W_UV can live inside o_proj: decode never needs per-head values at all.")

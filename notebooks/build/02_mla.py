@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 import dslib
 from dslib import ModelConfig, show, viz
 from dslib.exercises import ch2 as exercises
-from dslib.mla import (MLA, LatentCache, MLAStack, attention_flops, decode_costs, decode_step_time,
+from dslib.mla import (MLA, LatentCache, MLAStack, attention_flops, decode_costs, decode_step_time, dense_masked_attention,
                        fp8_pack_latent, fp8_unpack_latent, kv_bytes_read)
 from dslib.rope import (RotaryEmbedding, apply_rope_interleaved, rope_inv_freq, softmax_scale,
                         yarn_correction_range)
@@ -282,11 +282,11 @@ show(MLA.attend)
 """)
 
 code(r"""
-show(MLA._naive_scores)
+show(MLA.expand_kv)
 """)
 
 code(r"""
-show(MLA._absorbed_scores)
+show(dense_masked_attention)
 """)
 
 md(r"""

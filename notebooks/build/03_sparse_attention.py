@@ -49,10 +49,11 @@ from torch.utils.flop_counter import FlopCounterMode
 import dslib
 from dslib import ModelConfig, show, viz
 from dslib.exercises import ch3 as exercises
+from dslib.attention import causal_mask
 from dslib.indexer import LightningIndexer, fp8_index_scores, index_scores, indexer_kl_loss
-from dslib.sparse import (DSACache, DSAttention, causal_mask, core_attention_flops, dense_masked_attention,
-                          indexer_flops, attention_flops_per_token, selection_mask, sparse_attention, time_attention,
-                          topk_selection, window_selection)
+from dslib.mla import dense_masked_attention
+from dslib.sparse import (DSACache, DSAttention, core_attention_flops, indexer_flops, attention_flops_per_token,
+                          selection_mask, sparse_attention, time_attention, topk_selection, window_selection)
 from dslib.tasks import RecallTask, eval_set, make_batch, window_accuracy_bound, window_reach
 from dslib import train
 
@@ -321,7 +322,7 @@ if RETRAIN or not paths["log"].exists():
     train.run_experiment(DATA, seed=SEED)
 log = json.loads(paths["log"].read_text())
 models = {stage: train.load_model(paths[stage]) for stage in train.STAGES}
-cfg = models["sparse"].cfg
+cfg = models["sparse"].config
 K = cfg.index_topk
 print(f"recorded command: {log['command']}")
 for name, st in log["stages"].items():

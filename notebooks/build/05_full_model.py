@@ -52,7 +52,8 @@ from dslib.checkpoint import (RandomSource, SafetensorsSource, bytes_by_componen
 from dslib.config import ModelConfig
 from dslib.devices import DevicePlanError, gpus_needed, module_bytes, plan_devices
 from dslib.exercises import ch5
-from dslib.model import DecoderLayer, DeepseekV32ForCausalLM
+from dslib.attention import DecoderLayer
+from dslib.model import DeepseekV32ForCausalLM
 from dslib.record import Recorder
 
 torch.manual_seed(0)
@@ -93,6 +94,7 @@ checkpoint's tensors, so the module tree *is* the checkpoint's table of contents
 code(r"""
 dslib.show(DecoderLayer)
 """)
+
 
 code(r"""
 dslib.show(DeepseekV32ForCausalLM.forward)
@@ -554,9 +556,10 @@ if GPU:
 md(r"""
 ## What you built
 
-- `dslib.model`: `DecoderLayer`, `DeepseekV32ForCausalLM` (logits, `new_cache`, greedy `generate`, placement on
-  several devices) and `ModelCache`, with per-call switches `attention="sparse" | "dense" | "window"` and
-  `mode="absorbed" | "naive"`; its `state_dict()` names are the official checkpoint's.
+- `dslib.model`: `decoder_layer` (chapter 1's `DecoderLayer` with DSA and a dense FFN or MoE),
+  `DeepseekV32ForCausalLM` (logits, `new_cache` with one `DSACache` per layer, greedy `generate`, placement on
+  several devices), with per-call switches `attention="sparse" | "dense" | "window"`, `mode="absorbed" | "naive"`,
+  `window`, `precision` and `backend`; its `state_dict()` names are the official checkpoint's.
 - `dslib.checkpoint`: the tensor table from a config, FP8 block (de)quantisation, `FP8Linear` storage, tensor sources (safetensors
   shards read one tensor at a time, a seeded random generator, a state dict), `write_checkpoint` /
   `save_pretrained` / `write_synthetic_checkpoint`, and `load_pretrained` / `load_layer` with clear errors for
