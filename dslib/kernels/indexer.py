@@ -67,7 +67,7 @@ def _index_scores_kernel(
     w_rows = w_ptr + b * stride_wb + offs_m.to(tl.int64) * stride_wt
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for j in range(0, tl.where(live, H, 0)):  # the head loop: per-head scores exist only in registers
+    for j in range(tl.where(live, H, 0)):  # the head loop: per-head scores exist only in registers
         q = tl.load(q_rows + j * stride_qh, mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, D]
         w = tl.load(w_rows + j, mask=m_ok, other=0.0)  # [BM] head weight (fp32)
         s = tl.dot(q, tl.trans(k))  # [BM, BN] = q[t,j] · k[s], fp32 accumulation
@@ -231,7 +231,7 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_positions:
     Same maths as `dslib.indexer.index_scores`; `fp8=True` as `dslib.indexer.fp8_index_scores` (with
     `rotate=False` unless `rotate=True`). `out`: a `[B, T, S]` fp32 or bf16 tensor to write into.
     """
-    B, T, H, D, S, pos = _check(q, w, k, q_positions, k_scale)
+    B, T, _, _, S, pos = _check(q, w, k, q_positions, k_scale)
     q, w, k, k_scale, FP8 = _prepare(q, w, k, k_scale, fp8, rotate)
     q, w, k = q.contiguous(), w.contiguous(), k.contiguous()
     if out is None:
@@ -264,7 +264,7 @@ def index_topk(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_positions: t
         raise ValueError(f"topk must be a positive integer, got {topk!r}.")
     if score_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"score_dtype must be torch.float32 or torch.bfloat16, got {score_dtype}.")
-    B, T, H, D, S, pos = _check(q, w, k, q_positions, k_scale)
+    B, T, _, _, S, pos = _check(q, w, k, q_positions, k_scale)
     q, w, k, k_scale, FP8 = _prepare(q, w, k, k_scale, fp8, rotate)
     q, w, k = q.contiguous(), w.contiguous(), k.contiguous()
     selected = torch.full((B, T, topk), -1, dtype=torch.int64, device=q.device)

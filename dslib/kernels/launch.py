@@ -39,7 +39,7 @@ def pow2_block(n: int, *, least: int = 16) -> int:
     return max(least, 1 << max(0, int(n) - 1).bit_length())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -51,7 +51,7 @@ def sm_count(device: torch.device) -> int:
     return num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fix_interpreter() -> None:
     """Two numeric bugs of Triton's CPU interpreter (3.9), fixed here for the tests; no effect on the GPU.
 

@@ -183,13 +183,13 @@ def _combine_kernel(part_ptr, lse_ptr, out_ptr, H, NUM_SPLITS,
     h_ok, c_ok = offs_h < H, offs_c < C
     lse_row = lse_ptr + b * s_lb + t * s_lt + offs_h
     m = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
-    for j in range(0, NUM_SPLITS):
+    for j in range(NUM_SPLITS):
         m = tl.maximum(m, tl.load(lse_row + j * s_lsp, mask=h_ok, other=float("-inf")))
     m_ref = tl.where(m == float("-inf"), 0.0, m)
     acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
     den = tl.zeros((BLOCK_H,), dtype=tl.float32)
     part_rows = part_ptr + b * s_pb + t * s_pt + offs_h[:, None] * s_ph + offs_c[None, :]
-    for j in range(0, NUM_SPLITS):
+    for j in range(NUM_SPLITS):
         wj = tl.exp2(tl.load(lse_row + j * s_lsp, mask=h_ok, other=float("-inf")) - m_ref)  # [BH]
         acc += wj[:, None] * tl.load(part_rows + j * s_psp, mask=h_ok[:, None] & c_ok[None, :], other=0.0)
         den += wj
@@ -294,7 +294,7 @@ def sparse_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.
     enter the weighted sum in the inputs' dtype, as there). A query with no valid key gets 0 instead of NaN.
     `num_splits` overrides how many programs share one query's keys (default: chosen from the GPU's size).
     """
-    B, T, H, C, R, S = _check_mla(q_absorbed, q_rope, kv_latent, k_rope, "sparse_mla")
+    B, T, H, C, _, _ = _check_mla(q_absorbed, q_rope, kv_latent, k_rope, "sparse_mla")
     if selected.dim() != 3 or tuple(selected.shape[:2]) != (B, T):
         raise ValueError(f"sparse_mla: selected must be [B, T, k] = [{B}, {T}, k], got {tuple(selected.shape)}.")
     if selected.dtype not in (torch.int32, torch.int64):
@@ -323,7 +323,7 @@ def dense_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.T
     `dslib.sparse.dense_masked_attention` with a causal mask). Built for decode (few queries, long caches:
     the keys are split over programs, flash-decoding); it runs any T but has no prefill tiling.
     """
-    B, T, H, C, R, S = _check_mla(q_absorbed, q_rope, kv_latent, k_rope, "dense_mla")
+    B, T, H, C, _, S = _check_mla(q_absorbed, q_rope, kv_latent, k_rope, "dense_mla")
     pos = q_positions if q_positions.dim() == 2 else q_positions.reshape(1, -1)
     if q_positions.dim() not in (1, 2) or pos.shape[-1] != T or pos.shape[0] not in (1, B):
         raise ValueError(f"dense_mla: q_positions must be [T] or [B, T] with T = {T}, B = {B}; got "
@@ -350,4 +350,4 @@ def sparse_mla_flops(selected: torch.Tensor, num_heads: int, kv_lora_rank: int, 
     return valid * 2 * num_heads * (2 * kv_lora_rank + rope_dim)
 
 
-__all__ = ["sparse_mla", "dense_mla", "sparse_mla_flops", "SPARSE_CONFIG", "DENSE_CONFIG"]
+__all__ = ["DENSE_CONFIG", "SPARSE_CONFIG", "dense_mla", "sparse_mla", "sparse_mla_flops"]
