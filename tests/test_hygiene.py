@@ -20,7 +20,7 @@ CHAPTER = {
     "indexer": 3, "sparse": 3, "tasks": 3, "train": 3,
     "moe": 4, "moe_train": 4,
     "model": 5, "checkpoint": 5, "devices": 5, "record": 5,
-    "synthetic": 6, "streaming": 6,
+    "synthetic": 6, "streaming": 6, "kernels": 6,
 }
 EXERCISES = {f"exercises.ch{n}": n for n in range(1, 7)}
 
