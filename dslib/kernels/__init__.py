@@ -1,0 +1,27 @@
+"""Triton kernels for the GPU path (chapter 6): the same maths as the PyTorch modules, fused.
+
+The PyTorch code of chapters 1-5 is the teaching path and the oracle; each kernel here is tested against it on
+CPU under Triton's interpreter (`TRITON_INTERPRET=1`, tiny shapes) and at full width on a GPU. Nothing is
+imported from this package until a caller asks for a kernel (`backend="triton"`, or an FP8 linear on a GPU), so
+the rest of dslib runs without Triton.
+
+    available()     can the kernels run here? (Triton importable, and a CUDA GPU or the CPU interpreter)
+    fp8             act_quant (e4m3, one power-of-two scale per token per 128 channels) and fp8_linear
+    moe             the routed + shared experts of one MoE layer as one grouped FP8 computation
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+
+def available() -> bool:
+    """True when Triton is importable and either a CUDA GPU is present or `TRITON_INTERPRET=1` is set (Triton's
+    CPU interpreter, which the tests use; set it before anything imports triton)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    import torch
+
+    return torch.cuda.is_available()
