@@ -176,7 +176,8 @@ def _fp8_gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, M, N, K,
     sb_ptrs = sb_ptr + (cols_c // 128) * stride_sbn  # [BLOCK_N] ... and one per 128 weight rows
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, 128)):
+    for k0 in range(0, K, 128):  # one 128-wide K step = one scale block
+        kb = k0 // 128
         a = tl.load(a_ptrs)
         b = tl.load(b_ptrs)
         sa = tl.load(sa_ptrs + kb * stride_sak)

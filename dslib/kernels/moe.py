@@ -116,7 +116,8 @@ def _gate_up_kernel(x8_ptr, sx_ptr, row_token_ptr, tile_expert_ptr, tile_row_ptr
 
     acc_gate = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(d, 128)):
+    for k0 in range(0, d, 128):  # one 128-wide K step = one scale block
+        kb = k0 // 128
         a = tl.load(a_ptrs)
         sa = tl.load(sa_ptrs + kb)[:, None]
         acc_gate += tl.dot(a, tl.load(gate_ptrs)) * (sa * tl.load(s_gate_ptr + kb))
@@ -158,7 +159,8 @@ def _down_kernel(h8_ptr, sh_ptr, row_weight_ptr, tile_expert_ptr, tile_row_ptr, 
     sw_ptrs = s2_ptr + expert.to(tl.int64) * stride_se + (cols_c // 128) * stride_sr
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(I, 128)):
+    for k0 in range(0, I, 128):  # one 128-wide K step = one scale block
+        kb = k0 // 128
         scales = tl.load(sa_ptrs + kb)[:, None] * tl.load(sw_ptrs + kb)[None, :]
         acc += tl.dot(tl.load(a_ptrs), tl.load(w_ptrs)) * scales
         a_ptrs += 128
