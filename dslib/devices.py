@@ -427,16 +427,21 @@ def plan_run(
     # Contiguous, balanced split of the layers over the devices (by bytes): run r holds layers owner == r.
     owner = _balanced_owner(layer_bytes, G)
 
+    # backend="triton": the grouped MoE kernel stacks a layer's experts into one tensor once loaded, which holds
+    # that layer's experts twice for a moment (the per-expert tensors are freed as they are copied)
+    stacking = max(layer_bytes) if backend == "triton" and cfg.num_moe_layers else 0
+
     def fixed(g):  # what device g holds besides layer weights and caches
-        return (embed if g == 0 else 0) + (head if g == G - 1 else 0) + hidden + act + int(reserve_bytes)
+        return (embed if g == 0 else 0) + (head if g == G - 1 else 0) + hidden + act + int(reserve_bytes) + stacking
 
     resident_fit = all(
         fixed(g) + sum(layer_bytes[i] + per_layer_cache for i in range(L) if owner[i] == g) <= limit[g] for g in range(G)
     )
-    need_resident = sum(layer_bytes) + L * per_layer_cache + embed + head + G * (hidden + act + int(reserve_bytes))
+    need_resident = sum(layer_bytes) + L * per_layer_cache + embed + head + G * (hidden + act + int(reserve_bytes) + stacking)
     if streaming is True or not resident_fit:
         if streaming is False:
-            fewest = _fewest_devices(layer_bytes, per_layer_cache, embed, head, hidden + act + int(reserve_bytes), max(limit))
+            fewest = _fewest_devices(layer_bytes, per_layer_cache, embed, head, hidden + act + int(reserve_bytes) + stacking,
+                                     max(limit))
             raise DevicePlanError(
                 f"All {L} layers resident need {fmt_bytes(need_resident)} ({fmt_bytes(sum(layer_bytes))} of {storage} "
                 f"weights + {fmt_bytes(embed + head)} embeddings and head + caches, hidden states and activations "
@@ -458,8 +463,10 @@ def plan_run(
             raise DevicePlanError(
                 f"Streaming needs at least {fmt_bytes(need)} on {names[g]}: the largest layer ({fmt_bytes(slot)} "
                 f"{storage}), {'embeddings/head, ' if g in (0, G - 1) else ''}the hidden state ({fmt_bytes(hidden)} for "
-                f"{batch} x {prompt_len:,} tokens), ~{fmt_bytes(act)} of activations and a {fmt_bytes(reserve_bytes)} "
-                f"reserve{' and every layer cache' if keep_caches == 'all' else ''}; it offers {fmt_bytes(limit[g])}. "
+                f"{batch} x {prompt_len:,} tokens), ~{fmt_bytes(act)} of activations"
+                + (f", {fmt_bytes(stacking)} to stack a layer's experts for the grouped kernel" if stacking else "")
+                + f" and a {fmt_bytes(reserve_bytes)} reserve{' and every layer cache' if keep_caches == 'all' else ''}; "
+                f"it offers {fmt_bytes(limit[g])}. "
                 "Shorten the prompt, lower activation_budget, or use a device with more memory."
             )
         held = 0
@@ -473,7 +480,7 @@ def plan_run(
         n_cached = len(mine) if keep_caches == "all" else len([i for i in mine if i in resident])
         budget[names[g]] = {
             "resident_weights": sum(layer_bytes[i] for i in mine if i in resident),
-            "stream_slot": slot if any(i in streamed for i in mine) else 0,
+            "stream_slot": slot if any(i in streamed for i in mine) else 0, "stacking": stacking,
             "embed_head": (embed if g == 0 else 0) + (head if g == G - 1 else 0),
             "caches": n_cached * per_layer_cache,
             "hidden": hidden, "activations": act, "reserve": int(reserve_bytes),

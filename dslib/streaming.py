@@ -229,6 +229,11 @@ class StreamedModel:
         switches = dict(attention=attention, mode=mode, window=window, precision=precision,
                         backend=backend if backend is not None else plan.backend)
         self.switches = {k: v for k, v in switches.items() if v is not None}
+        if self.switches["backend"] == "triton":
+            try:  # load the kernels now, so the per-layer timing sees them from the first layer on
+                import dslib.kernels.indexer  # noqa: F401
+            except ImportError:
+                pass  # DSAttention warns once and runs the torch path
         self.keep_fp8 = any(s.dtype == torch.float8_e4m3fn for s in self.source.specs().values())
         self.device_of = {i: torch.device(d) for i, d in plan.layer_device.items()}
         first, last = self.device_of[0], self.device_of[L - 1]
@@ -264,12 +269,24 @@ class StreamedModel:
             self._pending = None
         else:
             layer = self._load(i, dev)
+        self._stack(layer, dev)
         _sync(dev)
         seconds = time.perf_counter() - t0
         if i in self.plan.resident:
             self.resident[i] = layer
             self.load_seconds[i] = seconds
         return layer, seconds
+
+    def _stack(self, layer: nn.Module, device: torch.device) -> None:
+        """backend="triton" on a GPU: stack the MoE experts for the grouped kernel now, as part of loading (else the
+        first call would), so the FFN time is compute only."""
+        if self.switches.get("backend") != "triton" or device.type != "cuda" or not is_moe(layer):
+            return
+        try:
+            from dslib.kernels.moe import stack_experts
+        except ImportError:
+            return
+        stack_experts(layer.mlp)
 
     def _read_ahead(self, after: int) -> None:
         """Start reading the next streamed layer after `after` into host memory (file sources only)."""

@@ -31,3 +31,14 @@ def available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+SUBMODULES = ("indexer", "sparse_mla", "fp8", "moe", "launch")
+
+
+def __getattr__(name: str):
+    """`dslib.kernels.indexer` etc. load on first access (callers do `importlib.import_module("dslib.kernels")` and
+    then use `kernels.indexer.index_topk`), so importing the package alone loads no Triton code."""
+    if name in SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
