@@ -54,8 +54,8 @@ import dslib  # noqa: E402
 from dslib.checkpoint import RandomSource, load_layer  # noqa: E402
 from dslib.config import ModelConfig  # noqa: E402
 from dslib.devices import GiB, cache_bytes_per_token, plan_run  # noqa: E402
-from dslib.record import SummaryRecorder, save_recording  # noqa: E402
-from dslib.streaming import StreamedModel, encode_prompt, load_tokenizer  # noqa: E402
+from dslib.record import save_recording  # noqa: E402
+from dslib.streaming import StreamedModel, encode_prompt, load_tokenizer, recorded_prefill  # noqa: E402
 from dslib.synthetic import SyntheticFP8Source, file_checksums, train_test_tokenizer, write_synthetic_fp8_checkpoint  # noqa: E402
 
 GB = 1e9
@@ -92,6 +92,7 @@ class Run:
         self.out, self.deadline, self.t0 = out, deadline, time.perf_counter()
         self.results: dict = {"sections": {}}
         self.table: list[tuple[str, str, str]] = []
+        self.recording: dict | None = None
 
     def left(self) -> float:
         return self.deadline - time.perf_counter()
@@ -207,58 +208,51 @@ def section_prefill(run: Run, cfg, args, device, plan):
     src = SyntheticFP8Source(cfg, args.seed, device=device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     t_start = time.perf_counter()
     model = StreamedModel(src, plan, dtype=args.dtype, backend=args.backend, precision=args.precision)
     t_resident = model.load_resident()
     ids = torch.randint(0, cfg.vocab_size, (1, T), generator=torch.Generator().manual_seed(args.seed))
-    k = cfg.index_topk
-    strips = sorted({T - 1, (3 * T) // 4, T // 2, T // 4, min(T - 1, 2 * k)})
-    samples = sorted({int(x) for x in torch.linspace(min(T - 1, k), T - 1, 64).tolist()})
-    rec = SummaryRecorder(cfg, prompt_len=T, strip_queries=strips, sample_queries=samples, ep_gpus=8)
     meta = dict(machine=machine_name(device), torch=torch.__version__, dslib=dslib.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 weights=f"synthetic weights, seed {args.seed}", prompt=f"{T:,} random token ids, seed {args.seed}",
-                backend=args.backend, precision=args.precision, stand_in=args.standin, command=" ".join(sys.argv))
-    if args.standin:
-        meta["label"] = "STAND-IN: a small CPU run of the same code (not the H200 recording)"
+                backend=args.backend, precision=args.precision, stand_in=args.standin, command=" ".join(sys.argv),
+                label=("STAND-IN: a small CPU run of the same code, not the H200 recording" if args.standin else
+                       f"{machine_name(device)}, synthetic weights, seed {args.seed}"))
     layers_done: list[dict] = []
 
-    def flush(final=False):
-        recording = rec.to_dict(**meta, plan={"mode": plan.mode, "resident": plan.resident, "attn_chunk": plan.attn_chunk,
-                                                "moe_chunk": plan.moe_chunk, "planned_peak_GiB": plan.peak_bytes() / GiB},
-                                timings=[dict(t) for t in layers_done], complete=final, overlap=final)
-        save_recording(recording, run.out / "recording.json.gz")
-        write_csv(run.out / "full_model_layers.csv", layers_done)
-
-    def on_layer(t):
+    def on_layer(t, rec):
         layers_done.append({k: (round(v, 5) if isinstance(v, float) else v) for k, v in t.as_dict().items()})
         print(f"  layer {t.layer:2d} {t.kind:5s} {'resident' if t.resident else 'streamed'}: weights {t.load_s:6.3f} s, "
-              f"attention {t.attention_s:6.3f} s" + (f" (indexer {t.indexer_s:6.3f})" if t.indexer_s else "")
+              f"attention {t.attention_s:6.3f} s" + (f" (indexer + top-k {t.indexer_s:6.3f})" if t.indexer_s else "")
               + f", FFN {t.ffn_s:6.3f} s", flush=True)
-        if t.layer % 5 == 4:
-            flush()
+        if t.layer % 5 == 4:  # a partial recording survives a crash
+            save_recording(rec.to_dict(**meta, timings=layers_done, complete=False, overlap=False),
+                           run.out / "recording.json.gz")
+            write_csv(run.out / "full_model_layers.csv", layers_done)
         if run.left() < 0:
             raise TimeoutError(f"time budget spent after layer {t.layer}")
 
-    logits = model.prefill(ids, recorder=rec, cache=model.new_cache(keep="resident", max_len=T + args.decode_steps + 8),
-                           on_layer=on_layer)
-    sync(device)
-    total = time.perf_counter() - t_start
-    flush(final=True)
-    mem = peak(device)
-    split = {key: round(sum(t[key] or 0 for t in layers_done), 2) for key in ("load_s", "attention_s", "indexer_s", "ffn_s")}
-    run.put("prefill", tokens=T, layers=len(layers_done), end_to_end_s=round(total, 2), resident_load_s=round(t_resident, 2),
-            split_s=split, logits_finite=bool(torch.isfinite(logits).all()), **mem,
+    cache = model.new_cache(keep="resident", max_len=T + args.decode_steps + 8)
+    logits, recording, _ = recorded_prefill(model, ids, cache=cache, on_layer=on_layer, **meta)
+    total = time.perf_counter() - t_start  # + loading the resident layers before the pass
+    recording["result"].update(wall_s=total)  # + making the embeddings and head
+    save_recording(recording, run.out / "recording.json.gz")
+    write_csv(run.out / "full_model_layers.csv", layers_done)
+    res = recording["result"]
+    split = {key: round(res[key], 2) for key in ("load_s", "attention_s", "indexer_s", "ffn_s")}
+    mem = {k: round(res[k], 2) for k in ("peak_allocated_GiB", "peak_reserved_GiB") if k in res}
+    run.put("prefill", tokens=T, layers=res["layers"], end_to_end_s=round(total, 2), prefill_s=round(res["end_to_end_s"], 2),
+            resident_load_s=round(t_resident, 2), split_s=split, logits_finite=bool(torch.isfinite(logits).all()), **mem,
             planned_peak_GiB=round(plan.peak_bytes() / GiB, 2))
-    run.row(f"prefill {T:,} tokens x {len(layers_done)} layers", f"{total:.1f} s end to end (weights {split['load_s']:.1f}, "
-            f"attention {split['attention_s']:.1f} of which indexer {split['indexer_s']:.1f}, FFN {split['ffn_s']:.1f})",
+    run.row(f"prefill {T:,} tokens x {res['layers']} layers", f"{total:.1f} s end to end (weights {split['load_s']:.1f}, "
+            f"attention {split['attention_s']:.1f} of which indexer + top-k {split['indexer_s']:.1f}, FFN {split['ffn_s']:.1f})",
             "<= 120 s")
     if mem:
         run.row("peak GPU memory", f"{mem['peak_reserved_GiB']:.1f} GiB reserved, {mem['peak_allocated_GiB']:.1f} "
                 f"allocated (plan {plan.peak_bytes() / GiB:.1f})", "<= 130 GiB")
-    return model, model.last_cache
+    run.recording = recording
+    return model, cache
 
 
 def decode_time(model, layers, cache, batch, steps, device, *, graphs: bool):
@@ -367,6 +361,9 @@ def section_decode(run: Run, cfg, args, device, model, cache):
               "(20 us + batch x 7168 x 2 B at 450 GB/s): with the layers split over 8 GPUs (pipeline placement) a token "
               "still passes them one after another; 8 micro-batches in flight give at most 8x the tokens/s.")
     run.put("decode", rows=rows, extrapolation=extrap, method=method)
+    if getattr(run, "recording", None) is not None:  # the notebook shows decode next to the views
+        run.recording["decode"] = {"rows": rows, "extrapolation": extrap, "method": method}
+        save_recording(run.recording, run.out / "recording.json.gz")
     write_csv(run.out / "full_model_decode.csv", [{k: v for k, v in r.items() if k != "per_layer_ms"} for r in rows])
     for r in rows:
         g = f", CUDA graph {r['graph_step_ms']:.2f} ms" if "graph_step_ms" in r else (" (no CUDA graph)" if "graph_error" in r else "")

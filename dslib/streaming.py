@@ -42,10 +42,11 @@ from dslib import sparse
 from dslib.config import ModelConfig
 from dslib.devices import RunPlan
 from dslib.moe import MoE
+from dslib.record import SummaryRecorder
 from dslib.sparse import DSACache
 
 __all__ = ["StreamedModel", "StreamCache", "LayerTiming", "NonFiniteError", "load_tokenizer", "encode_prompt",
-           "run_layer", "check_finite", "is_moe"]
+           "run_layer", "check_finite", "is_moe", "recorded_prefill", "default_queries"]
 
 
 class NonFiniteError(RuntimeError):
@@ -441,3 +442,55 @@ def encode_prompt(tokenizer, text: str, cfg: ModelConfig, *, add_bos: bool = Tru
         raise ValueError(f"the tokenizer produced id {max(ids)} but the model's vocab_size is {cfg.vocab_size}: this "
                          "tokenizer.json belongs to another model.")
     return torch.tensor([ids], dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------------------------- a recorded run
+def default_queries(prompt_len: int, window: int, *, samples: int = 64) -> tuple[list[int], list[int]]:
+    """(strip queries, sample queries) for a recording: the last query, 3/4, 1/2 and 1/4 of the way, and one just
+    past the window; `samples` positions spread evenly from the window to the end (for the layer overlap)."""
+    T = prompt_len
+    strips = sorted({T - 1, (3 * T) // 4, T // 2, T // 4, min(T - 1, 2 * window)})
+    start = min(T - 1, window)
+    samples = sorted({int(start + (T - 1 - start) * j / max(samples - 1, 1)) for j in range(samples)})
+    return strips, samples
+
+
+@torch.no_grad()
+def recorded_prefill(model: StreamedModel, input_ids: torch.Tensor, *, cache: StreamCache | None = None,
+                     ep_gpus: int = 8, on_layer=None, **meta) -> tuple[torch.Tensor, dict, SummaryRecorder]:
+    """A prefill with a `SummaryRecorder` (strip and sample queries from `default_queries`), timed end to end
+    (the pass, plus the loading of resident layers that were loaded before it, counted in their layers' load_s).
+    Returns (last logits [B, vocab], the recording as a dict: summaries + per-layer timings + totals + `meta`,
+    the recorder). `on_layer(timing, recorder)` is called after every layer (e.g. to flush a partial recording)."""
+    cfg, device = model.cfg, model.device_of[0]
+    T = input_ids.shape[1]
+    strips, samples = default_queries(T, cfg.index_topk)
+    rec = SummaryRecorder(cfg, prompt_len=T, strip_queries=strips, sample_queries=samples, ep_gpus=ep_gpus)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = model.prefill(input_ids, cache=cache, recorder=rec,
+                           on_layer=None if on_layer is None else (lambda t: on_layer(t, rec)))
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    timings = [t.as_dict() for t in model.timings]
+    before = 0.0
+    for t in timings:  # resident layers loaded before the pass: their weights' time belongs to the run too
+        if t["resident"] and t["load_s"] == 0 and t["layer"] in model.load_seconds:
+            t["load_s"] = model.load_seconds[t["layer"]]
+            t["total_s"] += t["load_s"]
+            t["loaded_before_pass"] = True
+            before += t["load_s"]
+    totals = {key: sum(t[key] or 0.0 for t in timings) for key in ("load_s", "attention_s", "indexer_s", "ffn_s")}
+    result = {"end_to_end_s": seconds + before, "pass_s": seconds, "tokens": T * input_ids.shape[0],
+              "layers": len(timings), **totals}
+    if device.type == "cuda":
+        result["peak_allocated_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+        result["peak_reserved_GiB"] = torch.cuda.max_memory_reserved(device) / 2**30
+    plan = model.plan
+    recording = rec.to_dict(**meta, timings=timings, result=result, complete=True,
+                            plan={"mode": plan.mode, "resident": plan.resident, "streamed": plan.streamed,
+                                  "attn_chunk": plan.attn_chunk, "moe_chunk": plan.moe_chunk,
+                                  "planned_peak_GiB": plan.peak_bytes() / 2**30, "backend": plan.backend})
+    return logits, recording, rec
