@@ -513,3 +513,60 @@ def _fewest_devices(layer_bytes, per_layer_cache, embed, head, overhead, per_dev
     if max(sizes) > usable:
         return 10**9
     return _count_needed(sizes, usable)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# How serving engines spread the model (chapter 6: "when users outgrow one machine")
+# ---------------------------------------------------------------------------------------------------------------
+SERVING_SCHEMES = {
+    "pipeline": "consecutive layers per GPU (dslib's plan_devices / plan_run)",
+    "tp": "tensor parallel: every weight matrix split over the GPUs (vLLM -tp 8, SGLang --tp 8)",
+    "dp_attention_ep": "data-parallel attention + expert parallel: attention replicated, routed experts split "
+                       "(SGLang --tp 8 --dp 8 --enable-dp-attention, vLLM -dp 8 --enable-expert-parallel)",
+}
+
+
+def serving_memory(cfg: ModelConfig, n_gpus: int = 8, gpu_bytes: float = 150.75e9, *, mem_fraction: float = 0.9,
+                   cache: str = "bf16", context: int = 131072) -> list[dict]:
+    """Per-GPU weight bytes and cache capacity of three ways to spread the FP8 model over `n_gpus` GPUs.
+
+    From the tensor table (`checkpoint_tensors`, FP8 blocks; each scale counts with its weight):
+      pipeline          whole layers per GPU (the fullest GPU of `plan_devices`); a token's cache is spread over
+                        the GPUs with the layers
+      tp                every tensor split n ways; MLA has ONE latent head, so every GPU keeps the whole latent
+                        cache of every token (the cache is replicated n times)
+      dp_attention_ep   routed experts split n ways, everything else (attention, indexer, shared expert, dense FFN,
+                        router, embeddings, head) replicated; each request's cache lives on one GPU
+    The cache of a token per layer: "bf16" = the 576 bf16 latent values + the FP8 indexer key (1,152 + 132 bytes),
+    "fp8" = FlashMLA's 656-byte FP8 latent + the indexer key. Each GPU may fill `mem_fraction` of its memory
+    (an engine's static memory fraction); what the weights leave is cache. Returns one dict per scheme:
+    weights_GB (per GPU), cache_GB (per GPU), cache_tokens (tokens of cache the machine holds), requests
+    (`context`-token requests whose cache fits).
+    """
+    L = cfg.num_hidden_layers
+    per_layer = cfg.kv_bytes_per_token_per_layer("mla" if cache == "bf16" else "mla_fp8") + cfg.kv_bytes_per_token_per_layer("indexer")
+    per_token = L * per_layer  # one token, every layer
+    table = checkpoint_tensors(cfg, fp8=True)
+    split = {"experts": 0, "rest": 0}
+    for name, spec in table.items():
+        split["experts" if ".mlp.experts." in name else "rest"] += spec.nbytes
+    usable = gpu_bytes * mem_fraction
+    rows = []
+    plan = plan_devices(cfg, [gpu_bytes] * n_gpus, reserve_fraction=0.0)
+    worst = max(plan.devices, key=lambda d: plan.used[d])
+    layers_on = {d: len(plan.layers_on(d)) for d in plan.devices}
+    # pipeline: GPU d holds the cache of its own layers for every token
+    tokens = min((usable - plan.used[d]) / max(layers_on[d] * per_layer, 1) for d in plan.devices)
+    rows.append({"scheme": "pipeline", "weights_GB": plan.used[worst] / GB, "cache_GB": (usable - plan.used[worst]) / GB,
+                 "cache_tokens": int(tokens)})
+    w_tp = (split["experts"] + split["rest"]) / n_gpus
+    rows.append({"scheme": "tp", "weights_GB": w_tp / GB, "cache_GB": (usable - w_tp) / GB,
+                 "cache_tokens": int((usable - w_tp) / per_token)})
+    w_dp = split["experts"] / n_gpus + split["rest"]
+    rows.append({"scheme": "dp_attention_ep", "weights_GB": w_dp / GB, "cache_GB": (usable - w_dp) / GB,
+                 "cache_tokens": int(n_gpus * (usable - w_dp) / per_token)})
+    for r in rows:
+        r["requests"] = r["cache_tokens"] // context
+        r["what"] = SERVING_SCHEMES[r["scheme"]]
+        r["cache_bytes_per_token"] = per_token
+    return rows

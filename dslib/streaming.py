@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from dslib.attention import RMSNorm
-from dslib.checkpoint import CheckpointError, SafetensorsSource, TensorSource, load_layer, load_part
+from dslib.checkpoint import CheckpointError, SafetensorsSource, TensorSource, load_layer, load_part, refill
 from dslib import sparse
 from dslib.config import ModelConfig
 from dslib.devices import RunPlan
@@ -251,6 +251,7 @@ class StreamedModel:
         on_host = getattr(self.source, "device", torch.device("cpu")).type == "cpu"
         self._pool = ThreadPoolExecutor(max_workers=1) if prefetch and on_host and plan.streamed else None
         self._pending: tuple[int, object] | None = None
+        self._spare: dict[str, tuple[nn.Module, torch.device]] = {}
         self.timings: list[LayerTiming] = []
         self.last_cache: StreamCache | None = None
 
@@ -265,9 +266,22 @@ class StreamedModel:
         dev = self.device_of[i]
         _sync(dev)
         t0 = time.perf_counter()
+        kind = "moe" if self.cfg.is_moe_layer(i) else "dense"
+        spare = self._spare.pop(kind, None)
+        if spare is not None and spare[1] != dev:
+            spare = None
         if self._pending is not None and self._pending[0] == i:
-            layer = self._pending[1].result().to(dev)  # read ahead on the host; now onto the device
+            host = self._pending[1].result()  # read ahead on the host
             self._pending = None
+            if spare is not None:  # into the streamed slot's tensors
+                layer = _renumber(spare[0], i)
+                with torch.no_grad():
+                    for (n, t), (_, h) in zip(layer.state_dict(keep_vars=True).items(), host.state_dict().items()):
+                        t.copy_(h)
+            else:
+                layer = host.to(dev)
+        elif spare is not None:  # the previous streamed layer's module: overwrite its tensors, allocate nothing
+            layer = refill(_renumber(spare[0], i), self.source, f"model.layers.{i}.")
         else:
             layer = self._load(i, dev)
         self._stack(layer, dev)
@@ -277,6 +291,14 @@ class StreamedModel:
             self.resident[i] = layer
             self.load_seconds[i] = seconds
         return layer, seconds
+
+    def release(self, i: int, layer: nn.Module) -> None:
+        """Done with layer i for this pass: a resident layer stays; a streamed one is kept as the spare module the
+        next streamed layer of its kind is read into (one spare at a time: the plan's one streaming slot)."""
+        if i in self.resident:
+            return
+        kind = "moe" if self.cfg.is_moe_layer(i) else "dense"
+        self._spare = {kind: (layer, self.device_of[i])}
 
     def _stack(self, layer: nn.Module, device: torch.device) -> None:
         """backend="triton" on a GPU: stack the MoE experts for the grouped kernel now, as part of loading (else the
@@ -359,6 +381,7 @@ class StreamedModel:
                                      phases["attention_s"], phases["indexer_s"], phases["ffn_s"], T * x.shape[0])
                 if timings is not None:
                     timings.append(timing)
+            self.release(i, layer)
             del layer, layer_cache
             if on_layer is not None:
                 on_layer(timing)
@@ -385,15 +408,19 @@ class StreamedModel:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, eos_token_id: int | None = None,
-                 recorder=None) -> torch.Tensor:
+                 recorder=None, cache: StreamCache | None = None, logits: torch.Tensor | None = None) -> torch.Tensor:
         """Greedy decoding `[B, T] -> [B, T + n]` through the latent + indexer caches of every layer (streamed
-        layers are read again for every new token: with streaming, each token costs a pass over the weights)."""
+        layers are read again for every new token: with streaming, each token costs a pass over the weights).
+        To continue a prefill already run (`prefill(input_ids, cache=cache)`), pass its `cache` and `logits`."""
         if self.plan.keep_caches != "all":
             raise ValueError("generate needs every layer's cache: make the plan with plan_run(..., keep_caches='all', "
                              "max_new_tokens=n).")
-        cache = self.new_cache(keep="all", max_len=input_ids.shape[1] + max_new_tokens)
         seq = input_ids
-        logits = self.prefill(input_ids, cache=cache, recorder=recorder)
+        if logits is None:
+            cache = self.new_cache(keep="all", max_len=input_ids.shape[1] + max_new_tokens)
+            logits = self.prefill(input_ids, cache=cache, recorder=recorder)
+        elif cache is None or len(cache) != input_ids.shape[1]:
+            raise ValueError("to continue a prefill pass the cache it filled (holding the prompt) with its logits.")
         for step in range(max_new_tokens):
             nxt = logits.argmax(-1).to(seq.device)  # [B]
             seq = torch.cat([seq, nxt[:, None]], dim=1)
@@ -405,6 +432,14 @@ class StreamedModel:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+
+
+def _renumber(layer: nn.Module, i: int) -> nn.Module:
+    """Make a streamed layer's module layer i (the index its attention and MoE report to a recorder)."""
+    layer.self_attn.layer_idx = i
+    if hasattr(layer.mlp, "layer_idx"):
+        layer.mlp.layer_idx = i
+    return layer
 
 
 def _sync(device: torch.device) -> None:

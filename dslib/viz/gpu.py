@@ -16,7 +16,7 @@ from dslib.viz.common import COLORS, styled
 __all__ = [
     "distance_bin_labels", "distance_histogram_figure", "selection_strip_figure", "layer_overlap_figure",
     "neighbour_overlap_figure", "beyond_window_figure", "expert_load_grid_figure", "load_imbalance_figure",
-    "ep_traffic_figure", "layer_time_figure", "kernel_time_figure", "memory_plan_figure",
+    "ep_traffic_figure", "layer_time_figure", "kernel_time_figure", "memory_plan_figure", "value_histogram_figure",
 ]
 
 PHASE_COLORS = {"weights": "#7F7F7F", "indexer": COLORS["indexer"], "attention": COLORS["sparse"], "FFN": "#AB63FA"}
@@ -229,3 +229,13 @@ def memory_plan_figure(rows: Sequence[Mapping], *, title: str = "") -> go.Figure
                     marker=dict(symbol="line-ew-open", size=40, color="black", line=dict(width=3)))
     fig.update_layout(barmode="stack")
     return styled(fig, title or "Memory plan per device", "device", "GB")
+
+
+def value_histogram_figure(values, *, bins: int = 100, title: str = "", x_title: str = "value") -> go.Figure:
+    """Histogram of numbers (binned here, so the figure holds `bins` bars, not the values)."""
+    v = np.asarray(values, dtype=float).ravel()
+    counts, edges = np.histogram(v, bins=bins)
+    centers = (edges[:-1] + edges[1:]) / 2
+    fig = go.Figure(go.Bar(x=centers, y=counts, width=np.diff(edges), marker_color=COLORS["mla"],
+                           hovertemplate="%{x:.3g}: %{y:,}<extra></extra>"))
+    return styled(fig, title or "Histogram", x_title, "count")
