@@ -313,7 +313,7 @@ def _overlap_share(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return hit.sum(1).float() / (a >= 0).sum(1).clamp(min=1).float()
 
 
-def save_recording(recording: dict, path) -> "Path":
+def save_recording(recording: dict, path):
     """Write a recording (`SummaryRecorder.to_dict(...)` plus anything JSON-able) as gzip-compressed JSON."""
     import gzip
     import json

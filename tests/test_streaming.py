@@ -9,7 +9,6 @@ from dslib.checkpoint import (FP8_DTYPE, CheckpointError, SafetensorsSource, Ten
 from dslib.config import ModelConfig
 from dslib.devices import (GiB, DevicePlanError, activation_bytes, cache_bytes_per_token, held_module_bytes,
                            module_bytes, plan_run)
-from dslib.model import DecoderLayer
 from dslib.sparse import DSACache
 from dslib.streaming import NonFiniteError, StreamedModel, encode_prompt, load_tokenizer, run_layer
 from dslib.synthetic import (SIGMA_Q, SyntheticFP8Source, file_checksums, train_test_tokenizer,

@@ -86,7 +86,7 @@ SEED = 0
 H200_BYTES = 150.75e9                 # memory one H200 reports (143,771 MiB)
 PEAK_LIMIT = 128 * GiB                # what the one-GPU plan may use (the goal is a peak <= 130 GiB)
 LONG = 131072                         # the 128K-token prompt of the full-size run
-SMALL = dict(index_n_heads=16, index_topk=32, num_hidden_layers=6)   # the CPU model of sections 3 and 6
+SMALL = dict(index_n_heads=16, index_topk=32, num_hidden_layers=6, vocab_size=2048)  # the CPU model of sections 3, 6
 PROMPT_LEN = 96 if FAST else 256
 NEW_TOKENS = 4 if FAST else 12
 RUN_FULL_SIZE = bool(GPU) and not FAST  # on a suitable GPU: run the full-size prefill here (1-3 minutes)
@@ -204,13 +204,17 @@ streamed prefill must give the resident model's logits, and streamed generation 
 """)
 
 code(r"""
+def three_layers_too_small(cfg, prompt_len, new_tokens):
+    # a pretend device: what keeping everything resident needs, minus three MoE layers
+    everything = plan_run(cfg, [1e12], prompt_len=prompt_len, names=["cpu"], dtype_bytes=4, reserve_bytes=0,
+                          keep_caches="all", max_new_tokens=new_tokens)
+    return everything.peak_bytes() - 3 * held_module_bytes(cfg)[f"model.layers.{cfg.num_hidden_layers - 1}"]
+
+
 cfg = ModelConfig.small(**SMALL)
 source = SyntheticFP8Source(cfg, seed=SEED)
-everything = plan_run(cfg, [1e12], prompt_len=PROMPT_LEN, names=["cpu"], dtype_bytes=4, reserve_bytes=0,
-                      keep_caches="all", max_new_tokens=NEW_TOKENS)
-too_small = everything.peak_bytes() - 3 * held_module_bytes(cfg)[f"model.layers.{cfg.num_hidden_layers - 1}"]
-plan = plan_run(cfg, [too_small], prompt_len=PROMPT_LEN, names=["cpu"], dtype_bytes=4, reserve_bytes=0,
-                keep_caches="all", max_new_tokens=NEW_TOKENS, attn_chunk=PROMPT_LEN // 3)
+plan = plan_run(cfg, [three_layers_too_small(cfg, PROMPT_LEN, NEW_TOKENS)], prompt_len=PROMPT_LEN, names=["cpu"],
+                dtype_bytes=4, reserve_bytes=0, keep_caches="all", max_new_tokens=NEW_TOKENS, attn_chunk=PROMPT_LEN // 3)
 print(plan)
 assert plan.mode == "streaming" and plan.streamed
 """)
@@ -528,15 +532,16 @@ text = ("DeepSeek Sparse Attention lets every query attend to the two thousand t
 tok = load_tokenizer(ckpt)
 source_ckpt = SafetensorsSource(ckpt)
 ids = encode_prompt(tok, text, source_ckpt.config)
-pieces = [tok.decode([i]) for i in ids[0].tolist()]
+pieces = [tok.decode([i], skip_special_tokens=False) for i in ids[0].tolist()]
 print(f"{ids.shape[1]} tokens: {pieces[:12]} ...")
 assert ids[0, 0] == source_ckpt.config.bos_token_id
 """)
 
 code(r"""
-gpus = None if GPU else [everything.peak_bytes() * 4]
+gpus = None if GPU else [three_layers_too_small(source_ckpt.config, ids.shape[1], NEW_TOKENS)]
 plan_ckpt = plan_run(source_ckpt.config, gpus, prompt_len=ids.shape[1], max_new_tokens=NEW_TOKENS, keep_caches="all",
-                     names=None if GPU else ["cpu"], dtype_bytes=2 if GPU else 4, memory_limit=PEAK_LIMIT if GPU else None)
+                     names=None if GPU else ["cpu"], dtype_bytes=2 if GPU else 4, memory_limit=PEAK_LIMIT if GPU else None,
+                     reserve_bytes=2 * GiB if GPU else 0)
 print(plan_ckpt)
 model_ckpt = StreamedModel(source_ckpt, plan_ckpt, dtype=torch.bfloat16 if GPU else torch.float32)
 cache_ckpt = model_ckpt.new_cache(keep="all", max_len=ids.shape[1] + NEW_TOKENS)
