@@ -93,6 +93,7 @@ class Run:
         self.results: dict = {"sections": {}}
         self.table: list[tuple[str, str, str]] = []
         self.recording: dict | None = None
+        self.last_error: Exception | None = None
 
     def left(self) -> float:
         return self.deadline - time.perf_counter()
@@ -120,6 +121,7 @@ class Run:
             return value
         except Exception as err:  # keep going: the other sections still run
             traceback.print_exc()
+            self.last_error = err
             self.put(name, status="failed", error=f"{type(err).__name__}: {err}",
                      seconds=round(time.perf_counter() - t0, 2))
             self.row(name, f"FAILED: {type(err).__name__}: {str(err)[:120]}")
@@ -147,10 +149,17 @@ def peak(device) -> dict:
 def section_plan(run: Run, cfg, args, device):
     gpus = None if device.type == "cuda" else [args.cpu_bytes]
     names = None if device.type == "cuda" else ["cpu"]
+    if args.standin:  # a pretend device on which the stand-in streams like the 671B model on one H200 (~10 resident)
+        from dslib.devices import held_module_bytes
+
+        kw = dict(prompt_len=args.prompt_len, names=names, dtype_bytes=4, reserve_bytes=0)
+        everything = plan_run(cfg, [1e15], **kw)
+        moe = held_module_bytes(cfg)[f"model.layers.{cfg.num_hidden_layers - 1}"]
+        gpus = [everything.peak_bytes() - max(0, cfg.num_hidden_layers - 11) * moe]
     limit = PEAK_GOAL - 2 * GiB if device.type == "cuda" else None  # room for what torch does not count
     plan = plan_run(cfg, gpus, prompt_len=args.prompt_len, backend=args.backend, memory_limit=limit, names=names,
                     dtype_bytes=torch.empty((), dtype=args.dtype).element_size(),
-                    activation_budget=args.activation_gib * GiB)
+                    activation_budget=args.activation_gib * GiB, reserve_bytes=2 * GiB if device.type == "cuda" else 0)
     print(plan, flush=True)
     run.put("plan", mode=plan.mode, resident=plan.resident, streamed=plan.streamed, attn_chunk=plan.attn_chunk,
             moe_chunk=plan.moe_chunk, planned_peak_GiB=round(plan.peak_bytes() / GiB, 2), rows=plan.rows(),
@@ -230,8 +239,8 @@ def section_prefill(run: Run, cfg, args, device, plan):
             save_recording(rec.to_dict(**meta, timings=layers_done, complete=False, overlap=False),
                            run.out / "recording.json.gz")
             write_csv(run.out / "full_model_layers.csv", layers_done)
-        if run.left() < 0:
-            raise TimeoutError(f"time budget spent after layer {t.layer}")
+        if run.left() < args.reserve_s:  # keep time for decode and the checkpoint
+            raise TimeoutError(f"time budget spent after layer {t.layer} (the partial recording is kept)")
 
     cache = model.new_cache(keep="resident", max_len=T + args.decode_steps + 8)
     logits, recording, _ = recorded_prefill(model, ids, cache=cache, on_layer=on_layer, **meta)
@@ -463,7 +472,9 @@ def main(argv=None) -> None:
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp8"],
                     help="the indexer's arithmetic; auto: fp8 with the Triton kernels (as deployed), else fp32")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--budget-s", type=float, default=500.0, help="stop streaming layers after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="the whole run's time budget in seconds")
+    ap.add_argument("--reserve-s", type=float, default=None,
+                    help="seconds kept for decode and the checkpoint (default 150; 60 with --quick)")
     ap.add_argument("--decode-steps", type=int, default=12)
     ap.add_argument("--ckpt-moe-layers", type=int, default=2, help="full-width MoE layers in the checkpoint test")
     ap.add_argument("--activation-gib", type=float, default=20.0)
@@ -497,6 +508,8 @@ def main(argv=None) -> None:
         args.prompt_len = args.prompt_len or default
     if args.quick:
         args.decode_steps = min(args.decode_steps, 6)
+    if args.reserve_s is None:
+        args.reserve_s = 60.0 if args.quick or args.standin else 150.0
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the torch indexer's fp32 matmuls (the deployed one is FP8)
     run = Run(out, time.perf_counter() + args.budget_s)
@@ -512,7 +525,31 @@ def main(argv=None) -> None:
         run.section("weights", section_weights, cfg, args, device)
     state = None
     if plan is not None and "prefill" not in skip:
-        state = run.section("prefill", section_prefill, cfg, args, device, plan)
+        # If the fast path fails (a kernel error, or more memory than the plan's estimate), try smaller chunks, then
+        # the PyTorch path at a length it can do in the time left; each attempt is reported.
+        attempts = [(args.backend, args.prompt_len, args.activation_gib)]
+        if args.backend == "triton" and not args.standin:
+            attempts += [("triton", args.prompt_len, args.activation_gib / 2.5), ("torch", min(args.prompt_len, 16384), 20.0)]
+        tried = []
+        for backend, T, act in attempts:
+            if tried:
+                if isinstance(run.last_error, TimeoutError) or run.left() < args.reserve_s + 90:
+                    break
+                args.backend, args.prompt_len, args.activation_gib = backend, T, act
+                args.precision = "fp8" if backend == "triton" else "fp32"
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                plan = run.section("plan", section_plan, cfg, args, device)
+                if plan is None:
+                    break
+            run.last_error = None
+            state = run.section("prefill", section_prefill, cfg, args, device, plan)
+            tried.append({"backend": backend, "prompt_len": T, "activation_GiB": act,
+                          "error": None if state is not None else f"{type(run.last_error).__name__}: {run.last_error}"})
+            run.results["prefill_attempts"] = tried
+            run.flush()
+            if state is not None:
+                break
     if state is not None and "decode" not in skip:
         run.section("decode", section_decode, cfg, args, device, *state)
     del state

@@ -251,21 +251,23 @@ class SummaryRecorder:
         layers = sorted(self.sel)
         if not layers or not self.sample_queries:
             return layers, []
-        samples = torch.stack([self.sel[layer]["samples"] for layer in layers]).cpu()  # [L, ns, k]
+        samples = torch.stack([self.sel[layer]["samples"] for layer in layers])  # [L, ns, k], on the device
         S = max(self.sample_queries) + 2
-        total = torch.zeros(len(layers), len(layers), dtype=torch.float64)
+        total = torch.zeros(len(layers), len(layers), dtype=torch.float64, device=samples.device)
+        seen = ~(samples == -2).all(2).any(0)  # [ns] queries every layer recorded
         n = 0
         for j, q in enumerate(self.sample_queries):
-            rows = samples[:, j]  # [L, k]
-            if q < self.window or bool((rows == -2).all(1).any()):
+            if q < self.window or not bool(seen[j]):
                 continue  # dense there, or a layer did not see this query
-            onehot = torch.zeros(len(layers), S, dtype=torch.float64)
+            rows = samples[:, j]  # [L, k]
+            # one-hot rows over the keys; 0/1 products add up exactly in fp32 (counts < 2^24)
+            onehot = torch.zeros(len(layers), S, dtype=torch.float32, device=samples.device)
             onehot.scatter_(1, torch.where(rows >= 0, rows, S - 1), 1.0)
             onehot[:, S - 1] = 0
             counts = onehot.sum(1).clamp(min=1)
-            total += (onehot @ onehot.T) / counts[:, None]
+            total += ((onehot @ onehot.T) / counts[:, None]).double()
             n += 1
-        return layers, (total / max(n, 1)).tolist() if n else []
+        return layers, (total / max(n, 1)).cpu().tolist() if n else []
 
     def to_dict(self, *, overlap: bool = True, **meta) -> dict:
         """Everything as plain lists and numbers (JSON-ready), with `meta` (machine, weights, ...) on top.

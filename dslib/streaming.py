@@ -165,17 +165,27 @@ def _indexer_timer(attn: nn.Module, clock: _Clock):
 
 
 def run_layer(layer: nn.Module, x: torch.Tensor, cache: DSACache, *, attn_chunk: int, moe_chunk: int,
-              positions: torch.Tensor | None = None, recorder=None, clock: _Clock | None = None,
+              positions: torch.Tensor | None = None, recorder=None, clock: _Clock | None = None, timed: bool = True,
               **options) -> dict:
     """One decoder layer over x `[B, T, d]` **in place**, chunked: `attn_chunk` queries at a time through the
     attention (their latents and indexer keys are appended to `cache`, which holds the earlier tokens), then
     `moe_chunk` tokens at a time through the FFN. Same result as `x = layer(x, positions, cache, **options)`.
     positions: None = len(cache) + arange(T) (no host sync to check them). options: attention / mode / window /
     precision / backend, as `DSAttention.forward` takes them. Returns the phase times {"attention_s",
-    "indexer_s" (indexer + top-k, part of the attention; None if not seen), "ffn_s"}."""
-    clock = clock or _Clock(x.device)
+    "indexer_s" (indexer + top-k, part of the attention; None if not seen), "ffn_s"}; with timed=False nothing is
+    timed (no events, no sync: what CUDA-graph capture needs) and the times are None."""
     T = x.shape[1]
     mlp_kw = {"backend": options["backend"]} if "backend" in options and "backend" in inspect.signature(layer.mlp.forward).parameters else {}
+    if not timed:
+        for s in range(0, T, attn_chunk):
+            sl = slice(s, min(T, s + attn_chunk))
+            x[:, sl] += layer.self_attn(layer.input_layernorm(x[:, sl]), None if positions is None else positions[sl],
+                                        cache, recorder=recorder, **options)
+        for s in range(0, T, moe_chunk):
+            sl = slice(s, min(T, s + moe_chunk))
+            x[:, sl] += layer.mlp(layer.post_attention_layernorm(x[:, sl]), recorder=recorder, **mlp_kw)
+        return {"attention_s": None, "indexer_s": None, "ffn_s": None}
+    clock = clock or _Clock(x.device)
     with _indexer_timer(layer.self_attn, clock) as spans:
         t0 = clock.mark()
         for s in range(0, T, attn_chunk):
@@ -372,11 +382,12 @@ class StreamedModel:
             moe = is_moe(layer)
             if recorder is not None and moe and hasattr(recorder, "note_gate"):
                 recorder.note_gate(i, layer.mlp.gate)
+            timed = timings is not None or on_layer is not None
             phases = run_layer(layer, x, layer_cache, attn_chunk=self.plan.attn_chunk, moe_chunk=self.plan.moe_chunk,
-                               recorder=recorder, **self.switches)
+                               recorder=recorder, timed=timed, **self.switches)
             if check:
                 check_finite(x, f"layer {i} ({'MoE' if moe else 'dense'})")
-            if timings is not None or on_layer is not None:
+            if timed:
                 timing = LayerTiming(i, "moe" if moe else "dense", i in self.resident, load_s,
                                      phases["attention_s"], phases["indexer_s"], phases["ffn_s"], T * x.shape[0])
                 if timings is not None:

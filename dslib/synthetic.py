@@ -56,7 +56,10 @@ class SyntheticFP8Source(TensorSource):
     def __init__(self, cfg: ModelConfig, seed: int = 0, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.bfloat16):
         self.config = cfg.replace(quantization_config=fp8_quantization_config("ue8m0", FP8_BLOCK))
-        self.seed, self.device, self.dtype = seed, torch.device(device), dtype
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" means the current GPU: compare as "cuda:i"
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.seed, self.device, self.dtype = seed, device, dtype
         self._specs = checkpoint_tensors(self.config, fp8=True, dtype=dtype)
         self.description = f"synthetic FP8 weights (seed {seed}, made on {self.device.type})"
         # scale exponent: std(q * 2^(e - r)) = SIGMA_Q * 2^e * sqrt((1 + 1/4) / 2)

@@ -157,3 +157,25 @@ def test_the_gpu_script_runs_every_section_on_cpu(tmp_path):
     assert len(rec["timings"]) == 5 and rec["selection"]["layers"] == [0, 1, 2, 3, 4]
     assert results["sections"]["checkpoint"]["checksums_unchanged"]
     assert (tmp_path / "full_model_layers.csv").exists() and (tmp_path / "full_model_decode.csv").exists()
+
+
+def test_the_gpu_script_retries_the_prefill_with_smaller_chunks(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_full_model
+
+    calls = []
+
+    def fake_prefill(run, cfg, args, device, plan):
+        calls.append((args.backend, args.prompt_len, args.activation_gib, plan.attn_chunk))
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("pretend: the first plan's chunks did not fit")
+        return None if len(calls) > 2 else ("model", "cache")
+
+    monkeypatch.setattr(gpu_full_model, "section_prefill", fake_prefill)
+    gpu_full_model.main(["--out", str(tmp_path), "--backend", "triton", "--prompt-len", "131072", "--cpu-bytes", "2e11",
+                         "--skip", "weights,decode,checkpoint"])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [c[:3] for c in calls] == [("triton", 131072, 20.0), ("triton", 131072, 8.0)]
+    assert calls[1][3] < calls[0][3]  # the second plan uses smaller chunks
+    assert results["sections"]["prefill"]["status"] == "ok"
+    assert results["prefill_attempts"][0]["error"].startswith("OutOfMemoryError")

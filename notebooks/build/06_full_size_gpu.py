@@ -204,17 +204,17 @@ streamed prefill must give the resident model's logits, and streamed generation 
 """)
 
 code(r"""
-def three_layers_too_small(cfg, prompt_len, new_tokens):
-    # a pretend device: what keeping everything resident needs, minus three MoE layers
-    everything = plan_run(cfg, [1e12], prompt_len=prompt_len, names=["cpu"], dtype_bytes=4, reserve_bytes=0,
-                          keep_caches="all", max_new_tokens=new_tokens)
+def three_layers_too_small(cfg, **plan):
+    # a pretend device: what keeping everything resident needs (same prompt and chunks), minus three MoE layers
+    everything = plan_run(cfg, [1e12], names=["cpu"], dtype_bytes=4, reserve_bytes=0, keep_caches="all", **plan)
     return everything.peak_bytes() - 3 * held_module_bytes(cfg)[f"model.layers.{cfg.num_hidden_layers - 1}"]
 
 
 cfg = ModelConfig.small(**SMALL)
 source = SyntheticFP8Source(cfg, seed=SEED)
-plan = plan_run(cfg, [three_layers_too_small(cfg, PROMPT_LEN, NEW_TOKENS)], prompt_len=PROMPT_LEN, names=["cpu"],
-                dtype_bytes=4, reserve_bytes=0, keep_caches="all", max_new_tokens=NEW_TOKENS, attn_chunk=PROMPT_LEN // 3)
+chunks = dict(prompt_len=PROMPT_LEN, max_new_tokens=NEW_TOKENS, attn_chunk=PROMPT_LEN // 3)
+plan = plan_run(cfg, [three_layers_too_small(cfg, **chunks)], names=["cpu"], dtype_bytes=4, reserve_bytes=0,
+                keep_caches="all", **chunks)
 print(plan)
 assert plan.mode == "streaming" and plan.streamed
 """)
@@ -367,12 +367,12 @@ widgets.interact(show_strip, layer=widgets.SelectionSlider(options=sel["layers"]
 md(r"""
 **What a sliding window would miss.** Per layer, the share of selected keys (of queries at positions ≥ the budget)
 that lie beyond a window of the same size. With random weights the indexer's choices are spread over the whole past,
-so most of them lie beyond the window; a trained indexer mixes recent and far tokens.
+so most of them lie beyond the window (chapter 3 showed what a trained indexer picks instead).
 """)
 
 code(r"""
 share = [b / e for b, e in zip(sel["beyond_window"], sel["eligible"])]
-assert all(0 <= s <= 1 for s in share)
+assert all(0.5 < s <= 1 for s in share)  # most selected keys lie beyond the window, in every layer
 print(f"beyond the window: {min(share):.1%} .. {max(share):.1%} of the selected keys, depending on the layer")
 viz.beyond_window_figure(sel["layers"], sel["beyond_window"], sel["eligible"], WINDOW)
 """)
@@ -538,7 +538,7 @@ assert ids[0, 0] == source_ckpt.config.bos_token_id
 """)
 
 code(r"""
-gpus = None if GPU else [three_layers_too_small(source_ckpt.config, ids.shape[1], NEW_TOKENS)]
+gpus = None if GPU else [three_layers_too_small(source_ckpt.config, prompt_len=ids.shape[1], max_new_tokens=NEW_TOKENS)]
 plan_ckpt = plan_run(source_ckpt.config, gpus, prompt_len=ids.shape[1], max_new_tokens=NEW_TOKENS, keep_caches="all",
                      names=None if GPU else ["cpu"], dtype_bytes=2 if GPU else 4, memory_limit=PEAK_LIMIT if GPU else None,
                      reserve_bytes=2 * GiB if GPU else 0)
