@@ -13,7 +13,7 @@ export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 # Notebooks shrink their work under CI (same code path, smaller sizes); `make lab` runs them full size.
 TEST_ENV := DSLIB_FAST=1 OMP_NUM_THREADS=2
 
-.PHONY: env lab test test-unit test-notebooks test-browser html bench data strip clean
+.PHONY: env lab lint test test-unit test-notebooks test-browser html bench data strip clean
 
 env: $(STAMP)
 
@@ -27,8 +27,12 @@ $(STAMP): pyproject.toml
 lab: env
 	$(BIN)/jupyter lab notebooks/
 
-# Unit tests, reference tests, hygiene tests, the browser test, and every notebook executed by nbval.
-test: env
+# Lint (ruff, configured in pyproject.toml) before any test runs.
+lint: env
+	$(BIN)/ruff check .
+
+# Lint, then unit tests, reference tests, hygiene tests, the browser test, and every notebook executed by nbval.
+test: env lint
 	$(TEST_ENV) $(PY) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider tests notebooks
 
 test-unit: env
@@ -42,7 +46,7 @@ test-browser: env
 
 # Executed notebooks as standalone HTML (plotly inlined, works offline) in html/.
 html: env
-	$(PY) -m dslib.export_html notebooks html
+	$(PY) tools/export_html.py notebooks html
 
 # Speed and memory figures, written to data/*.csv (CPU); GPU ones come from benchmarks/gpu_*.py on the H200.
 bench: env

@@ -26,10 +26,10 @@ from torch import nn
 
 from dslib.attention import batched_positions, causal_mask
 from dslib.config import ModelConfig
+from dslib.fp8 import act_quant
 from dslib.kv_cache import LayerCache
 from dslib.rope import apply_rope_half
 
-FP8_E4M3_MAX = 448.0
 PRECISIONS = ("fp32", "fp8")  # the indexer's arithmetic: exact, or the deployed FP8 path (simulated)
 
 
@@ -49,7 +49,8 @@ class IndexerKeyCache(LayerCache):
 
 
 def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """x `[B or 1, T, ...]` at the query indices `rows` `[B, P]` -> `[B, P, ...]` (row p of batch b is x[b, rows[b, p]])."""
+    """x `[B or 1, T, ...]` at the query indices `rows` `[B, P]` -> `[B, P, ...]`: row p of batch b is
+    x[b, rows[b, p]]."""
     x = x.expand(rows.shape[0], *x.shape[1:])
     idx = rows.view(*rows.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
     return x.gather(1, idx)
@@ -121,7 +122,7 @@ class LightningIndexer(nn.Module):
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
         keys = self.project_k(h, cos, sin) if keys is None else keys  # [B, S, D_I]
         if rows is not None:  # the queries at `rows` only; the keys stay all S
-            cos, sin = take_rows(cos if cos.dim() == 3 else cos[None], rows), take_rows(sin if sin.dim() == 3 else sin[None], rows)
+            cos, sin = (take_rows(t if t.dim() == 3 else t[None], rows) for t in (cos, sin))
             h, q_latent = take_rows(h, rows), take_rows(q_latent, rows)
             q_positions = take_rows(batched_positions(q_positions), rows)
         q = self.project_q(q_latent, cos, sin)  # [B, T, H_I, D_I]
@@ -159,18 +160,6 @@ def hadamard(n: int, *, dtype=torch.float32) -> torch.Tensor:
     while H.shape[0] < n:
         H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
     return (H / math.sqrt(n)).to(dtype)
-
-
-def act_quant(x: torch.Tensor, *, pow2_scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """FP8 e4m3 quantisation with one scale per vector (last dim): returns (x8 `float8_e4m3fn`, scale `[..., 1]`).
-
-    scale = 2^⌈log2(amax / 448)⌉ (ue8m0: a power of two, rounded up) or amax / 448; x ≈ x8 · scale."""
-    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-4)
-    scale = amax / FP8_E4M3_MAX
-    if pow2_scale:
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    x8 = (x.float() / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-    return x8, scale
 
 
 def fp8_index_scores(

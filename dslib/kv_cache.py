@@ -140,7 +140,8 @@ class LayerCache:
         lead = {tuple(t.shape[: self.seq_dim + 1]) for t in tensors}
         if len(tensors) != len(self.fields) or len(lead) != 1:
             raise ValueError(
-                f"{type(self).__name__}.append takes one tensor per field ({', '.join(self.fields)}), all with the same "
+                f"{type(self).__name__}.append takes one tensor per field ({', '.join(self.fields)}), all with the "
+                f"same "
                 f"sizes up to the sequence dim {self.seq_dim} (batch, ..., new tokens); got shapes "
                 f"{[tuple(t.shape) for t in tensors]}."
             )
@@ -204,7 +205,9 @@ def _check_ids(input_ids: torch.Tensor) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         what = f"a {input_ids.dtype} tensor of shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) \
             else type(input_ids).__name__
-        raise ValueError(f"input_ids must be an int64 tensor [batch, tokens], got {what}. Use ids[None] for one sequence.")
+        raise ValueError(
+            f"input_ids must be an int64 tensor [batch, tokens], got {what}. Use ids[None] for one sequence."
+        )
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids is empty: give at least one prompt token.")
 
@@ -302,7 +305,8 @@ def generate(
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 
 
-def kv_cache_sizes(context_len: int, batch: int = 1, dtype: str = "bf16", cfg: ModelConfig | None = None) -> dict[str, int]:
+def kv_cache_sizes(context_len: int, batch: int = 1, dtype: str = "bf16",
+                   cfg: ModelConfig | None = None) -> dict[str, int]:
     """Whole-model cache bytes for `batch` sequences of `context_len` tokens, per caching scheme.
 
     MHA, MQA and MLA use DeepSeek-V3.2's dimensions (`cfg`, default the 671B model; 61 layers) stored in

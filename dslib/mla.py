@@ -17,8 +17,6 @@ Parameter names are the official checkpoint's (`q_a_proj`, ..., `o_proj`); `load
 """
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Mapping
 
 import torch
@@ -26,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dslib.attention import RMSNorm, causal_mask
-from dslib.config import ModelConfig
+from dslib.config import FP8_BLOCK, ModelConfig
+from dslib.fp8 import FP8_DTYPE, act_quant
 from dslib.kv_cache import LayerCache
 from dslib.rope import RotaryEmbedding, apply_rope_interleaved, softmax_scale
 
@@ -36,10 +35,6 @@ __all__ = [
     "dense_masked_attention",
     "load_weights",
     "WeightLoadError",
-    "attention_flops",
-    "kv_bytes_read",
-    "decode_costs",
-    "decode_step_time",
     "fp8_pack_latent",
     "fp8_unpack_latent",
     "MLAStack",
@@ -341,9 +336,11 @@ def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, p
             "kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, ...), and that `prefix` is right."
         )
         if cfg is not None:
-            check += f" The module was built with {type(cfg).__name__}(hidden_size={getattr(cfg, 'hidden_size', '?')}, ...)."
+            size = getattr(cfg, "hidden_size", "?")
+            check += f" The module was built with {type(cfg).__name__}(hidden_size={size}, ...)."
         raise WeightLoadError(
-            f"Cannot load weights into {what}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems) + "\n" + check
+            f"Cannot load weights into {what}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems)
+            + "\n" + check
         )
     params = dict(module.named_parameters())
     params.update(dict(module.named_buffers()))
@@ -353,138 +350,19 @@ def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, p
     return module
 
 
-# --------------------------------------------------------------------------------------------- accounting
-def attention_flops(cfg: ModelConfig, num_queries: int, num_keys: int, mode: str) -> dict[str, int]:
-    """Matmul FLOPs (2 per multiply-add) of `MLA.attend` for one sequence, per term; "total" sums them.
-
-    naive: up-project S latents (2·S·c·H·(nope+v)), q·k (2·H·T·S·(nope+rope)), p·v (2·H·T·S·v).
-    absorbed: fold W_UK into q (2·T·H·nope·c), q·[c | k_rope] (2·H·T·S·(c+rope)), p·c (2·H·T·S·c),
-    W_UV after attention (2·T·H·c·v). c = kv_lora_rank. Softmax and masking are not matmuls and are not counted.
-    """
-    H, c, nope, rope, v = (cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim,
-                           cfg.qk_rope_head_dim, cfg.v_head_dim)
-    T, S = num_queries, num_keys
-    if mode == "naive":
-        terms = {
-            "expand_kv": 2 * S * c * H * (nope + v),
-            "scores": 2 * H * T * S * (nope + rope),
-            "weighted_sum": 2 * H * T * S * v,
-        }
-    elif mode == "absorbed":
-        terms = {
-            "absorb_q": 2 * T * H * nope * c,
-            "scores": 2 * H * T * S * (c + rope),
-            "weighted_sum": 2 * H * T * S * c,
-            "absorb_out": 2 * T * H * c * v,
-        }
-    else:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-    terms["total"] = sum(terms.values())
-    return terms
-
-
-def kv_bytes_read(cfg: ModelConfig, num_keys: int, mode: str, *, dtype_bytes: int = 2) -> int:
-    """Bytes of keys and values one decode step's attention reads per layer.
-
-    absorbed: the latent cache itself, S·(kv_lora_rank + rope)·bytes (1,152 B per token in bf16 for the 671B).
-    naive: per-head keys and values, S·H·(nope + rope + v)·bytes (81,920 B per token): what an MHA-mode engine
-    would have to cache, or rebuild from the latents at every step.
-    """
-    if mode == "absorbed":
-        return num_keys * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dtype_bytes
-    if mode == "naive":
-        return num_keys * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * dtype_bytes
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-
-
-def decode_costs(cfg: ModelConfig, context_len: int, *, gqa_groups: int = 8, dtype_bytes: int = 2) -> dict[str, dict]:
-    """Cache and compute of decoding one token at `context_len`, whole model, per attention scheme.
-
-    For each of MHA (every head caches K and V), GQA with `gqa_groups` K/V heads of v_head_dim, MLA (bf16 latent
-    cache, absorbed mode) and MLA with FlashMLA's FP8 cache: bytes per token per layer, cache bytes of one sequence
-    (all layers), attention FLOPs per decoded token (all layers; MHA/GQA: 2·H·S·(d_k + d_v)), and the cache ratio
-    against MHA and GQA. Pure arithmetic on `cfg` (the chapter's calculator).
-    """
-    H, S, L = cfg.num_attention_heads, context_len, cfg.num_hidden_layers
-    mla_flops = attention_flops(cfg, 1, S, "absorbed")["total"]
-    rows = {
-        "MHA": (cfg.kv_bytes_per_token_per_layer("mha", dtype_bytes=dtype_bytes), 2 * H * S * (cfg.qk_head_dim + cfg.v_head_dim)),
-        f"GQA-{gqa_groups}": (
-            cfg.kv_bytes_per_token_per_layer("gqa", dtype_bytes=dtype_bytes, kv_heads=gqa_groups),
-            2 * H * S * 2 * cfg.v_head_dim,
-        ),
-        "MLA": (cfg.kv_bytes_per_token_per_layer("mla", dtype_bytes=dtype_bytes), mla_flops),
-        "MLA FP8": (cfg.kv_bytes_per_token_per_layer("mla_fp8"), mla_flops),
-    }
-    mha_bytes, gqa_bytes = rows["MHA"][0], rows[f"GQA-{gqa_groups}"][0]
-    return {
-        name: {
-            "bytes_per_token_per_layer": per_token,
-            "cache_bytes": per_token * L * S,
-            "flops_per_token": flops * L,
-            "vs_mha": mha_bytes / per_token,
-            "vs_gqa": gqa_bytes / per_token,
-        }
-        for name, (per_token, flops) in rows.items()
-    }
-
-
-@torch.no_grad()
-def decode_step_time(mla: MLA, num_keys: int, mode: str, *, batch: int = 1, repeats: int = 5,
-                     reduce: str = "median", threads: int | None = None) -> float:
-    """Wall time (s) of `mla.attend` for one new token over `num_keys` cached latents (random data).
-
-    `reduce`: "median" of `repeats` runs, or "min" (best of `repeats`: on a shared machine the least disturbed).
-    `threads`: run with this many intra-op threads (restored afterwards); one thread avoids waiting on a busy core.
-    """
-    if reduce not in ("median", "min"):
-        raise ValueError(f"reduce must be 'median' or 'min', got {reduce!r}.")
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        return _time_attend(mla, num_keys, mode, batch, repeats, reduce)
-    finally:
-        torch.set_num_threads(before)
-
-
-def _time_attend(mla: MLA, num_keys: int, mode: str, batch: int, repeats: int, reduce: str) -> float:
-    p = next(mla.parameters())
-    cfg = mla.config
-    H = cfg.num_attention_heads
-    q_nope = torch.randn(batch, 1, H, cfg.qk_nope_head_dim, dtype=p.dtype, device=p.device)
-    q_rope = torch.randn(batch, 1, H, cfg.qk_rope_head_dim, dtype=p.dtype, device=p.device)
-    kv_latent = torch.randn(batch, num_keys, cfg.kv_lora_rank, dtype=p.dtype, device=p.device)
-    k_rope = torch.randn(batch, num_keys, cfg.qk_rope_head_dim, dtype=p.dtype, device=p.device)
-    pos = torch.tensor([num_keys - 1], device=p.device)
-    mla.attend(q_nope, q_rope, kv_latent, k_rope, pos, mode=mode)  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mla.attend(q_nope, q_rope, kv_latent, k_rope, pos, mode=mode)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) if reduce == "median" else min(times)
-
-
 # --------------------------------------------------------------------------------------------- FP8 cache format
-FP8_TILE = 128  # one fp32 scale per 128 latent values (FlashMLA)
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
-
 def fp8_pack_latent(kv_latent: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
     """FlashMLA's FP8 cache entry (REFERENCE.md §3.2): bytes `[B, S, c + 4·⌈c/128⌉ + 2·rope]` (656 for the 671B).
 
     Per token: c e4m3 latent values | one fp32 scale per 128-value tile | the rope key in bf16 (kept precise).
-    scale = 2^⌈log2(amax / 448)⌉ (a power of two, "ue8m0"), stored value = x / scale.
+    scale = 2^⌈log2(amax / 448)⌉ (a power of two, "ue8m0"), stored value = x / scale (`dslib.fp8.act_quant`).
     """
     B, S, c = kv_latent.shape
-    tiles = -(-c // FP8_TILE)
-    x = F.pad(kv_latent.float(), (0, tiles * FP8_TILE - c)).view(B, S, tiles, FP8_TILE)
-    amax = x.abs().amax(-1, keepdim=True).clamp_min(1e-4)  # [B, S, tiles, 1]
-    scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
-    q = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(B, S, -1)[..., :c]
+    tiles = -(-c // FP8_BLOCK)
+    x = F.pad(kv_latent.float(), (0, tiles * FP8_BLOCK - c)).view(B, S, tiles, FP8_BLOCK)
+    q, scale = act_quant(x)  # [B, S, tiles, 128] e4m3, [B, S, tiles, 1]
     parts = [
-        q.contiguous().view(torch.uint8),  # [B, S, c]
+        q.view(B, S, -1)[..., :c].contiguous().view(torch.uint8),  # [B, S, c]
         scale.view(B, S, tiles).contiguous().view(torch.uint8),  # [B, S, 4 * tiles]
         k_rope.to(torch.bfloat16).contiguous().view(torch.uint8),  # [B, S, 2 * rope]
     ]
@@ -493,18 +371,17 @@ def fp8_pack_latent(kv_latent: torch.Tensor, k_rope: torch.Tensor) -> torch.Tens
 
 def fp8_unpack_latent(packed: torch.Tensor, kv_lora_rank: int, rope_dim: int, dtype=torch.float32):
     """Inverse of `fp8_pack_latent`: bytes `[B, S, 656]` -> (kv_latent `[B, S, c]`, k_rope `[B, S, rope]`) in dtype."""
-    c, tiles = kv_lora_rank, -(-kv_lora_rank // FP8_TILE)
+    c, tiles = kv_lora_rank, -(-kv_lora_rank // FP8_BLOCK)
     expected = c + 4 * tiles + 2 * rope_dim
     if packed.dtype != torch.uint8 or packed.shape[-1] != expected:
         raise ValueError(
             f"packed must be uint8 [B, S, {expected}] for kv_lora_rank={c}, rope={rope_dim}; got {packed.dtype} "
             f"{tuple(packed.shape)}."
         )
-    B, S, _ = packed.shape
-    q = packed[..., :c].contiguous().view(torch.float8_e4m3fn).float()  # [B, S, c]
+    q = packed[..., :c].contiguous().view(FP8_DTYPE).float()  # [B, S, c]
     scale = packed[..., c : c + 4 * tiles].contiguous().view(torch.float32)  # [B, S, tiles]
     k_rope = packed[..., c + 4 * tiles :].contiguous().view(torch.bfloat16)
-    scale = scale.repeat_interleave(FP8_TILE, dim=-1)[..., :c]
+    scale = scale.repeat_interleave(FP8_BLOCK, dim=-1)[..., :c]
     return (q * scale).to(dtype), k_rope.to(dtype)
 
 

@@ -65,7 +65,8 @@ class DeepseekV32ForCausalLM(nn.Module):
         preallocated for `max_len` tokens (None: grows as needed)."""
         return KVCache(self.config.num_hidden_layers, max_len, layer_cache=DSACache)
 
-    def place(self, device: str | torch.device = "cpu", device_map: dict[str, str] | None = None) -> "DeepseekV32ForCausalLM":
+    def place(self, device: str | torch.device = "cpu",
+              device_map: dict[str, str] | None = None) -> DeepseekV32ForCausalLM:
         """Move every module to its device: `device_map` (module prefix -> device, e.g. a `DevicePlan`'s) or all
         to `device`. Forward moves the hidden state from device to device as it goes through the layers."""
         if not device_map:
@@ -76,9 +77,12 @@ class DeepseekV32ForCausalLM(nn.Module):
 
     def _check_input(self, input_ids: torch.Tensor, cache: KVCache | None, stats) -> int:
         cfg = self.config
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            got = f"{input_ids.dtype} {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise ValueError(f"input_ids must be an integer tensor [batch, seq], got {got}. Use ids[None] for one sequence.")
+        tensor = isinstance(input_ids, torch.Tensor)
+        if not tensor or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            got = f"{input_ids.dtype} {tuple(input_ids.shape)}" if tensor else type(input_ids).__name__
+            raise ValueError(
+                f"input_ids must be an integer tensor [batch, seq], got {got}. Use ids[None] for one sequence."
+            )
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
             raise ValueError(
                 f"token ids must lie in 0..{cfg.vocab_size - 1} (vocab_size), got {int(input_ids.min())}.."

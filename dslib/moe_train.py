@@ -37,7 +37,16 @@ from torch import nn
 from dslib.attention import DecoderLayer, RMSNorm
 from dslib.config import ModelConfig
 from dslib.mla import MLA
-from dslib.moe import MoE, Routing, expert_load, groups_touched, max_violation, select_experts, sequence_aux_loss, update_bias
+from dslib.moe import (
+    MoE,
+    Routing,
+    expert_load,
+    groups_touched,
+    max_violation,
+    select_experts,
+    sequence_aux_loss,
+    update_bias,
+)
 
 IGNORE = -100  # targets that carry no loss (cross_entropy's ignore_index)
 
@@ -174,7 +183,8 @@ class MoELM(nn.Module):
         # "reverse" need to know where the answer is (DeepSeek itself has no position embedding).
         self.embed_positions = nn.Embedding(config.max_position_embeddings, d)
         self.layers = nn.ModuleList(
-            DecoderLayer(MLA(config, i), MoE(config, i), d, config.rms_norm_eps) for i in range(config.num_hidden_layers)
+            DecoderLayer(MLA(config, i), MoE(config, i), d, config.rms_norm_eps)
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(d, config.rms_norm_eps)
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
@@ -184,7 +194,8 @@ class MoELM(nn.Module):
     def forward(self, tokens: torch.Tensor, recorder=None) -> torch.Tensor:
         T = tokens.shape[1]
         if T > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {T} tokens is longer than max_position_embeddings={self.config.max_position_embeddings}.")
+            limit = self.config.max_position_embeddings
+            raise ValueError(f"sequence of {T} tokens is longer than max_position_embeddings={limit}.")
         positions = torch.arange(T, device=tokens.device)
         x = self.embed_tokens(tokens) + self.embed_positions(positions)
         for layer in self.layers:
@@ -258,7 +269,7 @@ def evaluate(model: MoELM, seqs: torch.Tensor, tasks: torch.Tensor, *, full: boo
         "accuracy": correct.sum().item() / answer.sum().item(),
         "load": [expert_load(log.by_layer[i].topk_idx, cfg.n_routed_experts).tolist() for i in sorted(log.by_layer)],
     }
-    out["maxvio"] = [max_violation(torch.tensor(l)) for l in out["load"]]
+    out["maxvio"] = [max_violation(torch.tensor(load)) for load in out["load"]]
     if full:
         n_tasks = len(TASKS)
         out["task_accuracy"] = [
@@ -272,7 +283,8 @@ def evaluate(model: MoELM, seqs: torch.Tensor, tasks: torch.Tensor, *, full: boo
         for i in sorted(log.by_layer):
             r = log.by_layer[i]
             counts = torch.zeros(n_tasks, cfg.n_routed_experts, dtype=torch.long)
-            counts.index_put_((task_of_token[:, None].expand_as(r.topk_idx), r.topk_idx), torch.ones_like(r.topk_idx), accumulate=True)
+            counts.index_put_((task_of_token[:, None].expand_as(r.topk_idx), r.topk_idx), torch.ones_like(r.topk_idx),
+                              accumulate=True)
             out["task_expert"].append(counts.tolist())
             bias = model.layers[i].mlp.gate.e_score_correction_bias
             free = select_experts(r.scores + bias, cfg.num_experts_per_tok)  # the same scores, no group limit
@@ -412,7 +424,8 @@ def load(out: str | Path = "data") -> tuple[dict[str, MoELM], dict[str, dict]]:
     path = log_path(out)
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} is missing. Regenerate it with `python -m dslib.moe_train --out {out}` (about 5 minutes on 2 CPU cores)."
+            f"{path} is missing. Regenerate it with `python -m dslib.moe_train --out {out}` (about 5 minutes on "
+            "2 CPU cores)."
         )
     logs = json.loads(path.read_text())
     models = {}
@@ -457,7 +470,8 @@ def _report(setting: str, log: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data", help="folder for moe/ (checkpoints and log); default data")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)

@@ -19,13 +19,15 @@ import importlib
 import os
 import warnings
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from dslib.attention import batched_positions, causal_mask
 from dslib.config import ModelConfig
-from dslib.indexer import PRECISIONS, IndexerKeyCache, LightningIndexer, take_rows
+from dslib.cost import wall_seconds
+from dslib.indexer import PRECISIONS, IndexerKeyCache, LightningIndexer, index_scores, take_rows
 from dslib.kv_cache import LayerCache
 from dslib.mla import MLA, MODES, LatentCache, dense_masked_attention
 
@@ -82,14 +84,6 @@ def selection_mask(selected: torch.Tensor, num_keys: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ attention maths
-def gather_keys(kv_latent: torch.Tensor, k_rope: torch.Tensor, selected: torch.Tensor):
-    """The selected latents and rope keys: `[B, T, k, C]`, `[B, T, k, R]` (index -1 reads key 0; mask it later)."""
-    B = kv_latent.shape[0]
-    idx = selected.clamp(min=0)
-    batch = torch.arange(B, device=selected.device).view(B, 1, 1)
-    return kv_latent[batch, idx], k_rope[batch, idx]
-
-
 def sparse_attention(
     q_absorbed: torch.Tensor,
     q_rope: torch.Tensor,
@@ -116,10 +110,12 @@ def sparse_attention(
             "pass one row of key indices per query."
         )
     out, all_probs = [], []
+    batch = torch.arange(B, device=selected.device).view(B, 1, 1)
     for start in range(0, T, chunk):
         sl = slice(start, start + chunk)
         sel = selected[:, sl]  # [B, c, k]
-        lat, rope = gather_keys(kv_latent, k_rope, sel)  # [B, c, k, C], [B, c, k, R]
+        idx = sel.clamp(min=0)  # an empty slot (-1) reads key 0, masked to -inf below
+        lat, rope = kv_latent[batch, idx], k_rope[batch, idx]  # gathered: [B, c, k, C], [B, c, k, R]
         scores = torch.einsum("bthc,btkc->bthk", q_absorbed[:, sl], lat)
         scores = scores + torch.einsum("bthr,btkr->bthk", q_rope[:, sl], rope)
         scores = (scores * softmax_scale).float().masked_fill((sel < 0).unsqueeze(2), float("-inf"))
@@ -273,119 +269,55 @@ class DSAttention(MLA):
         if selected is not None and recorder is not None:
             recorder.on_selection(layer_idx=self.layer_idx, selected=selected, positions=positions)
 
-        probs = None
-        if selected is None:  # dense: chapter 2's MLA
-            out, probs = self.attend(q_nope, q_rope, kv_latent, k_rope, positions, mode=mode, return_probs=True,
-                                     check_positions=given)
-        elif mode == "naive":  # MHA mode, the selection as a mask: O(T·S), the reference
-            out, probs = self.attend(q_nope, q_rope, kv_latent, k_rope, positions, mode=mode, return_probs=True,
-                                     mask=selection_mask(selected, kv_latent.shape[1]), check_positions=given)
-            idx = selected.clamp(min=0).unsqueeze(2).expand(-1, -1, self.num_heads, -1)  # probs of the selected keys
-            probs = probs.gather(-1, idx).masked_fill((selected < 0).unsqueeze(2), 0.0)  # [B, T, H, k]
+        need, probs = want.need_probs, None  # probabilities only when asked (a 128K-token prefill: 68 GB in bf16)
+        if selected is None or mode == "naive":  # MLA (chapter 2); naive: MHA mode, the selection as a mask, O(T·S)
+            mask = None if selected is None else selection_mask(selected, kv_latent.shape[1])
+            out = self.attend(q_nope, q_rope, kv_latent, k_rope, positions, mode=mode, mask=mask, return_probs=need,
+                              check_positions=given)
+            if need:
+                out, probs = out  # probs [B, T, H, S]
+                if selected is not None:  # the probabilities of the selected keys, [B, T, H, k]
+                    idx = selected.clamp(min=0).unsqueeze(2).expand(-1, -1, self.num_heads, -1)
+                    probs = probs.gather(-1, idx).masked_fill((selected < 0).unsqueeze(2), 0.0)
         else:  # gather the k selected latents per query and attend in MQA mode: O(T·k)
             q_absorbed = torch.einsum("bthd,hdc->bthc", q_nope, self.w_uk())  # [B, T, H, kv_lora_rank]
-            if kernels is not None and not want.need_probs:
+            if kernels is not None and not need:
                 x = kernels.sparse_mla.sparse_mla(q_absorbed, q_rope, kv_latent, k_rope, selected, self.softmax_scale)
             else:
-                x, probs = sparse_attention(q_absorbed, q_rope, kv_latent, k_rope, selected, self.softmax_scale,
-                                            return_probs=True)  # probs [B, T, H, k]
+                x = sparse_attention(q_absorbed, q_rope, kv_latent, k_rope, selected, self.softmax_scale,
+                                     return_probs=need)
+                if need:
+                    x, probs = x  # probs [B, T, H, k]
             out = torch.einsum("bthc,hvc->bthv", x, self.w_uv())  # [B, T, H, v_head_dim]
         if stats is not None:
             stats.selected, stats.index_scores = selected, scores
-            stats.probs = None if not want.need_probs else probs if want.rows is None else take_rows(probs, want.rows)
+            stats.probs = probs if probs is None or want.rows is None else take_rows(probs, want.rows)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.v_head_dim))
 
 
-# ------------------------------------------------------------------------------------------------ accounting
-def core_attention_flops(cfg: ModelConfig, seq_len: int, attention: str = "dense", *, k: int | None = None,
-                         mode: str = "absorbed", skip_masked: bool = True) -> int:
-    """Matmul FLOPs (2 per multiply-add) of the core attention of a causal prefill of `seq_len` tokens, one layer.
-
-    The query at position t attends n_t = t + 1 keys (dense) or min(t + 1, k) keys (sparse / window). Per
-    (query, key) pair and head: absorbed (MQA mode) 2·(C + R) for the score + 2·C for the weighted sum
-    (C = kv_lora_rank, R = qk_rope_head_dim; 2·1,088 at the 671B dims); naive (MHA mode) 2·(nope + R) + 2·v.
-    Projections are not included (they are the same for every attention).
-    skip_masked=False counts what the simple implementations here compute: `dense_masked_attention` scores all
-    L² pairs (half of them are masked afterwards) and `sparse_attention` computes all k slots of every query.
-    """
-    H, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    per_pair = 2 * H * (2 * C + R) if mode == "absorbed" else 2 * H * (cfg.qk_nope_head_dim + R + cfg.v_head_dim)
-    L = seq_len
-    k = k or cfg.index_topk
-    if attention == "dense":
-        pairs = L * (L + 1) // 2 if skip_masked else L * L
-    elif skip_masked:
-        m = min(k, L)
-        pairs = m * (m + 1) // 2 + (L - m) * k  # rows 0..k-1 see t+1 keys, later rows exactly k
-    else:
-        pairs = L * k
-    return per_pair * pairs
-
-
-def indexer_flops(cfg: ModelConfig, seq_len: int, *, skip_masked: bool = True) -> int:
-    """Matmul FLOPs of the lightning indexer's scores for a causal prefill of `seq_len` tokens, one layer:
-    per (query, key) pair 2·index_n_heads·index_head_dim (q·k for every indexer head) + 2·index_n_heads (the
-    weighted head sum). Still O(L²), but 8,192 MACs per pair at the 671B dims instead of MLA's 139,264."""
-    pairs = seq_len * (seq_len + 1) // 2 if skip_masked else seq_len * seq_len
-    return pairs * (2 * cfg.index_n_heads * cfg.index_head_dim + 2 * cfg.index_n_heads)
-
-
-def attention_flops_per_token(cfg: ModelConfig, position: int, attention: str = "dense", *, phase: str = "decode",
-                              fp8_indexer: bool = True) -> dict[str, float]:
-    """Attention FLOPs for ONE token at `position` (it sees position + 1 keys), per layer, in bf16-equivalent
-    FLOPs: {"core": ..., "indexer": ..., "total": ...}.
-
-    phase "decode": MQA (absorbed) mode, as deployed; "prefill": MHA (naive) mode for dense attention (what
-    prefill uses), MQA mode for DSA (FlashMLA's sparse prefill kernel). The indexer runs in FP8, at twice the bf16
-    rate on Hopper: with `fp8_indexer` its FLOPs count half. Projections and MoE are not included.
-    """
-    n = position + 1
-    H, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    mqa = 2 * H * (2 * C + R)
-    mha = 2 * H * (cfg.qk_nope_head_dim + R + cfg.v_head_dim)
-    if attention == "dense":
-        core = n * (mha if phase == "prefill" else mqa)
-        idx = 0.0
-    elif attention == "sparse":
-        core = min(n, cfg.index_topk) * mqa
-        idx = n * (2 * cfg.index_n_heads * cfg.index_head_dim + 2 * cfg.index_n_heads) * (0.5 if fp8_indexer else 1.0)
-    else:
-        raise ValueError(f"attention must be 'dense' or 'sparse', got {attention!r}.")
-    return {"core": float(core), "indexer": float(idx), "total": float(core + idx)}
-
-
+# ------------------------------------------------------------------------------------------------ timing
 def time_attention(lengths, *, heads: int = 4, latent: int = 64, rope: int = 16, k: int = 64, index_heads: int = 4,
                    index_dim: int = 32, repeats: int = 3, seed: int = 0, chunk: int = 256) -> dict[str, list[float]]:
     """Median CPU seconds of one layer's core attention for a prefill of each length (batch 1, random tensors):
     "dense" (`dense_masked_attention`, causal mask: O(L²)), "sparse" (`sparse_attention` over k selected keys:
     O(L·k)) and "indexer" (`index_scores`: O(L²) with a small constant). The selection is a window, so that
     only attention is timed, not the top-k."""
-    import statistics
-    import time
-
-    from dslib.indexer import index_scores
-
     g = torch.Generator().manual_seed(seed)
     out = {"dense": [], "sparse": [], "indexer": []}
     for L in lengths:
         qa, qr = torch.randn(1, L, heads, latent, generator=g), torch.randn(1, L, heads, rope, generator=g)
         lat, kr = torch.randn(1, L, latent, generator=g), torch.randn(1, L, rope, generator=g)
-        qi, wi, ki = torch.randn(1, L, index_heads, index_dim, generator=g), torch.randn(1, L, index_heads, generator=g), torch.randn(1, L, index_dim, generator=g)
+        qi, wi = torch.randn(1, L, index_heads, index_dim, generator=g), torch.randn(1, L, index_heads, generator=g)
+        ki = torch.randn(1, L, index_dim, generator=g)
         pos = torch.arange(L)
         allowed = causal_mask(pos, L)
         sel = window_selection(pos, k)
         runs = {
-            "dense": lambda: dense_masked_attention(qa, qr, lat, kr, allowed, 0.1),
-            "sparse": lambda: sparse_attention(qa, qr, lat, kr, sel, 0.1, chunk=chunk),
-            "indexer": lambda: index_scores(qi, wi, ki, pos, chunk=chunk),
+            "dense": partial(dense_masked_attention, qa, qr, lat, kr, allowed, 0.1),
+            "sparse": partial(sparse_attention, qa, qr, lat, kr, sel, 0.1, chunk=chunk),
+            "indexer": partial(index_scores, qi, wi, ki, pos, chunk=chunk),
         }
         with torch.no_grad():
             for name, fn in runs.items():
-                fn()  # warm-up
-                times = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    fn()
-                    times.append(time.perf_counter() - t0)
-                out[name].append(statistics.median(times))
+                out[name].append(wall_seconds(fn, repeats=repeats))
     return out

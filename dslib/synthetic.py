@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 
-from dslib.checkpoint import (FP8_DTYPE, FP8_MAX, SCALE_SUFFIX, TensorSource, TensorSpec, _seed_of,
+from dslib.checkpoint import (SCALE_SUFFIX, TensorSource, TensorSpec, _seed_of,
                               checkpoint_tensors, fp8_quantization_config, layer_of, write_checkpoint)
 from dslib.config import FP8_BLOCK, ModelConfig
+from dslib.fp8 import FP8_DTYPE, FP8_MAX
 
 __all__ = ["SyntheticFP8Source", "SIGMA_Q", "write_synthetic_fp8_checkpoint", "train_test_tokenizer",
            "file_checksums", "BOS_TOKEN", "EOS_TOKEN"]
@@ -50,8 +51,6 @@ class SyntheticFP8Source(TensorSource):
     128 x 128 block, with e chosen so that the dequantised weight's std is about `initializer_range`.
     config.json's quantization_config says scale_fmt "ue8m0" (power-of-two scales), as in DeepSeek-V3.2's release.
     """
-
-    fills_out = True
 
     def __init__(self, cfg: ModelConfig, seed: int = 0, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.bfloat16):

@@ -33,7 +33,7 @@ from torch import nn
 
 from dslib.attention import DecoderLayer, FeedForward, RMSNorm
 from dslib.config import ModelConfig
-from dslib.indexer import attention_target, indexer_kl_loss
+from dslib.indexer import attention_target, indexer_kl_loss, take_rows
 from dslib.sparse import AttentionStats, DSAttention, attention_recall, topk_selection, window_selection
 from dslib.tasks import IGNORE, RecallBatch, RecallTask, accuracy_by_distance, eval_set, make_batch
 
@@ -41,9 +41,10 @@ ARTIFACT = "ch3_recall"  # data/ch3_recall_{stage}.safetensors and data/ch3_reca
 STAGES = ("dense", "warmup", "sparse")
 
 
-def experiment_config(task: RecallTask = RecallTask(), **overrides) -> ModelConfig:
+def experiment_config(task: RecallTask | None = None, **overrides) -> ModelConfig:
     """The experiment's model: 2 layers, d = 64, 2 MLA heads (latent 64, nope 32 + rope 16, v 32), SwiGLU 128,
-    4 indexer heads x 32 dims, index_topk 32, plain RoPE (~200k parameters)."""
+    4 indexer heads x 32 dims, index_topk 32, plain RoPE (~200k parameters). task: default `RecallTask()`."""
+    task = task or RecallTask()
     base = dict(
         vocab_size=task.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         first_k_dense_replace=2, num_nextn_predict_layers=0, num_attention_heads=2, num_key_value_heads=2,
@@ -215,7 +216,7 @@ def train_stage(
             if stage == "warmup":  # dense: KL over all causal keys
                 kl = kl + indexer_kl_loss(attention_target(s.probs), s.index_scores)
             else:  # sparse: KL over the selected set only
-                sel = s.selected if rows is None else s.selected.gather(1, rows.unsqueeze(-1).expand(-1, -1, s.selected.shape[-1]))
+                sel = s.selected if rows is None else take_rows(s.selected, rows)  # [B, T or P, k]
                 scores_sel = s.index_scores.gather(-1, sel.clamp(min=0)).masked_fill(sel < 0, float("-inf"))
                 kl = kl + indexer_kl_loss(attention_target(s.probs), scores_sel)
         total = (loss if train_main else 0) + (kl if train_index else 0)
@@ -231,7 +232,8 @@ def train_stage(
             log.kl.append(round(kl.item(), 5))
         log.steps = step + 1
         if not progress and step % 50 == 0:
-            print(f"  {stage} step {step:5d}  loss {loss.item():.4f}  acc {acc:.3f} (avg {avg_acc:.3f})  kl {kl.item():.4f}"
+            print(f"  {stage} step {step:5d}  loss {loss.item():.4f}  acc {acc:.3f} (avg {avg_acc:.3f})  "
+                  f"kl {kl.item():.4f}"
                   f"  {time.perf_counter() - t0:6.1f} s", flush=True)
         if target_acc is not None and step >= warmup and avg_acc >= target_acc:
             break
@@ -355,10 +357,11 @@ def artifact_paths(out: str | Path) -> dict[str, Path]:
 
 
 # ---------------------------------------------------------------------------------------------- experiment
-def run_experiment(out: str | Path, *, seed: int = 0, task: RecallTask = RecallTask(), dense_steps: int = 2000,
+def run_experiment(out: str | Path, *, seed: int = 0, task: RecallTask | None = None, dense_steps: int = 2000,
                    warmup_steps: int = 300, sparse_steps: int = 300, kl_positions: str = "task",
                    eval_size: int = 512, progress: bool = True) -> dict:
     """The whole pipeline: dense training, indexer warm-up, sparse training, evaluation; writes into `out`."""
+    task = task or RecallTask()
     torch.manual_seed(seed)
     paths = artifact_paths(out)
     cfg = experiment_config(task)

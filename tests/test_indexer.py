@@ -4,12 +4,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from dslib.attention import causal_mask
 from dslib.config import ConfigError, ModelConfig
+from dslib.fp8 import act_quant
 from dslib.indexer import (
-    IndexerKeyCache, LightningIndexer, act_quant, attention_target, fp8_index_scores, hadamard, index_scores,
+    IndexerKeyCache,
+    LightningIndexer,
+    attention_target,
+    fp8_index_scores,
+    hadamard,
+    index_scores,
     indexer_kl_loss,
 )
-from dslib.attention import causal_mask
 from dslib.kv_cache import CacheFullError
 from dslib.mla import LatentCache
 from dslib.sparse import AttentionStats, DSACache, DSAttention
@@ -109,13 +115,15 @@ def test_recorder_and_stats_report_what_forward_did():
     recorder = SimpleNamespace(on_selection=lambda **kw: seen.append(kw))
     with torch.no_grad():
         out = attn(h, attention="sparse", recorder=recorder)
+        absorbed = AttentionStats(need_probs=True)
+        attn(h, attention="sparse", stats=absorbed)
         for mode in ("absorbed", "naive"):
             stats = AttentionStats(need_probs=True)
             torch.testing.assert_close(attn(h, attention="sparse", mode=mode, stats=stats), out, rtol=1e-5, atol=1e-6)
             assert torch.equal(stats.selected, seen[0]["selected"]) and stats.index_scores is None
             torch.testing.assert_close(stats.probs.sum(-1), torch.ones(1, 10, CFG.num_attention_heads))
-            probs = stats.probs if mode == "absorbed" else probs  # both modes: the same probabilities of the selection
-            torch.testing.assert_close(stats.probs, probs, rtol=1e-5, atol=1e-6)
+            # both modes: the same probabilities of the selected keys, in the selection's order
+            torch.testing.assert_close(stats.probs, absorbed.probs, rtol=1e-5, atol=1e-6)
         dense = AttentionStats(need_probs=True, need_index_scores=True)
         attn(h, attention="dense", stats=dense)
     assert seen[0]["layer_idx"] == 0 and seen[0]["selected"].shape == (1, 10, CFG.index_topk) and len(seen) == 1

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from dslib.config import ModelConfig
-from dslib.mla import MLA, LatentCache, WeightLoadError, attention_flops, kv_bytes_read, load_weights
+from dslib.cost import attention_flops, kv_bytes_read
+from dslib.mla import MLA, LatentCache, WeightLoadError, load_weights
 
 EXPECTED_KEYS = {
     "q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight", "kv_a_proj_with_mqa.weight",
@@ -32,7 +33,8 @@ def test_parameter_names_and_shapes():
     assert sd["q_b_proj.weight"].shape == (H * cfg.qk_head_dim, cfg.q_lora_rank)
     assert sd["o_proj.weight"].shape == (cfg.hidden_size, H * cfg.v_head_dim)
     no_q_lora = set(MLA(cfg.replace(q_lora_rank=None)).state_dict())
-    assert no_q_lora == EXPECTED_KEYS - {"q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight"} | {"q_proj.weight"}
+    low_rank_q = {"q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight"}
+    assert no_q_lora == EXPECTED_KEYS - low_rank_q | {"q_proj.weight"}
     # parameter count agrees with the config's accounting (REFERENCE §1.2)
     assert sum(p.numel() for p in MLA(cfg).parameters()) == cfg.param_counts()["attention"]
 
@@ -46,7 +48,8 @@ def test_weight_views():
     torch.testing.assert_close(torch.cat([mla.w_uk(), mla.w_uv()], 1), w)
 
 
-@pytest.mark.parametrize("cfg", [ModelConfig.tiny(), ModelConfig.small(num_attention_heads=4), ModelConfig.tiny(q_lora_rank=None)],
+@pytest.mark.parametrize("cfg", [ModelConfig.tiny(), ModelConfig.small(num_attention_heads=4),
+                                 ModelConfig.tiny(q_lora_rank=None)],
                          ids=["tiny", "small-yarn", "no-q-lora"])
 def test_naive_equals_absorbed_prefill(cfg):
     mla = make_mla(cfg)
@@ -138,7 +141,7 @@ def test_cache_growth_and_limits():
         lat, _ = free.append(c, c[..., :2])
     torch.testing.assert_close(lat, torch.cat(chunks, 1))
     with pytest.raises(ValueError, match="empty"):
-        LatentCache().kv_latent
+        _ = LatentCache().kv_latent
 
 
 def test_attend_errors():

@@ -98,7 +98,8 @@ def check_max_context(gqa_tokens, dsa_tokens) -> Verdict:
     gib = 141 * 2**30
     mla_fp8 = v32.kv_cache_bytes("mla_fp8", 1)
     mla_bf16 = v32.kv_cache_bytes("mla", 1)
-    for name, got, want, per_token in (("GQA", gqa_tokens, want_gqa, gqa_bytes), ("DSA", dsa_tokens, want_dsa, dsa_bytes)):
+    answers = (("GQA", gqa_tokens, want_gqa, gqa_bytes), ("DSA", dsa_tokens, want_dsa, dsa_bytes))
+    for name, got, want, per_token in answers:
         if got == want:
             continue
         if not isinstance(got, (int, float)):
@@ -106,8 +107,10 @@ def check_max_context(gqa_tokens, dsa_tokens) -> Verdict:
         budget = H200_MEMORY_BYTES / SERVING_BATCH
         slips = [
             (math.ceil(budget / per_token), "it rounds up, but the last token would not fit; count whole tokens."),
-            (int(gib // (SERVING_BATCH * per_token)), "it uses 141 GiB (2^30 bytes); the H200's 141 GB are 141e9 bytes."),
-            (int(H200_MEMORY_BYTES // per_token), f"that is the context of ONE request; {SERVING_BATCH} share the memory."),
+            (int(gib // (SERVING_BATCH * per_token)),
+             "it uses 141 GiB (2^30 bytes); the H200's 141 GB are 141e9 bytes."),
+            (int(H200_MEMORY_BYTES // per_token),
+             f"that is the context of ONE request; {SERVING_BATCH} share the memory."),
         ]
         if name == "DSA":
             slips += [
@@ -127,7 +130,8 @@ def check_max_context(gqa_tokens, dsa_tokens) -> Verdict:
 
 # ---------------------------------------------------------------------------------------------- exercise 3
 def solution_generation_flops(cfg: BaselineConfig, prompt_len: int, new_tokens: int, use_cache: bool) -> int:
-    """FLOPs of `generate(model, prompt, new_tokens, use_cache=...)` for one sequence (see BaselineConfig.forward_flops).
+    """FLOPs of `generate(model, prompt, new_tokens, use_cache=...)` for one sequence
+    (see BaselineConfig.forward_flops).
 
     With a cache: one prefill of the prompt, then one single-token step per further new token, attending over
     all tokens so far. Without: every step runs the whole sequence so far (the last new token is never fed in).

@@ -140,6 +140,7 @@ def check_gpus_needed(answer) -> Verdict:
     if n == gpus_needed(cfg, H200_MEASURED, storage="bf16"):
         return not_yet("that is for bf16 weights; the checkpoint is FP8 (1 byte per quantised weight + scales).")
     if n < want:
-        return not_yet(f"{n} GPUs offer {n * usable / 1e9:.0f} GB, too little for whole layers of {total / 1e9:.0f} GB.")
+        return not_yet(f"{n} GPUs offer {n * usable / 1e9:.0f} GB, too little for whole layers of "
+                       f"{total / 1e9:.0f} GB.")
     return not_yet(f"{n} GPUs would work, but fewer do too. Place consecutive layers greedily, each GPU up to "
                    f"{usable / 1e9:.1f} GB, and count the GPUs used.")

@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 import dslib
 from dslib import ModelConfig, show, viz
 from dslib.exercises import ch2 as exercises
-from dslib.mla import (MLA, LatentCache, MLAStack, attention_flops, decode_costs, decode_step_time, dense_masked_attention,
-                       fp8_pack_latent, fp8_unpack_latent, kv_bytes_read)
+from dslib.cost import attention_flops, decode_costs, decode_step_time, kv_bytes_read
+from dslib.mla import MLA, LatentCache, MLAStack, dense_masked_attention, fp8_pack_latent, fp8_unpack_latent
 from dslib.rope import (RotaryEmbedding, apply_rope_interleaved, rope_inv_freq, softmax_scale,
                         yarn_correction_range)
 
@@ -505,7 +505,7 @@ md(r"""
   `deepseek_v32` attention with the same weights), and `LatentCache`, which holds only
   `kv_lora_rank + qk_rope_head_dim` values per token and layer.
 - `dslib.mla.load_weights`: strict loading that names every missing, unexpected or mis-shaped tensor.
-- Accounting: `attention_flops`, `kv_bytes_read`, `decode_costs`; the FP8 cache layout `fp8_pack_latent`.
+- Accounting in `dslib.cost`: `attention_flops`, `kv_bytes_read`, `decode_costs`; the FP8 cache layout `fp8_pack_latent`.
 
 Chapter 3 adds the lightning indexer and lets each query attend to only 2048 of these cached latents.
 

@@ -50,10 +50,11 @@ import dslib
 from dslib import ModelConfig, show, viz
 from dslib.exercises import ch3 as exercises
 from dslib.attention import causal_mask
+from dslib.cost import attention_flops_per_token, core_attention_flops, indexer_flops
 from dslib.indexer import LightningIndexer, fp8_index_scores, index_scores, indexer_kl_loss
 from dslib.mla import dense_masked_attention
-from dslib.sparse import (DSACache, DSAttention, core_attention_flops, indexer_flops, attention_flops_per_token,
-                          selection_mask, sparse_attention, time_attention, topk_selection, window_selection)
+from dslib.sparse import (DSACache, DSAttention, selection_mask, sparse_attention, time_attention, topk_selection,
+                          window_selection)
 from dslib.tasks import RecallTask, eval_set, make_batch, window_accuracy_bound, window_reach
 from dslib import train
 
@@ -643,9 +644,9 @@ slowly with position than V3.1's, which is the whole point.
 - `dslib.indexer.LightningIndexer` — the lightning indexer with the checkpoint's names (`wq_b`, `wk`, `k_norm`,
   `weights_proj`), half-split RoPE on its first dims, chunked scores; `IndexerKeyCache`; `fp8_index_scores`
   (Hadamard + FP8 simulation); `indexer_kl_loss` and `attention_target` for the two training stages.
-- `dslib.sparse` — `topk_selection` and `window_selection`; `sparse_attention` (gather, MQA mode, O(L·k)) and
-  `dense_masked_attention` (the O(L²) reference); `attention_recall`; `DSAttention` (= MLA + indexer, used by the
-  whole model in chapter 5) with `DSACache`; FLOP accounting and timing helpers.
+- `dslib.sparse` — `topk_selection` and `window_selection`; `sparse_attention` (gather, MQA mode, O(L·k)), equal
+  to chapter 2's `dense_masked_attention` (the O(L²) reference); `attention_recall`; `DSAttention` (= MLA + indexer,
+  used by the whole model in chapter 5) with `DSACache`; the FLOP formulas in `dslib.cost`.
 - `dslib.tasks` — the multi-query associative recall task; `dslib.train` — the small DSA model, the three
   training stages and the evaluation, reproducible with `python -m dslib.train --out data`.
 
