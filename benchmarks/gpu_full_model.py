@@ -199,7 +199,8 @@ def section_weights(run: Run, cfg, args, device):
     if not args.quick:
         sync(device)
         t0 = time.perf_counter()
-        ref = load_layer(RandomSource(cfg, args.seed, fp8=True, device=device), layer_idx, device, args.dtype, keep_fp8=True)
+        old_source = RandomSource(cfg, args.seed, fp8=True, device=device)
+        ref = load_layer(old_source, layer_idx, device, args.dtype, keep_fp8=True)
         sync(device)
         old = time.perf_counter() - t0
         del ref
@@ -232,7 +233,8 @@ def section_prefill(run: Run, cfg, args, device, plan):
 
     def on_layer(t, rec):
         layers_done.append({k: (round(v, 5) if isinstance(v, float) else v) for k, v in t.as_dict().items()})
-        print(f"  layer {t.layer:2d} {t.kind:5s} {'resident' if t.resident else 'streamed'}: weights {t.load_s:6.3f} s, "
+        where = "resident" if t.resident else "streamed"
+        print(f"  layer {t.layer:2d} {t.kind:5s} {where}: weights {t.load_s:6.3f} s, "
               f"attention {t.attention_s:6.3f} s" + (f" (indexer + top-k {t.indexer_s:6.3f})" if t.indexer_s else "")
               + f", FFN {t.ffn_s:6.3f} s", flush=True)
         if t.layer % 5 == 4:  # a partial recording survives a crash
@@ -251,12 +253,12 @@ def section_prefill(run: Run, cfg, args, device, plan):
     res = recording["result"]
     split = {key: round(res[key], 2) for key in ("load_s", "attention_s", "indexer_s", "ffn_s")}
     mem = {k: round(res[k], 2) for k in ("peak_allocated_GiB", "peak_reserved_GiB") if k in res}
-    run.put("prefill", tokens=T, layers=res["layers"], end_to_end_s=round(total, 2), prefill_s=round(res["end_to_end_s"], 2),
-            resident_load_s=round(t_resident, 2), split_s=split, logits_finite=bool(torch.isfinite(logits).all()), **mem,
-            planned_peak_GiB=round(plan.peak_bytes() / GiB, 2))
-    run.row(f"prefill {T:,} tokens x {res['layers']} layers", f"{total:.1f} s end to end (weights {split['load_s']:.1f}, "
-            f"attention {split['attention_s']:.1f} of which indexer + top-k {split['indexer_s']:.1f}, FFN {split['ffn_s']:.1f})",
-            "<= 120 s")
+    run.put("prefill", tokens=T, layers=res["layers"], end_to_end_s=round(total, 2),
+            prefill_s=round(res["end_to_end_s"], 2), resident_load_s=round(t_resident, 2), split_s=split,
+            logits_finite=bool(torch.isfinite(logits).all()), **mem, planned_peak_GiB=round(plan.peak_bytes() / GiB, 2))
+    run.row(f"prefill {T:,} tokens x {res['layers']} layers",
+            f"{total:.1f} s end to end (weights {split['load_s']:.1f}, attention {split['attention_s']:.1f} of which "
+            f"indexer + top-k {split['indexer_s']:.1f}, FFN {split['ffn_s']:.1f})", "<= 120 s")
     if mem:
         run.row("peak GPU memory", f"{mem['peak_reserved_GiB']:.1f} GiB reserved, {mem['peak_allocated_GiB']:.1f} "
                 f"allocated (plan {plan.peak_bytes() / GiB:.1f})", "<= 130 GiB")
@@ -337,7 +339,8 @@ def section_decode(run: Run, cfg, args, device, model, cache):
     r1 = decode_time(model, resident, cache, 1, args.decode_steps, device, graphs=True)
     rows.append(r1)
     # batch 32: as many resident layers as the free memory holds 32 copies of the cache for
-    per_layer = 32 * (len(cache) + args.decode_steps + 8) * cache_bytes_per_token(cfg, torch.empty((), dtype=args.dtype).element_size())
+    dtype_bytes = torch.empty((), dtype=args.dtype).element_size()
+    per_layer = 32 * (len(cache) + args.decode_steps + 8) * cache_bytes_per_token(cfg, dtype_bytes)
     free = torch.cuda.mem_get_info(device)[0] - 6 * GiB if device.type == "cuda" else 8 * GiB
     n = max(0, min(len(resident), int(free // per_layer)))
     dense = [i for i in resident if not cfg.is_moe_layer(i)][:1]
@@ -365,17 +368,19 @@ def section_decode(run: Run, cfg, args, device, model, cache):
         extrap[r["batch"]] = {"ms_per_step": ms, "tokens_per_s": r["batch"] / ms * 1e3,
                               "pipelined_tokens_per_s_upper": 8 * r["batch"] / ms * 1e3,
                               "dense_layer_ms": t_d, "moe_layer_ms": t_m, "head_ms": head_ms, "hop_ms": hop_ms}
-    method = ("61-layer step = 3 x (mean dense-layer ms) + 58 x (mean MoE-layer ms), per-layer times measured over the "
-              "resident layers at this context with CUDA events, + the measured embed/norm/head time + 7 GPU-to-GPU hops "
-              "(20 us + batch x 7168 x 2 B at 450 GB/s): with the layers split over 8 GPUs (pipeline placement) a token "
-              "still passes them one after another; 8 micro-batches in flight give at most 8x the tokens/s.")
+    method = ("61-layer step = 3 x (mean dense-layer ms) + 58 x (mean MoE-layer ms), per-layer times measured over "
+              "the resident layers at this context with CUDA events, + the measured embed/norm/head time + 7 "
+              "GPU-to-GPU hops (20 us + batch x 7168 x 2 B at 450 GB/s): with the layers split over 8 GPUs (pipeline "
+              "placement) a token still passes them one after another; 8 micro-batches in flight give at most 8x the "
+              "tokens/s.")
     run.put("decode", rows=rows, extrapolation=extrap, method=method)
     if getattr(run, "recording", None) is not None:  # the notebook shows decode next to the views
         run.recording["decode"] = {"rows": rows, "extrapolation": extrap, "method": method}
         save_recording(run.recording, run.out / "recording.json.gz")
     write_csv(run.out / "full_model_decode.csv", [{k: v for k, v in r.items() if k != "per_layer_ms"} for r in rows])
     for r in rows:
-        g = f", CUDA graph {r['graph_step_ms']:.2f} ms" if "graph_step_ms" in r else (" (no CUDA graph)" if "graph_error" in r else "")
+        g = f", CUDA graph {r['graph_step_ms']:.2f} ms" if "graph_step_ms" in r else (
+            " (no CUDA graph)" if "graph_error" in r else "")
         run.row(f"decode batch {r['batch']}, {r['layers']} resident layers, {r['context']:,} cached",
                 f"{r['step_ms']:.2f} ms per step{g}")
     for b, e in extrap.items():
@@ -418,7 +423,8 @@ def section_checkpoint(run: Run, cfg_full, args, device):
         from dslib.checkpoint import SafetensorsSource
 
         source = SafetensorsSource(path)
-        text = "DeepSeek Sparse Attention selects the tokens that matter: the lightning indexer scores every earlier token."
+        text = ("DeepSeek Sparse Attention selects the tokens that matter: the lightning indexer scores every "
+                "earlier token.")
         ids = encode_prompt(tok, text, source.config)
         gpus = None if device.type == "cuda" else [8 * GB]
         names = None if device.type == "cuda" else ["cpu"]
@@ -448,7 +454,8 @@ def section_checkpoint(run: Run, cfg_full, args, device):
         after = file_checksums(path)
         unchanged = before == after
         run.put("checkpoint", layers=cfg.num_hidden_layers, moe_layers=cfg.num_moe_layers, bytes=size,
-                files=len(before), write_s=round(t_write, 1), hash_s=round(t_hash, 1), load_and_run_s=round(t_load_run, 1),
+                files=len(before), write_s=round(t_write, 1), hash_s=round(t_hash, 1),
+                load_and_run_s=round(t_load_run, 1),
                 prompt_tokens=ids.shape[1], generated=out[0, ids.shape[1]:].tolist(), generated_text=new_text,
                 weights_equal_to_source=weights_equal, logits_max_diff=diff, logits_close=close,
                 checksums_unchanged=unchanged, sha256=before)
@@ -514,7 +521,8 @@ def main(argv=None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True  # the torch indexer's fp32 matmuls (the deployed one is FP8)
     run = Run(out, time.perf_counter() + args.budget_s)
     run.results.update(machine=machine_name(device), torch=torch.__version__, python=platform.python_version(),
-                       triton=_version("triton"), backend=args.backend, precision=args.precision, prompt_len=args.prompt_len, seed=args.seed,
+                       triton=_version("triton"), backend=args.backend, precision=args.precision,
+                       prompt_len=args.prompt_len, seed=args.seed,
                        quick=args.quick, standin=args.standin, argv=sys.argv[1:],
                        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     print(f"{run.results['machine']} | torch {torch.__version__} | backend {args.backend} | prompt {args.prompt_len:,} "
@@ -529,7 +537,8 @@ def main(argv=None) -> None:
         # the PyTorch path at a length it can do in the time left; each attempt is reported.
         attempts = [(args.backend, args.prompt_len, args.activation_gib)]
         if args.backend == "triton" and not args.standin:
-            attempts += [("triton", args.prompt_len, args.activation_gib / 2.5), ("torch", min(args.prompt_len, 16384), 20.0)]
+            attempts += [("triton", args.prompt_len, args.activation_gib / 2.5),
+                         ("torch", min(args.prompt_len, 16384), 20.0)]
         tried = []
         for backend, T, act in attempts:
             if tried:

@@ -850,7 +850,8 @@ def load_pretrained(
 
 
 def load_layer(path: str | Path | TensorSource, layer_idx: int, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32, *, progress: bool = False, keep_fp8: bool = False) -> "torch.nn.Module":
+               dtype: torch.dtype = torch.float32, *, progress: bool = False,
+               keep_fp8: bool = False) -> "torch.nn.Module":
     """One decoder layer (`model.layers.{layer_idx}.*`) of a checkpoint or source, read exactly as
     `load_pretrained` reads it: e.g. a full-size layer of the 671B model from a `RandomSource` on one GPU.
     keep_fp8=True keeps its FP8 linears as stored (`FP8Linear`), as `load_pretrained(keep_fp8=True)` does."""

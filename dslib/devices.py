@@ -309,7 +309,8 @@ class RunPlan:
     def device_map(self) -> dict[str, str]:
         """Placement of every unit (`load_pretrained(device_map=...)` style); streamed layers map to the device
         they pass through."""
-        first, last = self.devices[0], self.layer_device[max(self.layer_device)] if self.layer_device else self.devices[-1]
+        first = self.devices[0]
+        last = self.layer_device[max(self.layer_device)] if self.layer_device else self.devices[-1]
         out = {"model.embed_tokens": first}
         out.update({f"model.layers.{i}": d for i, d in self.layer_device.items()})
         out.update({"model.norm": last, "lm_head": last})
@@ -333,7 +334,8 @@ class RunPlan:
 
     def __str__(self) -> str:
         head = (f"{self.mode}: {len(self.resident)} resident + {len(self.streamed)} streamed layers, prompt "
-                f"{self.prompt_len:,} x batch {self.batch}, attention chunks of {self.attn_chunk:,} queries, FFN chunks "
+                f"{self.prompt_len:,} x batch {self.batch}, attention chunks of {self.attn_chunk:,} queries, "
+                "FFN chunks "
                 f"of {self.moe_chunk:,} tokens ({self.storage} weights, backend {self.backend})")
         lines = [head]
         for dev, lim in zip(self.devices, self.limit):
@@ -431,13 +433,14 @@ def plan_run(
         return (embed if g == 0 else 0) + (head if g == G - 1 else 0) + hidden + act + int(reserve_bytes) + stacking
 
     resident_fit = all(
-        fixed(g) + sum(layer_bytes[i] + per_layer_cache for i in range(L) if owner[i] == g) <= limit[g] for g in range(G)
+        fixed(g) + sum(layer_bytes[i] + per_layer_cache for i in range(L) if owner[i] == g) <= limit[g]
+        for g in range(G)
     )
-    need_resident = sum(layer_bytes) + L * per_layer_cache + embed + head + G * (hidden + act + int(reserve_bytes) + stacking)
+    overhead = hidden + act + int(reserve_bytes) + stacking  # per device, besides its layers
+    need_resident = sum(layer_bytes) + L * per_layer_cache + embed + head + G * overhead
     if streaming is True or not resident_fit:
         if streaming is False:
-            fewest = _fewest_devices(layer_bytes, per_layer_cache, embed, head, hidden + act + int(reserve_bytes) + stacking,
-                                     max(limit))
+            fewest = _fewest_devices(layer_bytes, per_layer_cache, embed, head, overhead, max(limit))
             raise DevicePlanError(
                 f"All {L} layers resident need {fmt_bytes(need_resident)} ({fmt_bytes(sum(layer_bytes))} of {storage} "
                 f"weights + {fmt_bytes(embed + head)} embeddings and head + caches, hidden states and activations "
@@ -458,10 +461,12 @@ def plan_run(
             need = fixed(g) + slot + kept_cache
             raise DevicePlanError(
                 f"Streaming needs at least {fmt_bytes(need)} on {names[g]}: the largest layer ({fmt_bytes(slot)} "
-                f"{storage}), {'embeddings/head, ' if g in (0, G - 1) else ''}the hidden state ({fmt_bytes(hidden)} for "
+                f"{storage}), {'embeddings/head, ' if g in (0, G - 1) else ''}the hidden state ({fmt_bytes(hidden)} "
+                "for "
                 f"{batch} x {prompt_len:,} tokens), ~{fmt_bytes(act)} of activations"
                 + (f", {fmt_bytes(stacking)} to stack a layer's experts for the grouped kernel" if stacking else "")
-                + f" and a {fmt_bytes(reserve_bytes)} reserve{' and every layer cache' if keep_caches == 'all' else ''}; "
+                + f" and a {fmt_bytes(reserve_bytes)} reserve"
+                + (" and every layer cache" if keep_caches == "all" else "") + "; "
                 f"it offers {fmt_bytes(limit[g])}. "
                 "Shorten the prompt, lower activation_budget, or use a device with more memory."
             )
@@ -540,7 +545,8 @@ def serving_memory(cfg: ModelConfig, n_gpus: int = 8, gpu_bytes: float = 150.75e
     (`context`-token requests whose cache fits).
     """
     L = cfg.num_hidden_layers
-    per_layer = cfg.kv_bytes_per_token_per_layer("mla" if cache == "bf16" else "mla_fp8") + cfg.kv_bytes_per_token_per_layer("indexer")
+    latent = cfg.kv_bytes_per_token_per_layer("mla" if cache == "bf16" else "mla_fp8")
+    per_layer = latent + cfg.kv_bytes_per_token_per_layer("indexer")
     per_token = L * per_layer  # one token, every layer
     table = checkpoint_tensors(cfg, fp8=True)
     split = {"experts": 0, "rest": 0}
@@ -553,8 +559,8 @@ def serving_memory(cfg: ModelConfig, n_gpus: int = 8, gpu_bytes: float = 150.75e
     layers_on = {d: len(plan.layers_on(d)) for d in plan.devices}
     # pipeline: GPU d holds the cache of its own layers for every token
     tokens = min((usable - plan.used[d]) / max(layers_on[d] * per_layer, 1) for d in plan.devices)
-    rows.append({"scheme": "pipeline", "weights_GB": plan.used[worst] / GB, "cache_GB": (usable - plan.used[worst]) / GB,
-                 "cache_tokens": int(tokens)})
+    rows.append({"scheme": "pipeline", "weights_GB": plan.used[worst] / GB,
+                 "cache_GB": (usable - plan.used[worst]) / GB, "cache_tokens": int(tokens)})
     w_tp = (split["experts"] + split["rest"]) / n_gpus
     rows.append({"scheme": "tp", "weights_GB": w_tp / GB, "cache_GB": (usable - w_tp) / GB,
                  "cache_tokens": int((usable - w_tp) / per_token)})

@@ -133,8 +133,8 @@ class SummaryRecorder:
     routing is computed with zero bias (noted in the output).
     """
 
-    def __init__(self, cfg, *, prompt_len: int | None = None, strip_queries=(), sample_queries=(), window: int | None = None,
-                 offsets=(1, 16, 256), stride: int = 64, ep_gpus: int = 8, batch: int = 0):
+    def __init__(self, cfg, *, prompt_len: int | None = None, strip_queries=(), sample_queries=(),
+                 window: int | None = None, offsets=(1, 16, 256), stride: int = 64, ep_gpus: int = 8, batch: int = 0):
         self.cfg = cfg
         self.batch = batch
         self.window = int(window or cfg.index_topk)
@@ -179,7 +179,8 @@ class SummaryRecorder:
                 "distance_hist": z(len(self.edges)), "beyond": z(()), "eligible": z(()),
                 "strips": torch.full((len(self.strip_queries), k), -2, dtype=torch.long, device=device),
                 "samples": torch.full((len(self.sample_queries), k), -2, dtype=torch.long, device=device),
-                "nb_sum": torch.zeros(len(self.offsets), dtype=torch.float64, device=device), "nb_count": z(len(self.offsets)),
+                "nb_sum": torch.zeros(len(self.offsets), dtype=torch.float64, device=device),
+                "nb_count": z(len(self.offsets)),
                 "nb_hist": z((len(self.offsets), 10)),
             }
         return self.sel[layer]
@@ -293,8 +294,8 @@ class SummaryRecorder:
                 "strip_queries": self.strip_queries, "strips": [rows(cpu[layer]["strips"]) for layer in layers],
                 "sample_queries": self.sample_queries, "layer_overlap": overlap,
                 "neighbour_offsets": list(self.offsets), "neighbour_stride": self.stride,
-                "neighbour_mean": [[float(s / c) if c else None for s, c in zip(cpu[layer]["nb_sum"], cpu[layer]["nb_count"])]
-                                   for layer in layers],
+                "neighbour_mean": [[float(s / c) if c else None
+                                    for s, c in zip(cpu[layer]["nb_sum"], cpu[layer]["nb_count"])] for layer in layers],
                 "neighbour_hist": [cpu[layer]["nb_hist"].tolist() for layer in layers],
             },
             "routing": {
@@ -338,5 +339,6 @@ def load_recording(path) -> dict:
     with gzip.open(path, "rt", encoding="utf-8") as f:
         rec = json.load(f)
     if rec.get("format") != RECORDING_FORMAT:
-        raise ValueError(f"{path} is not a dslib recording (format {rec.get('format')!r}, expected {RECORDING_FORMAT!r}).")
+        raise ValueError(f"{path} is not a dslib recording (format {rec.get('format')!r}, expected "
+                         f"{RECORDING_FORMAT!r}).")
     return rec

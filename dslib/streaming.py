@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dslib import sparse
 from dslib.attention import RMSNorm
 from dslib.checkpoint import CheckpointError, SafetensorsSource, TensorSource, load_layer, load_part, refill
-from dslib import sparse
 from dslib.config import ModelConfig
 from dslib.devices import RunPlan
 from dslib.moe import MoE
@@ -175,7 +175,8 @@ def run_layer(layer: nn.Module, x: torch.Tensor, cache: DSACache, *, attn_chunk:
     "indexer_s" (indexer + top-k, part of the attention; None if not seen), "ffn_s"}; with timed=False nothing is
     timed (no events, no sync: what CUDA-graph capture needs) and the times are None."""
     T = x.shape[1]
-    mlp_kw = {"backend": options["backend"]} if "backend" in options and "backend" in inspect.signature(layer.mlp.forward).parameters else {}
+    takes_backend = "backend" in inspect.signature(layer.mlp.forward).parameters  # MoE does, the dense FFN not
+    mlp_kw = {"backend": options["backend"]} if "backend" in options and takes_backend else {}
     if not timed:
         for s in range(0, T, attn_chunk):
             sl = slice(s, min(T, s + attn_chunk))
@@ -286,7 +287,7 @@ class StreamedModel:
             if spare is not None:  # into the streamed slot's tensors
                 layer = _renumber(spare[0], i)
                 with torch.no_grad():
-                    for (n, t), (_, h) in zip(layer.state_dict(keep_vars=True).items(), host.state_dict().items()):
+                    for t, h in zip(layer.state_dict(keep_vars=True).values(), host.state_dict().values()):
                         t.copy_(h)
             else:
                 layer = host.to(dev)
@@ -342,7 +343,8 @@ class StreamedModel:
     # ------------------------------------------------------------------------------------------- passes
     def check_input(self, input_ids: torch.Tensor, start: int = 0) -> None:
         cfg = self.cfg
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
+        integer = isinstance(input_ids, torch.Tensor) and input_ids.dtype in (torch.int32, torch.int64)
+        if not integer or input_ids.dim() != 2:
             raise ValueError("input_ids must be an integer tensor [batch, seq]; use ids[None] for one sequence.")
         if start + input_ids.shape[1] > cfg.max_position_embeddings:
             raise ValueError(
@@ -378,7 +380,8 @@ class StreamedModel:
                 raise ValueError(f"layer {i} has no cache of the {start} earlier tokens: use a cache that keeps every "
                                  "layer (plan_run(..., keep_caches='all'), model.new_cache(keep='all')).")
             if len(layer_cache) != start:
-                raise ValueError(f"layer {i}'s cache holds {len(layer_cache)} tokens, the input starts at position {start}.")
+                raise ValueError(f"layer {i}'s cache holds {len(layer_cache)} tokens, the input starts at position "
+                                 f"{start}.")
             moe = is_moe(layer)
             if recorder is not None and moe and hasattr(recorder, "note_gate"):
                 recorder.note_gate(i, layer.mlp.gate)

@@ -31,8 +31,16 @@ from pathlib import Path
 
 import torch
 
-from dslib.checkpoint import (SCALE_SUFFIX, TensorSource, TensorSpec, _seed_of,
-                              checkpoint_tensors, fp8_quantization_config, layer_of, write_checkpoint)
+from dslib.checkpoint import (
+    SCALE_SUFFIX,
+    TensorSource,
+    TensorSpec,
+    _seed_of,
+    checkpoint_tensors,
+    fp8_quantization_config,
+    layer_of,
+    write_checkpoint,
+)
 from dslib.config import FP8_BLOCK, ModelConfig
 from dslib.fp8 import FP8_DTYPE, FP8_MAX
 
@@ -97,7 +105,8 @@ class SyntheticFP8Source(TensorSource):
             r = torch.randint(0, 2, spec.shape, generator=gen, device=self.device)
             return _stored(torch.exp2(self.scale_exponent - r.float()), out)
         if spec.dtype == FP8_DTYPE:
-            codes = torch.empty(spec.shape, dtype=torch.bfloat16, device=self.device).normal_(0.0, SIGMA_Q, generator=gen)
+            codes = torch.empty(spec.shape, dtype=torch.bfloat16, device=self.device)
+            codes.normal_(0.0, SIGMA_Q, generator=gen)
             codes.clamp_(-FP8_MAX, FP8_MAX)  # e4m3fn has no inf: a cast beyond 448 would give NaN
             return _stored(codes, out, FP8_DTYPE)
         target = out if out is not None else torch.empty(spec.shape, dtype=spec.dtype, device=self.device)

@@ -15,7 +15,8 @@ pytest.importorskip("triton")
 from dslib.checkpoint import FP8_DTYPE, FP8Linear, dequantize_fp8_blocks, quantize_fp8_blocks, use_fp8_storage  # noqa: E402
 from dslib.config import ModelConfig  # noqa: E402
 from dslib.indexer import act_quant as indexer_act_quant  # noqa: E402
-from dslib.kernels import fp8, moe as kmoe  # noqa: E402
+from dslib.kernels import fp8  # noqa: E402
+from dslib.kernels import moe as kmoe
 from dslib.moe import MoE, dispatch, moe_reference  # noqa: E402
 
 if not fp8.interpreting() or type(fp8._fp8_gemm_kernel).__name__ != "InterpretedFunction":

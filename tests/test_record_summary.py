@@ -113,9 +113,11 @@ def test_recording_round_trip_and_views(run, tmp_path):
     assert back == json.loads(json.dumps(rec))
     sel, rt = back["selection"], back["routing"]
     figs = [
-        viz.distance_histogram_figure(sel["distance_bin_edges"], {f"layer {l}": h for l, h in zip(sel["layers"], sel["distance_hist"])},
+        viz.distance_histogram_figure(sel["distance_bin_edges"],
+                                      {f"layer {n}": h for n, h in zip(sel["layers"], sel["distance_hist"])},
                                       window=back["window"]),
-        viz.selection_strip_figure(sel["strips"][0][1], T - 1, window=back["window"], tokens=[f"t{i}" for i in range(T)]),
+        viz.selection_strip_figure(sel["strips"][0][1], T - 1, window=back["window"],
+                                   tokens=[f"t{i}" for i in range(T)]),
         viz.layer_overlap_figure(sel["layers"], sel["layer_overlap"]),
         viz.neighbour_overlap_figure(sel["layers"], sel["neighbour_mean"], sel["neighbour_offsets"]),
         viz.beyond_window_figure(sel["layers"], sel["beyond_window"], sel["eligible"], back["window"]),

@@ -4,15 +4,34 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dslib.checkpoint import (FP8_DTYPE, CheckpointError, SafetensorsSource, TensorSource, dequantize_fp8_blocks,
-                              load_layer, load_pretrained)
+from dslib.checkpoint import (
+    FP8_DTYPE,
+    CheckpointError,
+    SafetensorsSource,
+    TensorSource,
+    dequantize_fp8_blocks,
+    load_layer,
+    load_pretrained,
+)
 from dslib.config import ModelConfig
-from dslib.devices import (GiB, DevicePlanError, activation_bytes, cache_bytes_per_token, held_module_bytes,
-                           module_bytes, plan_run)
+from dslib.devices import (
+    DevicePlanError,
+    GiB,
+    activation_bytes,
+    cache_bytes_per_token,
+    held_module_bytes,
+    module_bytes,
+    plan_run,
+)
 from dslib.sparse import DSACache
 from dslib.streaming import NonFiniteError, StreamedModel, encode_prompt, load_tokenizer, run_layer
-from dslib.synthetic import (SIGMA_Q, SyntheticFP8Source, file_checksums, train_test_tokenizer,
-                             write_synthetic_fp8_checkpoint)
+from dslib.synthetic import (
+    SIGMA_Q,
+    SyntheticFP8Source,
+    file_checksums,
+    train_test_tokenizer,
+    write_synthetic_fp8_checkpoint,
+)
 
 H200 = 150.75e9
 FULL = ModelConfig.deepseek_v32()
@@ -221,7 +240,7 @@ def test_nan_or_inf_in_a_layer_output_names_the_layer(source, ids, cfg):
         model.prefill(ids)
 
 
-# ----------------------------------------------------------------------------------------------- the real checkpoint path
+# ------------------------------------------------------------------------------------------ the real checkpoint path
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, cfg):
     path = write_synthetic_fp8_checkpoint(cfg, tmp_path_factory.mktemp("official") / "DeepSeek-V3.2", seed=3,

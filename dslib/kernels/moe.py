@@ -30,8 +30,17 @@ import torch.nn.functional as F
 
 from dslib.checkpoint import FP8_DTYPE, FP8Linear, dequantize_fp8_blocks
 from dslib.kernels.fp8 import (
-    BLOCK, _act_quant_2d, _capability, _empty, _quantize_block, act_quant_torch, dequantize_act, tl, triton,
-    triton_runs_on, warn_once,
+    BLOCK,
+    _act_quant_2d,
+    _capability,
+    _empty,
+    _quantize_block,
+    act_quant_torch,
+    dequantize_act,
+    tl,
+    triton,
+    triton_runs_on,
+    warn_once,
 )
 from dslib.moe import MoE, Routing, dispatch
 

@@ -71,7 +71,8 @@ def selection_strip_figure(keys: Sequence[int], query: int, n_keys: int | None =
     width = max(1, -(-n_keys // bins))
     counts = np.bincount(keys // width, minlength=-(-n_keys // width)).astype(np.uint16)
     fig = go.Figure(go.Heatmap(
-        z=counts[None, :], x0=width / 2, dx=width, y=[""], colorscale=[[0, "#F4F6FA"], [1e-9, "#FDD"], [1, COLORS["sparse"]]],
+        z=counts[None, :], x0=width / 2, dx=width, y=[""],
+        colorscale=[[0, "#F4F6FA"], [1e-9, "#FDD"], [1, COLORS["sparse"]]],
         zmin=0, showscale=False, hovertemplate=f"keys %{{x:,.0f}} ± {width // 2:,}: %{{z}} selected<extra></extra>",
     ))
     window = window or len(keys)
@@ -119,12 +120,14 @@ def beyond_window_figure(layers: Sequence[int], beyond: Sequence[int], eligible:
     the same budget, i.e. that a window would never have seen."""
     share = np.asarray(beyond, dtype=float) / np.maximum(np.asarray(eligible, dtype=float), 1)
     fig = go.Figure(go.Bar(x=list(layers), y=share, marker_color=COLORS["sparse"],
-                           hovertemplate="layer %{x}: %{y:.1%} of the selected keys lie beyond the window<extra></extra>"))
+                           hovertemplate="layer %{x}: %{y:.1%} of the selected keys lie beyond the window"
+                                         "<extra></extra>"))
     fig.update_yaxes(tickformat=".0%", range=[0, 1])
     return styled(fig, title or f"Selected keys a sliding window of {window:,} would miss", "layer", "share")
 
 
-def expert_load_grid_figure(load, layers: Sequence[int], n_group: int, *, title: str = "", zmax: float = 3.0) -> go.Figure:
+def expert_load_grid_figure(load, layers: Sequence[int], n_group: int, *, title: str = "",
+                            zmax: float = 3.0) -> go.Figure:
     """Heatmap [layers, experts]: each expert's load relative to its layer's mean (1 = its fair share), groups
     (= nodes / GPUs under expert parallelism) separated and labelled. uint8 cells (tenths), so it stays small."""
     m = np.asarray(load, dtype=float)
@@ -142,14 +145,15 @@ def expert_load_grid_figure(load, layers: Sequence[int], n_group: int, *, title:
     for g in range(n_group):
         fig.add_annotation(x=(g + 0.5) * per - 0.5, y=1.0, yref="paper", yanchor="bottom", showarrow=False,
                            text=f"group {g}", font=dict(size=10))
-    fig = styled(fig, title or f"Expert load, {len(layers)} MoE layers x {n_experts} experts", f"expert ({n_group} groups "
-                 f"of {per})", "layer", height=max(300, min(720, 140 + 9 * len(layers))))
+    fig = styled(fig, title or f"Expert load, {len(layers)} MoE layers x {n_experts} experts",
+                 f"expert ({n_group} groups of {per})", "layer", height=max(300, min(720, 140 + 9 * len(layers))))
     fig.update_yaxes(autorange="reversed", type="category")
     fig.update_layout(margin=dict(t=80))
     return fig
 
 
-def load_imbalance_figure(layers: Sequence[int], loads: Mapping[str, Sequence[Sequence[int]]], *, title: str = "") -> go.Figure:
+def load_imbalance_figure(layers: Sequence[int], loads: Mapping[str, Sequence[Sequence[int]]], *,
+                          title: str = "") -> go.Figure:
     """Per layer: the busiest expert's load over the mean (1 = perfectly even), one line per routing (label ->
     [layers, experts] loads)."""
     fig = go.Figure()
@@ -198,8 +202,11 @@ def layer_time_figure(timings: Sequence[Mapping], *, title: str = "") -> go.Figu
     return styled(fig, title or "Where the prefill time goes, layer by layer", "layer", "seconds")
 
 
-def kernel_time_figure(series: Mapping[str, Sequence[tuple[float, float]]], *, roofline: Mapping[str, Sequence[tuple[float, float]]] | None = None,
-                       title: str = "", x_title: str = "context length (tokens)", y_title: str = "time (ms)") -> go.Figure:
+Points = Sequence[tuple[float, float]]
+
+
+def kernel_time_figure(series: Mapping[str, Points], *, roofline: Mapping[str, Points] | None = None, title: str = "",
+                       x_title: str = "context length (tokens)", y_title: str = "time (ms)") -> go.Figure:
     """Measured time against context length, one line per series (label -> [(context, ms), ...]), log-log; the
     roofline series (label -> [(context, ms)]) are drawn dashed: the time at the hardware's peak rate."""
     fig = go.Figure()
@@ -210,7 +217,8 @@ def kernel_time_figure(series: Mapping[str, Sequence[tuple[float, float]]], *, r
     for name, pts in (roofline or {}).items():
         pts = sorted(pts)
         fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines", name=name,
-                        line=dict(dash="dash", color="gray"), hovertemplate=f"{name}<br>%{{x:,}}: %{{y:.3f}} ms<extra></extra>")
+                        line=dict(dash="dash", color="gray"),
+                        hovertemplate=f"{name}<br>%{{x:,}}: %{{y:.3f}} ms<extra></extra>")
     fig.update_xaxes(type="log")
     fig.update_yaxes(type="log")
     return styled(fig, title or "Measured kernel time", x_title, y_title)
