@@ -706,11 +706,12 @@ def section_prefill(run: Run) -> None:
 
 # ------------------------------------------------------------------------------------------------ decode
 def torch_dense_decode(qa, qr, cache, scale, C):
-    """Absorbed decode in PyTorch: one bmm over the 576-wide cache for the scores, softmax in fp32, one bmm with
-    its first C columns. qa [B,1,H,C], qr [B,1,H,R], cache [B,S,C+R] -> [B,1,H,C]."""
-    q = torch.cat([qa, qr], dim=-1)[:, 0]  # [B, H, C+R]
-    scores = torch.bmm(q, cache.transpose(1, 2))  # [B, H, S]
-    p = (scores.float() * scale).softmax(dim=-1).to(cache.dtype)
+    """Absorbed decode in PyTorch, as lean as it gets: the scale folded into q, one bmm over the 576-wide cache
+    for the scores, softmax read in bf16 and computed in fp32, one bmm with the cache's first C columns.
+    qa [B,1,H,C], qr [B,1,H,R], cache [B,S,C+R] -> [B,1,H,C]."""
+    q = torch.cat([qa, qr], dim=-1)[:, 0] * scale  # [B, H, C+R]
+    scores = torch.bmm(q, cache.transpose(1, 2))  # [B, H, S] bf16
+    p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(cache.dtype)
     return torch.bmm(p, cache[..., :C]).unsqueeze(1)
 
 

@@ -332,3 +332,11 @@ def test_mla_kernels_bad_input():
         kmla.dense_mla(qa, qr, lat[:, :5], kr, torch.arange(2), 0.1)
     with pytest.raises(ValueError, match="q_positions"):
         kmla.dense_mla(qa, qr, lat, kr, torch.arange(3), 0.1)
+
+
+def test_mla_kernels_with_an_empty_cache_give_zeros():
+    qa, qr, _, _ = mla_inputs(1, 2, 4, 32, 16, 1)
+    lat, kr = torch.empty(1, 0, 32), torch.empty(1, 0, 16)
+    sel = torch.full((1, 2, 3), -1, dtype=torch.long)
+    assert (kmla.sparse_mla(qa, qr, lat, kr, sel, 0.1, config=MLA_TILES) == 0).all()
+    assert (kmla.dense_mla(qa, qr, lat, kr, torch.arange(2), 0.1, config=MLA_TILES) == 0).all()
