@@ -21,6 +21,13 @@ Decode has one query per sequence, too few programs to fill the GPU: the k keys 
 cached keys) are split over several programs ("split-KV", flash-decoding) that each write a partial result
 and its log-sum-exp; `_combine_kernel` merges them. Invalid indices (-1, or >= S) contribute nothing; a query
 with no valid key gets 0 (where the PyTorch softmax over nothing gives NaN).
+
+The budget of one Hopper SM (228 KB shared memory, 64K 32-bit registers) at the 671B dims: q of 64 heads
+[64, 576] bf16 = 72 KB stays in shared memory for the whole walk; a block of 32 gathered rows × 576 = 36 KB,
+double-buffered so the next rows arrive while this block computes; the accumulator [64, 512] fp32 = 32K
+registers, half the register file, hence 8 warps (128 registers each for it). Triton gives all warps of a dot
+whose result feeds another dot to the row axis, so with 64 heads both warpgroups compute the same scores: the
+q·k part runs twice, the weighted sum once (FlashMLA's hand-written kernel gives each warpgroup its own keys).
 """
 from __future__ import annotations
 
@@ -31,10 +38,13 @@ import triton.language as tl
 from dslib.kernels.launch import pow2_block, require_device, require_dtype, sm_count
 
 # Tiles and launch settings; benchmarks/gpu_kernels.py sweeps alternatives on the GPU (pass config= to try them).
-SPARSE_CONFIG = dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=2)
-DENSE_CONFIG = dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=2)
+# 64 heads per program with 8 warps: the [64, 512] fp32 accumulator is 128 registers per thread; 32 keys per step
+# keep shared memory at ~145 KB (q 72 KB + 2 × 36 KB of gathered rows) and register spills small.
+SPARSE_CONFIG = dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=3)
+DENSE_CONFIG = dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=3)
 MAX_LATENT = 512  # C: the fp32 accumulator [BLOCK_H, C] lives in registers
 MAX_ROPE = 128
+COMBINE_BLOCK_H = 16  # the merge holds [16, C] fp32 per program: no register spills at C = 512
 LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x) = exp2(x · log2(e))
 
 
@@ -107,12 +117,11 @@ def _sparse_mla_kernel(
         offs_i = i + tl.arange(0, BLOCK_N)
         idx = tl.load(sel_row + offs_i, mask=offs_i < end, other=-1)  # [BN] selected key positions
         valid = (idx >= 0) & (idx < S)
+        # The gather: the BN cache rows named by the indices, loaded straight into the tile. An empty slot
+        # reads row 0 (as the PyTorch path does) and is masked in the scores: unmasked loads save registers.
         rows = tl.where(valid, idx, 0).to(tl.int64)
-        # the gather: BN rows of the latent cache, named by the indices, loaded straight into the tile
-        kc = tl.load(kv_base + rows[:, None] * s_kvs + offs_c[None, :], mask=valid[:, None] & c_ok[None, :],
-                     other=0.0)  # [BN, C]
-        kr = tl.load(kr_base + rows[:, None] * s_krs + offs_r[None, :], mask=valid[:, None] & r_ok[None, :],
-                     other=0.0)  # [BN, R]
+        kc = tl.load(kv_base + rows[:, None] * s_kvs + offs_c[None, :], mask=c_ok[None, :], other=0.0)  # [BN, C]
+        kr = tl.load(kr_base + rows[:, None] * s_krs + offs_r[None, :], mask=r_ok[None, :], other=0.0)  # [BN, R]
         m_i, l_i, acc = _attend_block(q_c, q_r, kc, kr, valid, m_i, l_i, acc, qk_scale)
 
     _store_result(acc, m_i, l_i, out_ptr + b * s_ob + t * s_ot + split * s_osp, lse_ptr + b * s_lb + t * s_lt
@@ -149,7 +158,7 @@ def _dense_mla_kernel(
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
 
-    n_keys = tl.minimum(tl.load(pos_ptr + b * s_pb + t) + 1, S)  # causal: keys 0..pos
+    n_keys = tl.minimum(tl.load(pos_ptr + b * s_pb + t) + 1, S).to(tl.int32)  # causal: keys 0..pos
     start = split * keys_per_split
     end = tl.minimum(start + keys_per_split, n_keys)
     kv_base = kv_ptr + b * s_kvb
@@ -157,11 +166,9 @@ def _dense_mla_kernel(
     for i in range(start, end, BLOCK_N):
         offs_s = i + tl.arange(0, BLOCK_N)
         valid = offs_s < end
-        rows = offs_s.to(tl.int64)
-        kc = tl.load(kv_base + rows[:, None] * s_kvs + offs_c[None, :], mask=valid[:, None] & c_ok[None, :],
-                     other=0.0)  # [BN, C]
-        kr = tl.load(kr_base + rows[:, None] * s_krs + offs_r[None, :], mask=valid[:, None] & r_ok[None, :],
-                     other=0.0)  # [BN, R]
+        rows = tl.minimum(offs_s, end - 1).to(tl.int64)  # the tail re-reads the last key (masked in the scores)
+        kc = tl.load(kv_base + rows[:, None] * s_kvs + offs_c[None, :], mask=c_ok[None, :], other=0.0)  # [BN, C]
+        kr = tl.load(kr_base + rows[:, None] * s_krs + offs_r[None, :], mask=r_ok[None, :], other=0.0)  # [BN, R]
         m_i, l_i, acc = _attend_block(q_c, q_r, kc, kr, valid, m_i, l_i, acc, qk_scale)
 
     _store_result(acc, m_i, l_i, out_ptr + b * s_ob + t * s_ot + split * s_osp, lse_ptr + b * s_lb + t * s_lt
@@ -266,10 +273,11 @@ def _launch(kernel, keys_of, q_absorbed, q_rope, kv_latent, k_rope, scale, keys,
         C=C, R=R, BLOCK_C=pow2_block(C), BLOCK_R=pow2_block(R), SPLIT=splits > 1, **cfg,
     )
     if splits > 1:
-        _combine_kernel[(T * n_hb, B)](
+        n_cb = triton.cdiv(H, COMBINE_BLOCK_H)
+        _combine_kernel[(T * n_cb, B)](
             part, lse, out, H, splits, part.stride(0), part.stride(1), part.stride(2), part.stride(3),
             *lse_strides, out.stride(0), out.stride(1), out.stride(2),
-            C=C, BLOCK_C=pow2_block(C), BLOCK_H=BLOCK_H, num_warps=4,
+            C=C, BLOCK_C=pow2_block(C), BLOCK_H=COMBINE_BLOCK_H, num_warps=4,
         )
     return out
 
@@ -305,6 +313,8 @@ def sparse_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.
     topk = selected.shape[-1]
     if B * T * H == 0:
         return out
+    if kv_latent.shape[1] == 0:  # no keys at all: every query gets 0
+        return out.zero_()
     q_absorbed, q_rope, kv_latent, k_rope, selected = _unit_last(q_absorbed, q_rope, kv_latent, k_rope, selected)
     blocks = triton.cdiv(max(topk, 1), cfg["BLOCK_N"])
     splits = _num_splits(B * T * triton.cdiv(H, cfg["BLOCK_H"]), blocks, q_absorbed.device, num_splits)
