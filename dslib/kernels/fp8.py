@@ -165,6 +165,7 @@ def _fp8_gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, M, N, K,
     pid_m = first_m + (pid % per_group) % group_m
     pid_n = (pid % per_group) // group_m
 
+    tl.static_assert(128 % BLOCK_N == 0, "a tile's columns must share one row of weight scales")
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_c = tl.minimum(rows, M - 1).to(tl.int64)
@@ -172,17 +173,16 @@ def _fp8_gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, M, N, K,
     ks = tl.arange(0, 128)
     a_ptrs = a_ptr + rows_c[:, None] * stride_am + ks[None, :]  # [BLOCK_M, 128]
     b_ptrs = b_ptr + cols_c[None, :] * stride_bn + ks[:, None]  # [128, BLOCK_N]: W [N, K] read K-major
-    sa_ptrs = sa_ptr + rows_c * stride_sam  # [BLOCK_M] one scale per token ...
-    sb_ptrs = sb_ptr + (cols_c // 128) * stride_sbn  # [BLOCK_N] ... and one per 128 weight rows
+    sa_ptrs = sa_ptr + rows_c * stride_sam  # [BLOCK_M]: one scale per token and K step ...
+    sb_ptr = sb_ptr + ((pid_n * BLOCK_N) // 128) * stride_sbn  # ... one per K step for the whole tile
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, 128):  # one 128-wide K step = one scale block
         kb = k0 // 128
         a = tl.load(a_ptrs)
         b = tl.load(b_ptrs)
-        sa = tl.load(sa_ptrs + kb * stride_sak)
-        sb = tl.load(sb_ptrs + kb)
-        acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])  # e4m3 x e4m3 on the tensor cores, scaled in fp32
+        scale = tl.load(sa_ptrs + kb * stride_sak) * tl.load(sb_ptr + kb)  # [BLOCK_M]
+        acc += tl.dot(a, b) * scale[:, None]  # e4m3 x e4m3 on the tensor cores, scaled and summed in fp32
         a_ptrs += 128
         b_ptrs += 128
 
@@ -193,7 +193,8 @@ def _fp8_gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, M, N, K,
 # --------------------------------------------------------------------------------------------------- host side
 @dataclass(frozen=True)
 class GemmConfig:
-    """Tile shape and launch settings of `_fp8_gemm_kernel` (BLOCK_K is always 128: one scale per K step)."""
+    """Tile shape and launch settings of `_fp8_gemm_kernel`. BLOCK_K is always 128 (one scale per K step) and
+    block_n divides 128 (a tile's columns share one weight scale)."""
 
     block_m: int = 128
     block_n: int = 128
