@@ -396,7 +396,7 @@ def linear_fast_path(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: to
         return None
     try:
         return fp8_linear(x, weight, weight_scale_inv)
-    except Exception as err:  # noqa: BLE001 - any failure of the fast path must leave the model working
+    except Exception as err:  # any failure of the fast path must leave the model working
         _FAST_PATH_BROKEN.append(repr(err))
         warn_once(f"the FP8 fast path failed ({err!r}); FP8Linear dequantises its weight from now on.")
         return None
