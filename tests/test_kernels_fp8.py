@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the kernels are decorated at import
-
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # a CPU machine: Triton's interpreter, set before triton is imported (the
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels are decorated at import); a GPU session stays compiled
 pytest.importorskip("triton")
 
 from dslib.checkpoint import FP8_DTYPE, FP8Linear, dequantize_fp8_blocks, quantize_fp8_blocks, use_fp8_storage
@@ -20,8 +20,8 @@ from dslib.kernels import moe as kmoe
 from dslib.moe import MoE, dispatch, moe_reference
 
 if not fp8.interpreting() or type(fp8._fp8_gemm_kernel).__name__ != "InterpretedFunction":
-    pytest.skip("the kernels were compiled for a GPU before TRITON_INTERPRET=1 could be set; run this file alone",
-                allow_module_level=True)
+    pytest.skip("these are the CPU-interpreter tests (TRITON_INTERPRET=1 before triton is imported); on a GPU, "
+                "benchmarks/gpu_fp8_moe.py checks the compiled kernels at full width", allow_module_level=True)
 
 
 # the interpreter runs on numpy, which warns when the NaN/inf tests divide by a non-finite scale

@@ -231,7 +231,7 @@ def _check_moe(x, topk_idx, topk_weight, w13, s13, w2, s2, check_indices: bool) 
                              f"scale per 128 channels); got d={d}, I={two_i // 2}.")
         for w, s, name in ((w13, s13, "s13"), (w2, s2, "s2")):
             want = (e, w.shape[1] // BLOCK, w.shape[2] // BLOCK)
-            if w.dtype != FP8_DTYPE or s is None or tuple(s.shape) != want:
+            if w.dtype != FP8_DTYPE or s is None or tuple(s.shape) != want or s.dtype != torch.float32:
                 raise ValueError(f"{name} must be the fp32 block scales {want} of an e4m3 weight "
                                  f"{tuple(w.shape)}; got weight {w.dtype} and {name} "
                                  f"{None if s is None else tuple(s.shape)}.")
@@ -343,6 +343,8 @@ def moe_experts_bf16(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch
     _check_moe(x, topk_idx, topk_weight, w13, None, w2, None, check_indices=False)
     n_tokens, d = x.shape
     inter = w13.shape[1] // 2
+    if topk_idx.numel() == 0:
+        return x.new_zeros(n_tokens, d)
     g = group_by_expert(topk_idx, topk_weight, w13.shape[0], block_m=BLOCK)
     xs = x.to(w13.dtype)[g.row_token.long()]  # [R, d] gathered, expert-sorted
     ends = g.bounds[1:].to(torch.int32)
