@@ -597,7 +597,7 @@ def main() -> None:
         dims = dict(d=cfg.hidden_size, aq_rows=4096, check_shapes=["kv_a_proj_with_mqa", "q_b_proj", "o_proj"],
                     check_m=[1, 33, 4096], check_tokens=[1, 256],
                     linear_shapes=list(SHAPES), linear_m=[1, 32, 4096, 16384],
-                    moe_tokens=[1, 32, 1024, 4096, 16384, 65536], moe_sweep_tokens=[1, 4096, 16384],
+                    moe_tokens=[1, 16384, 4096, 1024, 32, 65536], moe_sweep_tokens=[1, 16384, 4096],  # goals first
                     stage_tokens=16384, bf16_grouped=True)
         if args.quick:
             dims.update(check_shapes=["kv_a_proj_with_mqa"], check_m=[1, 4096], check_tokens=[256],
