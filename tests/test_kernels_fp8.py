@@ -5,23 +5,23 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the kernels are decorated at import
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
+if not torch.cuda.is_available():  # a CPU machine: Triton's interpreter, set before triton is imported (the
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels are decorated at import); a GPU session stays compiled
 pytest.importorskip("triton")
 
-from dslib.checkpoint import FP8_DTYPE, FP8Linear, dequantize_fp8_blocks, quantize_fp8_blocks, use_fp8_storage  # noqa: E402
-from dslib.config import ModelConfig  # noqa: E402
-from dslib.indexer import act_quant as indexer_act_quant  # noqa: E402
-from dslib.kernels import fp8  # noqa: E402
+from dslib.checkpoint import FP8_DTYPE, FP8Linear, dequantize_fp8_blocks, quantize_fp8_blocks, use_fp8_storage
+from dslib.config import ModelConfig
+from dslib.indexer import act_quant as indexer_act_quant
+from dslib.kernels import fp8
 from dslib.kernels import moe as kmoe
-from dslib.moe import MoE, dispatch, moe_reference  # noqa: E402
+from dslib.moe import MoE, dispatch, moe_reference
 
 if not fp8.interpreting() or type(fp8._fp8_gemm_kernel).__name__ != "InterpretedFunction":
-    pytest.skip("the kernels were compiled for a GPU before TRITON_INTERPRET=1 could be set; run this file alone",
-                allow_module_level=True)
+    pytest.skip("these are the CPU-interpreter tests (TRITON_INTERPRET=1 before triton is imported); on a GPU, "
+                "benchmarks/gpu_fp8_moe.py checks the compiled kernels at full width", allow_module_level=True)
 
 
 # the interpreter runs on numpy, which warns when the NaN/inf tests divide by a non-finite scale
@@ -231,6 +231,20 @@ def test_moe_experts_match_the_reference(block_m, poisoned):
     ref = kmoe.moe_experts_torch(x, idx, wt, w13, s13, w2, s2)
     assert y.isfinite().all()
     assert_same_maths(y, ref)
+
+
+def test_decode_reads_only_the_active_experts():
+    """One token, k = 2 of 6 experts: the other experts' weights are never read (their NaN scales would show)."""
+    w13, s13, w2, s2 = stacked_fp8(6, 128, 128, seed=4)
+    idx, wt = torch.tensor([[4, 1]]), torch.tensor([[0.7, 0.4]])
+    idle = torch.tensor([0, 2, 3, 5])
+    s13_poisoned, s2_poisoned = s13.clone(), s2.clone()
+    s13_poisoned[idle] = float("nan")
+    s2_poisoned[idle] = float("nan")
+    x = torch.randn(1, 128)
+    y = kmoe.moe_experts(x, idx, wt, w13, s13_poisoned, w2, s2_poisoned)
+    assert y.isfinite().all()
+    assert_same_maths(y, kmoe.moe_experts_torch(x, idx, wt, w13, s13, w2, s2))
 
 
 def test_reference_without_quantisation_is_chapter_4_dispatch():

@@ -165,6 +165,7 @@ def _fp8_gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, M, N, K,
     pid_m = first_m + (pid % per_group) % group_m
     pid_n = (pid % per_group) // group_m
 
+    tl.static_assert(128 % BLOCK_N == 0, "a tile's columns must share one row of weight scales")
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_c = tl.minimum(rows, M - 1).to(tl.int64)
@@ -172,17 +173,16 @@ def _fp8_gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, M, N, K,
     ks = tl.arange(0, 128)
     a_ptrs = a_ptr + rows_c[:, None] * stride_am + ks[None, :]  # [BLOCK_M, 128]
     b_ptrs = b_ptr + cols_c[None, :] * stride_bn + ks[:, None]  # [128, BLOCK_N]: W [N, K] read K-major
-    sa_ptrs = sa_ptr + rows_c * stride_sam  # [BLOCK_M] one scale per token ...
-    sb_ptrs = sb_ptr + (cols_c // 128) * stride_sbn  # [BLOCK_N] ... and one per 128 weight rows
+    sa_ptrs = sa_ptr + rows_c * stride_sam  # [BLOCK_M]: one scale per token and K step ...
+    sb_ptr = sb_ptr + ((pid_n * BLOCK_N) // 128) * stride_sbn  # ... one per K step for the whole tile
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, 128):  # one 128-wide K step = one scale block
         kb = k0 // 128
         a = tl.load(a_ptrs)
         b = tl.load(b_ptrs)
-        sa = tl.load(sa_ptrs + kb * stride_sak)
-        sb = tl.load(sb_ptrs + kb)
-        acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])  # e4m3 x e4m3 on the tensor cores, scaled in fp32
+        scale = tl.load(sa_ptrs + kb * stride_sak) * tl.load(sb_ptr + kb)  # [BLOCK_M]
+        acc += tl.dot(a, b) * scale[:, None]  # e4m3 x e4m3 on the tensor cores, scaled and summed in fp32
         a_ptrs += 128
         b_ptrs += 128
 
@@ -193,7 +193,8 @@ def _fp8_gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, M, N, K,
 # --------------------------------------------------------------------------------------------------- host side
 @dataclass(frozen=True)
 class GemmConfig:
-    """Tile shape and launch settings of `_fp8_gemm_kernel` (BLOCK_K is always 128: one scale per K step)."""
+    """Tile shape and launch settings of `_fp8_gemm_kernel`. BLOCK_K is always 128 (one scale per K step) and
+    block_n divides 128 (a tile's columns share one weight scale)."""
 
     block_m: int = 128
     block_n: int = 128
@@ -324,6 +325,9 @@ def _check_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x has {x.shape[-1] if x.dim() else 'no'} features (shape {tuple(x.shape)}) but the weight "
                          f"{tuple(weight.shape)} expects in_features={weight.shape[1]}.")
+    if x.device != weight.device or weight_scale_inv.device != weight.device:
+        raise ValueError(f"x ({x.device}), weight ({weight.device}) and weight_scale_inv ({weight_scale_inv.device}) "
+                         "must be on one device.")
     want = scale_shape(tuple(weight.shape), BLOCK)
     if tuple(weight_scale_inv.shape) != want or weight_scale_inv.dtype != torch.float32:
         raise ValueError(f"weight {tuple(weight.shape)} needs an fp32 weight_scale_inv of shape {want} (one scale "
@@ -390,12 +394,13 @@ def linear_fast_path(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: to
     (compute capability >= 8.9), with 128 x 128 weight blocks and in_features a multiple of 128. If the fast path
     ever fails (a Triton or cuBLAS version it was not tested with), it warns once and stays off."""
     if (_FAST_PATH_BROKEN or tl is None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16)
+            or weight.device != x.device
             or block != BLOCK or x.shape[-1] % BLOCK or (x.requires_grad and torch.is_grad_enabled())
             or _capability(x.device) < (8, 9)):
         return None
     try:
         return fp8_linear(x, weight, weight_scale_inv)
-    except Exception as err:  # noqa: BLE001 - any failure of the fast path must leave the model working
+    except Exception as err:  # any failure of the fast path must leave the model working
         _FAST_PATH_BROKEN.append(repr(err))
         warn_once(f"the FP8 fast path failed ({err!r}); FP8Linear dequantises its weight from now on.")
         return None

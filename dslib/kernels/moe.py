@@ -30,17 +30,8 @@ import torch.nn.functional as F
 
 from dslib.checkpoint import FP8_DTYPE, FP8Linear, dequantize_fp8_blocks
 from dslib.kernels.fp8 import (
-    BLOCK,
-    _act_quant_2d,
-    _capability,
-    _empty,
-    _quantize_block,
-    act_quant_torch,
-    dequantize_act,
-    tl,
-    triton,
-    triton_runs_on,
-    warn_once,
+    BLOCK, _act_quant_2d, _capability, _empty, _quantize_block, act_quant_torch, dequantize_act, tl, triton,
+    triton_runs_on, warn_once,
 )
 from dslib.moe import MoE, Routing, dispatch
 
@@ -104,8 +95,9 @@ def _gate_up_kernel(x8_ptr, sx_ptr, row_token_ptr, tile_expert_ptr, tile_row_ptr
     x8 [N, d] e4m3 + sx [N, d/128]: the tokens, quantised once and gathered here by row_token. w13 [E, 2I, d]
     e4m3 + s13 [E, 2I/128, d/128]: gate rows 0..I-1 then up rows I..2I-1 (their scale rows line up, I being a
     multiple of 128). Out: h8 [R, I] e4m3 + sh [R, I/128], the down projection's input."""
-    j = tl.program_id(0)  # which 128 intermediate channels (the fastest grid axis: a tile's programs run together)
-    t = tl.program_id(1)  # which tile
+    pid = tl.program_id(0)
+    j = pid % (I // 128)  # which 128 intermediate channels: a tile's programs run side by side and share its rows
+    t = pid // (I // 128)  # which tile
     expert = tl.load(tile_expert_ptr + t)
     if expert < 0:  # the grid is sized for the worst case; spare tiles stop here
         return
@@ -129,7 +121,7 @@ def _gate_up_kernel(x8_ptr, sx_ptr, row_token_ptr, tile_expert_ptr, tile_row_ptr
         kb = k0 // 128
         a = tl.load(a_ptrs)
         sa = tl.load(sa_ptrs + kb)[:, None]
-        acc_gate += tl.dot(a, tl.load(gate_ptrs)) * (sa * tl.load(s_gate_ptr + kb))
+        acc_gate += tl.dot(a, tl.load(gate_ptrs)) * (sa * tl.load(s_gate_ptr + kb))  # scaled and summed in fp32
         acc_up += tl.dot(a, tl.load(up_ptrs)) * (sa * tl.load(s_up_ptr + kb))
         a_ptrs += 128
         gate_ptrs += 128
@@ -150,8 +142,9 @@ def _down_kernel(h8_ptr, sh_ptr, row_weight_ptr, tile_expert_ptr, tile_row_ptr, 
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """y_rows = weight · (h8 · sh)(w2[e] · s2[e])ᵀ for one tile and BLOCK_N output channels. w2 [E, d, I] e4m3,
     s2 [E, d/128, I/128]; y_rows [R, d] in expert-sorted order."""
-    nb = tl.program_id(0)
-    t = tl.program_id(1)
+    pid = tl.program_id(0)
+    nb = pid % tl.cdiv(d, BLOCK_N)  # which output channels (fastest, as in _gate_up_kernel)
+    t = pid // tl.cdiv(d, BLOCK_N)  # which tile
     expert = tl.load(tile_expert_ptr + t)
     if expert < 0:
         return
@@ -162,16 +155,17 @@ def _down_kernel(h8_ptr, sh_ptr, row_weight_ptr, tile_expert_ptr, tile_row_ptr, 
     cols_c = tl.minimum(cols, d - 1).to(tl.int64)
     ks = tl.arange(0, 128)
 
+    tl.static_assert(128 % BLOCK_N == 0, "a tile's columns must share one row of weight scales")
     a_ptrs = h8_ptr + rows_c[:, None] * stride_hr + ks[None, :]
     w_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + cols_c[None, :] * stride_wr + ks[:, None]
     sa_ptrs = sh_ptr + rows_c * stride_shr
-    sw_ptrs = s2_ptr + expert.to(tl.int64) * stride_se + (cols_c // 128) * stride_sr
+    sw_ptr = s2_ptr + expert.to(tl.int64) * stride_se + ((nb * BLOCK_N) // 128) * stride_sr
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, I, 128):  # one 128-wide K step = one scale block
         kb = k0 // 128
-        scales = tl.load(sa_ptrs + kb)[:, None] * tl.load(sw_ptrs + kb)[None, :]
-        acc += tl.dot(tl.load(a_ptrs), tl.load(w_ptrs)) * scales
+        scale = tl.load(sa_ptrs + kb) * tl.load(sw_ptr + kb)  # [BLOCK_M]
+        acc += tl.dot(tl.load(a_ptrs), tl.load(w_ptrs)) * scale[:, None]
         a_ptrs += 128
         w_ptrs += 128
     acc = acc * tl.load(row_weight_ptr + rows_c)[:, None]  # the gate's weight of this (token, expert)
@@ -228,6 +222,8 @@ def _check_moe(x, topk_idx, topk_weight, w13, s13, w2, s2, check_indices: bool) 
     if w13.dim() != 3 or w13.shape[2] != d or w13.shape[1] % 2:
         raise ValueError(f"w13 must be [E, 2*I, d={d}] (gate rows, then up rows), got {tuple(w13.shape)}.")
     e, two_i, _ = w13.shape
+    if len({t.device for t in (x, topk_idx, topk_weight, w13, w2, *(s for s in (s13, s2) if s is not None))}) > 1:
+        raise ValueError("moe_experts needs x, the routing and the stacked weights on one device.")
     if w2.shape != (e, d, two_i // 2):
         raise ValueError(f"w2 must be [E={e}, d={d}, I={two_i // 2}] to match w13 {tuple(w13.shape)}, got "
                          f"{tuple(w2.shape)}.")
@@ -237,7 +233,7 @@ def _check_moe(x, topk_idx, topk_weight, w13, s13, w2, s2, check_indices: bool) 
                              f"scale per 128 channels); got d={d}, I={two_i // 2}.")
         for w, s, name in ((w13, s13, "s13"), (w2, s2, "s2")):
             want = (e, w.shape[1] // BLOCK, w.shape[2] // BLOCK)
-            if w.dtype != FP8_DTYPE or s is None or tuple(s.shape) != want:
+            if w.dtype != FP8_DTYPE or s is None or tuple(s.shape) != want or s.dtype != torch.float32:
                 raise ValueError(f"{name} must be the fp32 block scales {want} of an e4m3 weight "
                                  f"{tuple(w.shape)}; got weight {w.dtype} and {name} "
                                  f"{None if s is None else tuple(s.shape)}.")
@@ -259,37 +255,51 @@ def moe_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tens
     if not triton_runs_on(x):
         return moe_experts_torch(x, topk_idx, topk_weight, w13, s13, w2, s2)
     n_tokens, d = x.shape
-    n_experts, two_i, _ = w13.shape
-    inter = two_i // 2
+    n_experts = w13.shape[0]
     rows = topk_idx.numel()
     out = _empty((n_tokens, d), x.dtype, x.device)
     if rows == 0:
         return out
     cfg = config or default_moe_config(rows, n_experts)
     g = group_by_expert(topk_idx, topk_weight, n_experts, cfg.block_m)
-    n_tiles = g.tile_expert.shape[0]
-    s13, s2 = s13.contiguous(), s2.contiguous()
-
     x8, sx = _act_quant_2d(x)  # each token once, before the gather
-    h8 = _empty((rows, inter), FP8_DTYPE, x.device)
-    sh = _empty((rows, inter // BLOCK), torch.float32, x.device)
-    _gate_up_kernel[(inter // BLOCK, n_tiles)](
+    h8, sh = gate_up(x8, sx, g, w13, s13, cfg)
+    y_rows = down(h8, sh, g, w2, s2, cfg, x.dtype)
+    return combine(y_rows, g.position, out)
+
+
+def gate_up(x8: torch.Tensor, sx: torch.Tensor, g: Grouping, w13: torch.Tensor, s13: torch.Tensor,
+            cfg: MoEConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1 of `moe_experts`: (h8 [R, I] e4m3, sh [R, I/128]) = act_quant(silu(x Wgᵀ) · x Wuᵀ) per sorted row."""
+    rows, inter, d = g.row_token.shape[0], w13.shape[1] // 2, w13.shape[2]
+    s13 = s13.contiguous()
+    h8 = _empty((rows, inter), FP8_DTYPE, x8.device)
+    sh = _empty((rows, inter // BLOCK), torch.float32, x8.device)
+    _gate_up_kernel[(inter // BLOCK * g.tile_expert.shape[0],)](
         x8, sx, g.row_token, g.tile_expert, g.tile_row, g.tile_end, w13, s13, h8, sh, d, inter,
         x8.stride(0), sx.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1),
         h8.stride(0), sh.stride(0),
         BLOCK_M=cfg.block_m, num_warps=cfg.up_warps, num_stages=cfg.up_stages,
     )
-    y_rows = _empty((rows, d), x.dtype, x.device)
-    _down_kernel[(triton.cdiv(d, cfg.down_block_n), n_tiles)](
+    return h8, sh
+
+
+def down(h8: torch.Tensor, sh: torch.Tensor, g: Grouping, w2: torch.Tensor, s2: torch.Tensor, cfg: MoEConfig,
+         out_dtype: torch.dtype) -> torch.Tensor:
+    """Step 2: y_rows [R, d] = gate weight · down projection of each sorted row, in out_dtype."""
+    rows, d, inter = h8.shape[0], w2.shape[1], w2.shape[2]
+    s2 = s2.contiguous()
+    y_rows = _empty((rows, d), out_dtype, h8.device)
+    _down_kernel[(triton.cdiv(d, cfg.down_block_n) * g.tile_expert.shape[0],)](
         h8, sh, g.row_weight, g.tile_expert, g.tile_row, g.tile_end, w2, s2, y_rows, d, inter,
         h8.stride(0), sh.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), y_rows.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.down_block_n, num_warps=cfg.down_warps, num_stages=cfg.down_stages,
     )
-    return _combine(y_rows, g.position, out)
+    return y_rows
 
 
-def _combine(y_rows: torch.Tensor, position: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out [N, d] = the sum of each token's rows of y_rows [R, d] (position [N, k] says which)."""
+def combine(y_rows: torch.Tensor, position: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Step 3: out [N, d] = the sum of each token's rows of y_rows [R, d] (position [N, k] says which)."""
     n_tokens, slots = position.shape
     if triton_runs_on(y_rows):
         block_d = 1024
@@ -335,13 +345,15 @@ def moe_experts_bf16(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch
     _check_moe(x, topk_idx, topk_weight, w13, None, w2, None, check_indices=False)
     n_tokens, d = x.shape
     inter = w13.shape[1] // 2
+    if topk_idx.numel() == 0:
+        return x.new_zeros(n_tokens, d)
     g = group_by_expert(topk_idx, topk_weight, w13.shape[0], block_m=BLOCK)
     xs = x.to(w13.dtype)[g.row_token.long()]  # [R, d] gathered, expert-sorted
     ends = g.bounds[1:].to(torch.int32)
     h = _grouped_mm(xs, w13, g.bounds, ends)  # [R, 2I]
     h = (F.silu(h[:, :inter].float()) * h[:, inter:].float()).to(w13.dtype)
     y = _grouped_mm(h, w2, g.bounds, ends).mul_(g.row_weight[:, None].to(w13.dtype))  # [R, d], as dispatch
-    return _combine(y, g.position, _empty((n_tokens, d), x.dtype, x.device))
+    return combine(y, g.position, _empty((n_tokens, d), x.dtype, x.device))
 
 
 def _grouped_mm(a: torch.Tensor, w: torch.Tensor, bounds: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
