@@ -392,7 +392,9 @@ def section_checkpoint(run: Run, cfg_full, args, device):
     scratch = Path(tempfile.mkdtemp(prefix="dslib_ckpt_", dir=args.scratch))
     try:
         free = shutil.disk_usage(scratch).free
-        layer = SyntheticFP8Source(cfg_full).group_nbytes()
+        full_src = SyntheticFP8Source(cfg_full)
+        specs = full_src.specs()
+        layer = {g: sum(specs[n].nbytes for n in names) for g, names in full_src.groups()}  # stored bytes per group
         dense_b, moe_b = layer["layer 0"], layer[f"layer {cfg_full.first_k_dense_replace}"]
         base = layer["embeddings+head"]
         headroom = max(12 * GB, 0.15 * free)

@@ -223,7 +223,7 @@ class _Poisoned(TensorSource):
         @contextlib.contextmanager
         def cm():
             with self.inner.open(group) as get:
-                def poisoned(name):
+                def poisoned(name, out=None):  # the loader may offer a slot; read into a fresh tensor instead
                     t = get(name)
                     if name == f"model.layers.{self.bad}.post_attention_layernorm.weight":
                         t = t.clone()

@@ -52,7 +52,7 @@ from dslib.devices import (GiB, DevicePlanError, cache_bytes_per_token, fmt_byte
                            serving_memory)
 from dslib.exercises import ch6
 from dslib.record import load_recording
-from dslib.sparse import core_attention_flops, indexer_flops
+from dslib.cost import core_attention_flops, indexer_flops
 from dslib.streaming import (NonFiniteError, StreamedModel, encode_prompt, load_tokenizer, recorded_prefill,
                              run_layer)
 from dslib.synthetic import SIGMA_Q, SyntheticFP8Source, file_checksums, train_test_tokenizer
