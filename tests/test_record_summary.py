@@ -170,7 +170,7 @@ def test_the_gpu_script_retries_the_prefill_with_smaller_chunks(tmp_path, monkey
     def fake_prefill(run, cfg, args, device, plan):
         calls.append((args.backend, args.prompt_len, args.activation_gib, plan.attn_chunk))
         if len(calls) == 1:
-            raise torch.OutOfMemoryError("pretend: the first plan's chunks did not fit")
+            raise torch.cuda.OutOfMemoryError("pretend: the first plan's chunks did not fit")
         return None if len(calls) > 2 else ("model", "cache")
 
     monkeypatch.setattr(gpu_full_model, "section_prefill", fake_prefill)

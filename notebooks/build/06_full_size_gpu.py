@@ -286,7 +286,7 @@ if RUN_FULL_SIZE and kernels.available():
                                            date=time.strftime("%Y-%m-%d"), weights=f"synthetic weights, seed {SEED}",
                                            label=f"this machine ({gpu_name}), synthetic weights, seed {SEED}")
         del full
-    except (DevicePlanError, torch.OutOfMemoryError) as err:
+    except (DevicePlanError, torch.cuda.OutOfMemoryError) as err:
         print(f"the full-size run does not fit this GPU ({err}); replaying the recording instead")
         recording = load_recording(RECORDING)
 else:
@@ -644,18 +644,19 @@ def series_from(rows, label_keys, x_keys=("context", "seq_len", "tokens", "L"), 
     return out
 
 
-kernel_csvs = sorted(DATA.glob("gpu_kernels*.csv"))
+# benchmarks/gpu_kernels.py --out data/gpu_kernels writes gpu_kernels.csv (section, variant, context, median_ms, ...)
+kernel_csvs = sorted({*DATA.glob("gpu_kernels.csv"), *DATA.glob("gpu_kernels*/gpu_kernels.csv")})
 series = {}
 for path in kernel_csvs:
-    rows = [r for r in read_rows(path) if r.get("phase", "prefill") == "prefill"]
-    series.update({f"{path.stem}: {k}": v for k, v in series_from(rows, ("impl", "backend", "variant", "kernel")).items()})
+    rows = [r for r in read_rows(path) if r.get("section", r.get("phase")) == "prefill" and r.get("batch", "1") == "1"]
+    series.update({f"kernels: {k}": v for k, v in series_from(rows, ("variant",)).items()})
 torch_rows = [r for r in read_rows(DATA / "gpu_attention.csv") if r["phase"] == "prefill" and r["median_ms"]]
 series.update({f"torch path: {k}": v for k, v in series_from(torch_rows, ("variant",)).items()})
 contexts = sorted({int(x) for pts in series.values() for x, _ in pts}) or [4096, 16384, 65536, 131072]
 roof = {"roofline dense (bf16)": [(L, core_attention_flops(cfg_full, L, "dense", mode="naive") / 989e12 * 1e3) for L in contexts],
         "roofline DSA (FP8 indexer)": [(L, (indexer_flops(cfg_full, L) / 1979e12 + core_attention_flops(cfg_full, L, "sparse") / 989e12) * 1e3)
                                        for L in contexts]}
-print(f"kernel CSVs: {[p.name for p in kernel_csvs] or 'none yet (run the kernel benchmarks on a GPU machine)'}; "
+print(f"kernel CSVs: {[str(p.relative_to(DATA)) for p in kernel_csvs] or 'none yet (run benchmarks/gpu_kernels.py on a GPU)'}; "
       f"PyTorch-path rows: {len(torch_rows)}" + (f" measured on {torch_rows[0]['device']}" if torch_rows else ""))
 viz.kernel_time_figure(series, roofline=roof, title="One full-size attention layer, prefill: measured vs the roofline")
 """)
