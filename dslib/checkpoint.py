@@ -258,6 +258,10 @@ class FP8Linear(torch.nn.Module):
         self.weight_scale_inv = torch.nn.Parameter(torch.empty(scale, dtype=torch.float32), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:  # on a GPU: block-scaled FP8 matmul, no dequantised copy (chapter 6, loaded only here)
+            from dslib.kernels import fp8
+            if (y := fp8.linear_fast_path(x, self.weight, self.weight_scale_inv, self.block)) is not None:
+                return y
         weight = dequantize_fp8_blocks(self.weight, self.weight_scale_inv, x.dtype, self.block)
         return torch.nn.functional.linear(x, weight)
 
@@ -748,21 +752,27 @@ def _allocate(module: torch.nn.Module, prefix: str, dtype: torch.dtype, device: 
 
 
 def _fill(module: torch.nn.Module, prefix: str, source: TensorSource, device: torch.device, dtype: torch.dtype,
-          device_map: dict[str, str] | None, progress: bool) -> None:
+          device_map: dict[str, str] | None, progress: bool, *, allocate: bool = True) -> None:
     """Read every tensor `prefix + name` of `module.state_dict()` from `source` into `module`, one group at a time:
     read it (straight into its parameter when dtype and shape agree), dequantise FP8 blocks (on the target
-    device), cast, place. Checks names and shapes against the module before reading anything."""
+    device), cast, place. Checks names and shapes against the module before reading anything.
+    allocate=False writes into the module's existing tensors instead of giving it new storage (`refill`)."""
     cfg = source.config
     block = _block_size(cfg)
-    expected = {prefix + n: tuple(t.shape) for n, t in module.state_dict().items()}
-    specs = source.specs()
-    if prefix:  # a part of the model: only its own tensors matter
-        specs = {n: s for n, s in specs.items() if n.startswith(prefix)}
+    tensors = module.state_dict(keep_vars=True)
+    expected = {prefix + n: tuple(t.shape) for n, t in tensors.items()}
+    specs, where = _part_index(source, prefix)  # only this part's tensors matter
     check_against_model(specs, expected, cfg, source.description)
-    groups = [(g, [n for n in names if n in expected]) for g, names in source.groups()]
-    groups = [(g, names) for g, names in groups if names]
-    where = {n: g for g, names in source.groups() for n in names}
-    slots = _allocate(module, prefix, dtype, device, device_map)
+    groups: dict[str, list[str]] = {}
+    for name in expected:
+        if name in where:
+            groups.setdefault(where[name], []).append(name)
+    order = {g: j for j, (g, _) in enumerate(source.groups())} if len(groups) > 1 else {}
+    groups = sorted(groups.items(), key=lambda item: order.get(item[0], 0))  # the source's read order
+    if allocate:
+        slots = _allocate(module, prefix, dtype, device, device_map)
+    else:
+        slots = {prefix + n: t for n, t in tensors.items()}
     bar = _progress(len(groups), "loading", progress)
     for group, names in groups:
         with source.open(group) as get:
@@ -779,6 +789,31 @@ def _fill(module: torch.nn.Module, prefix: str, source: TensorSource, device: to
                 del tensor
         bar.update(1)
     bar.close()
+
+
+def _part_index(source: TensorSource, prefix: str) -> tuple[dict[str, TensorSpec], dict[str, str]]:
+    """(specs, group of each name) of the tensors whose names start with `prefix`. For a decoder layer's prefix
+    ("model.layers.N.") they come from an index built once per source (one pass over its names), so loading a
+    layer costs time in proportion to the layer, not to the whole checkpoint."""
+    if not prefix:
+        return source.specs(), {n: g for g, names in source.groups() for n in names}
+    index = source.__dict__.get("_part_index")
+    if index is None:
+        specs = source.specs()
+        index = {}
+        for group, names in source.groups():
+            for name in names:
+                layer = layer_of(name)
+                key = f"model.layers.{layer}." if layer is not None else ""
+                entry = index.setdefault(key, ({}, {}))
+                entry[0][name] = specs[name]
+                entry[1][name] = group
+        source.__dict__["_part_index"] = index
+    if re.fullmatch(r"model\.layers\.\d+\.", prefix):
+        return index.get(prefix, ({}, {}))
+    specs = {n: s for key, (sp, _) in index.items() for n, s in sp.items() if n.startswith(prefix)}
+    where = {n: g for key, (_, wh) in index.items() for n, g in wh.items() if n.startswith(prefix)}
+    return specs, where
 
 
 def load_pretrained(
@@ -815,9 +850,11 @@ def load_pretrained(
 
 
 def load_layer(path: str | Path | TensorSource, layer_idx: int, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32, *, progress: bool = False) -> "torch.nn.Module":
+               dtype: torch.dtype = torch.float32, *, progress: bool = False,
+               keep_fp8: bool = False) -> "torch.nn.Module":
     """One decoder layer (`model.layers.{layer_idx}.*`) of a checkpoint or source, read exactly as
-    `load_pretrained` reads it: e.g. a full-size layer of the 671B model from a `RandomSource` on one GPU."""
+    `load_pretrained` reads it: e.g. a full-size layer of the 671B model from a `RandomSource` on one GPU.
+    keep_fp8=True keeps its FP8 linears as stored (`FP8Linear`), as `load_pretrained(keep_fp8=True)` does."""
     from dslib.model import decoder_layer
 
     source = path if isinstance(path, TensorSource) else SafetensorsSource(path)
@@ -825,5 +862,37 @@ def load_layer(path: str | Path | TensorSource, layer_idx: int, device: str | to
         raise ValueError(f"layer_idx={layer_idx} is outside 0..{source.config.num_hidden_layers - 1}.")
     with torch.device("meta"):
         layer = decoder_layer(source.config, layer_idx)
+        if keep_fp8:
+            _require_fp8(source)
+            use_fp8_storage(layer, prefix=f"model.layers.{layer_idx}.", block=_block_size(source.config))
     _fill(layer, f"model.layers.{layer_idx}.", source, torch.device(device), dtype, None, progress)
     return layer.to(device).eval()
+
+
+def load_part(path: str | Path | TensorSource, prefix: str, module: torch.nn.Module, device: str | torch.device = "cpu",
+              dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Fill `module` (built on the meta device or not) with the tensors `prefix + name` of a checkpoint or source,
+    read exactly as `load_pretrained` reads them: e.g. `load_part(src, "model.embed_tokens.", nn.Embedding(V, d))`.
+    Used to load the embeddings, final norm and head of a model whose layers are streamed."""
+    source = path if isinstance(path, TensorSource) else SafetensorsSource(path)
+    _fill(module, prefix, source, torch.device(device), dtype, None, False)
+    return module.to(device).eval()
+
+
+def refill(module: torch.nn.Module, path: str | Path | TensorSource, prefix: str) -> torch.nn.Module:
+    """Overwrite `module`'s tensors in place with the tensors `prefix + name` of a checkpoint or source (same
+    names and shapes, e.g. another MoE layer's): nothing is allocated, the storage is reused. Read exactly as
+    `load_pretrained` reads (FP8 blocks kept or dequantised as the module's tensors are stored)."""
+    source = path if isinstance(path, TensorSource) else SafetensorsSource(path)
+    t = next(iter(module.state_dict().values()))
+    with torch.no_grad():
+        _fill(module, prefix, source, t.device, t.dtype, None, False, allocate=False)
+    return module
+
+
+def _require_fp8(source: TensorSource) -> None:
+    if not any(s.dtype == FP8_DTYPE for s in source.specs().values()):
+        raise CheckpointError(
+            f"keep_fp8=True keeps FP8 weights as stored, but {source.description} holds none. Load it "
+            "without keep_fp8, or write an FP8 copy first (write_checkpoint(..., fp8=True))."
+        )

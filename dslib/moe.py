@@ -205,9 +205,10 @@ class MoE(nn.Module):
 
     Every expert is chapter 1's `FeedForward` (SwiGLU), of width `moe_intermediate_size`; the
     `n_shared_experts` shared experts are stored as one FeedForward n times as wide (the checkpoint's layout).
-    forward(x [B, T, d], recorder=None) -> [B, T, d]. A recorder receives `recorder.on_routing(layer_idx=,
-    routing=)` with the `Routing` of the B*T tokens (token n = b*T + t), e.g. to count expert load during
-    training or in chapter 5's views.
+    forward(x [B, T, d], recorder=None, backend="torch") -> [B, T, d]. A recorder receives
+    `recorder.on_routing(layer_idx=, routing=)` with the `Routing` of the B*T tokens (token n = b*T + t), e.g. to
+    count expert load during training or in chapter 5's views. backend="triton" runs the experts as one grouped
+    FP8 computation (`dslib.kernels.moe`, GPU).
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int = 0):
@@ -218,14 +219,20 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(FeedForward(d, width) for _ in range(config.n_routed_experts))
         self.shared_experts = FeedForward(d, width * config.n_shared_experts) if config.n_shared_experts else None
 
-    def forward(self, x: torch.Tensor, *, recorder=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, recorder=None, backend: str = "torch") -> torch.Tensor:
         if x.dim() != 3:
             raise ValueError(f"MoE expects hidden states [B, T, d], got shape {tuple(x.shape)}.")
         flat = x.reshape(-1, x.shape[-1])  # [B*T, d]
         routing = self.gate.route(flat)
-        y = dispatch(flat, routing.topk_idx, routing.topk_weight, self.experts)  # [B*T, d]
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(flat)  # every token, weight 1
+        if backend == "triton":  # chapter 6: routed + shared experts as one grouped computation (loaded only here)
+            from dslib.kernels import moe as grouped
+            y = grouped.forward(self, flat, routing)
+        elif backend == "torch":
+            y = dispatch(flat, routing.topk_idx, routing.topk_weight, self.experts)  # [B*T, d]
+            if self.shared_experts is not None:
+                y = y + self.shared_experts(flat)  # every token, weight 1
+        else:
+            raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}.")
         if recorder is not None:
             recorder.on_routing(layer_idx=self.layer_idx, routing=routing)
         return y.view_as(x)

@@ -7,8 +7,16 @@ from __future__ import annotations
 import inspect
 
 
+def _unwrap(obj):
+    """A Triton kernel (`@triton.jit`) is shown as the Python function it was written as (kept as `.fn`)."""
+    if not inspect.isroutine(obj) and not inspect.ismodule(obj) and callable(getattr(obj, "fn", None)):
+        return obj.fn
+    return obj
+
+
 def source_of(obj) -> str:
-    """The source text of a function, class, method or module (`inspect.getsource`)."""
+    """The source text of a function, class, method, module or Triton kernel (`inspect.getsource`)."""
+    obj = _unwrap(obj)
     try:
         return inspect.getsource(obj)
     except (TypeError, OSError) as err:
@@ -31,7 +39,7 @@ def show(obj, *, lines: tuple[int, int] | None = None):
         from pygments.lexers import PythonLexer
     except ImportError:  # plain Python: the text itself
         return text
-    where = inspect.getsourcefile(obj) or ""
+    where = inspect.getsourcefile(_unwrap(obj)) or ""
     where = where[where.rfind("dslib") :] if "dslib" in where else where
     formatter = HtmlFormatter(noclasses=True, style="default")
     body = highlight(text, PythonLexer(), formatter)

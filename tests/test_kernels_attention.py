@@ -1,0 +1,363 @@
+"""The attention kernels of dslib.kernels against the PyTorch path, in Triton's CPU interpreter.
+
+TRITON_INTERPRET=1 must be set before a kernel is decorated (when its module is imported), so this file sets it
+at import and reloads the kernel modules if something imported them earlier. Tiny shapes with ragged edges
+(sizes not a multiple of the tiles, T < k, -1 slots, partial head blocks); outputs start poisoned (NaN / a
+sentinel), so an element the kernel forgets to write fails the comparison.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+for _name in ("dslib.kernels.indexer", "dslib.kernels.sparse_mla"):  # decorated without the interpreter before?
+    if _name in sys.modules:
+        importlib.reload(sys.modules[_name])
+
+import dslib.kernels as kernels  # noqa: E402
+from dslib import indexer as torch_indexer  # noqa: E402
+from dslib.config import ModelConfig  # noqa: E402
+from dslib.kernels import indexer as kidx  # noqa: E402
+from dslib.kernels import sparse_mla as kmla  # noqa: E402
+from dslib.mla import MLA  # noqa: E402
+from dslib.sparse import (  # noqa: E402
+    causal_mask,
+    dense_masked_attention,
+    sparse_attention,
+    topk_selection,
+    window_selection,
+)
+
+SMALL_TILES = {"BLOCK_M": 16, "BLOCK_N": 16}  # several tiles even at tiny sizes
+DECODE_TILES = {"BLOCK_N": 16}
+MLA_TILES = {"BLOCK_H": 16, "BLOCK_N": 16}
+
+
+def finite_close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    """Same -inf pattern and finite values within tol (absolute, relative to the largest reference value)."""
+    if not torch.equal(torch.isneginf(a), torch.isneginf(b)) or torch.isnan(a).any():
+        return False
+    fin = torch.isfinite(b)
+    scale = b[fin].abs().max().clamp(min=1.0)
+    return bool(((a[fin] - b[fin]).abs() <= tol * scale).all())
+
+
+def indexer_inputs(B, T, H, D, S, *, dtype=torch.float32, tie_free=True):
+    """Random q [B,T,H,D], w [B,T,H], k [B,S,D]. tie_free: head 0 has a large positive q·k and weight, so no
+    score is an exact 0 from ReLU and every row's top-k is unique."""
+    q, w, k = torch.randn(B, T, H, D), torch.randn(B, T, H), torch.randn(B, S, D)
+    if tie_free:
+        q[..., 0, 0] = 6.0 + torch.rand(B, T)
+        k[..., 0] = 6.0 + torch.rand(B, S)
+        w[..., 0] = 1.0 + torch.rand(B, T)
+    return q.to(dtype), w, k.to(dtype)
+
+
+def rel_err(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+# --------------------------------------------------------------------------------------------- package basics
+def test_available_under_the_interpreter_and_without_triton(monkeypatch):
+    assert kernels.interpreting() and kernels.available()
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    assert not kernels.available()
+
+
+def test_cpu_tensors_without_the_interpreter_raise(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, w, k = indexer_inputs(1, 4, 2, 16, 8)
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        kidx.index_scores(q, w, k, torch.arange(4))
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        kmla.sparse_mla(torch.randn(1, 1, 2, 16), torch.randn(1, 1, 2, 16), torch.randn(1, 4, 16),
+                        torch.randn(1, 4, 16), torch.zeros(1, 1, 2, dtype=torch.long), 0.1)
+
+
+def test_kernels_can_be_shown():
+    from dslib.show import source_of
+
+    assert "tl.dot" in source_of(kidx._index_scores_kernel)
+    assert "exp2" in source_of(kmla._attend_block)
+
+
+# --------------------------------------------------------------------------------------------- indexer
+@pytest.mark.parametrize("B,T,S", [(2, 40, 50), (1, 19, 19)])
+def test_index_scores_match_torch(B, T, S):
+    H, D = 3, 32
+    q, w, k = indexer_inputs(B, T, H, D, S, tie_free=False)
+    pos = torch.stack([torch.arange(S - T, S), torch.arange(T) * 0 + S // 2][:B]) if B == 2 else torch.arange(T)
+    out = torch.full((B, T, S), float("nan"))
+    kidx.index_scores(q, w, k, pos, out=out, config=SMALL_TILES)
+    assert finite_close(out, torch_indexer.index_scores(q, w, k, pos), 1e-5)
+
+
+def test_index_scores_bf16_and_decode_tiles():
+    B, H, D, S = 2, 4, 16, 37
+    q, w, k = indexer_inputs(B, 3, H, D, S, dtype=torch.bfloat16)
+    pos = torch.tensor([[S - 1, S - 3, 5], [0, S - 1, 20]])  # T = 3 <= DECODE_MAX_QUERIES: the decode kernel
+    out = torch.full((B, 3, S), float("nan"))
+    kidx.index_scores(q, w, k, pos, out=out, config=DECODE_TILES)
+    assert finite_close(out, torch_indexer.index_scores(q.float(), w, k.float(), pos), 1e-5)
+    big_t = torch.arange(S - 12, S)  # T = 12: the prefill kernel, bf16 scores out
+    q, w, _ = indexer_inputs(B, 12, H, D, S, dtype=torch.bfloat16)
+    out = torch.full((B, 12, S), float("nan"), dtype=torch.bfloat16)
+    kidx.index_scores(q, w, k, big_t, out=out, config=SMALL_TILES)
+    ref = torch_indexer.index_scores(q.float(), w, k.float(), big_t)
+    assert finite_close(out.float(), ref, 1e-2)
+
+
+def test_quantize_fp8_is_act_quant():
+    x = torch.randn(3, 5, 64) * torch.logspace(-3, 2, 5).view(1, 5, 1)
+    x8, scale = kidx.quantize_fp8(x)
+    r8, rscale = torch_indexer.act_quant(x)
+    assert torch.equal(x8.view(torch.uint8), r8.view(torch.uint8))
+    assert torch.equal(scale, rscale.squeeze(-1))
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_fp8_index_scores_match_the_simulated_path(rotate):
+    B, T, H, D, S = 1, 20, 4, 32, 30
+    q, w, k = indexer_inputs(B, T, H, D, S)
+    pos = torch.arange(S - T, S)
+    out = kidx.index_scores(q, w, k, pos, fp8=True, rotate=rotate, config=SMALL_TILES)
+    sim = torch_indexer.fp8_index_scores(q, w, k, pos, rotate=rotate)
+    assert finite_close(out, sim, 1e-5)  # same quantised operands: only the summation order differs
+    exact = torch_indexer.index_scores(q, w, k, pos)
+    fin = torch.isfinite(exact)
+    assert rel_err(out[fin], exact[fin]) < 0.05  # FP8's own error (e4m3: 3 mantissa bits)
+    k8, ks = kidx.quantize_fp8(k, rotate=rotate)  # a cache of FP8 keys gives the same scores
+    again = kidx.index_scores(q, w, k8, pos, k_scale=ks, rotate=rotate, config=SMALL_TILES)  # q quantised inside
+    assert torch.equal(again, out)
+
+
+@pytest.mark.parametrize("topk", [8, 45, 64])
+def test_index_topk_matches_topk_selection(topk):
+    """Chunks of 16 queries (3 chunks with different key bounds), S not a multiple of the tile, and for
+    topk = 45 / 64 rows that see fewer keys than topk (all visible keys, then -1)."""
+    B, T, H, D, S = 2, 40, 4, 32, 50
+    q, w, k = indexer_inputs(B, T, H, D, S)
+    pos = torch.stack([torch.arange(S - T, S), torch.arange(T)])
+    sel = kidx.index_topk(q, w, k, pos, topk, chunk=16, config=SMALL_TILES)
+    ref = topk_selection(torch_indexer.index_scores(q, w, k, pos), topk, pos)
+    assert sel.dtype == torch.int64 and sel.shape == (B, T, topk)
+    assert torch.equal(sel, ref)
+
+
+def test_index_topk_decode_and_bf16_scores():
+    B, H, D, S, topk = 3, 4, 16, 45, 16
+    q, w, k = indexer_inputs(B, 1, H, D, S)
+    pos = torch.tensor([[S - 1], [9], [30]])  # one new token per sequence at different cache lengths
+    sel = kidx.index_topk(q, w, k, pos, topk, config=DECODE_TILES)
+    assert torch.equal(sel, topk_selection(torch_indexer.index_scores(q, w, k, pos), topk, pos))
+    sel16 = kidx.index_topk(q, w, k, pos, topk, score_dtype=torch.bfloat16, config=DECODE_TILES)
+    scores = torch_indexer.index_scores(q, w, k, pos)
+    assert_valid_topk(sel16, scores, topk, tol=2e-2)  # bf16 scores: a valid top-k up to bf16 rounding
+
+
+def assert_valid_topk(sel, scores, topk, *, tol=0.0):
+    """sel is *a* top-k of scores: same number of valid slots as the reference and the same sorted scores
+    (within tol · max |score|), which is what "equal except ties" means."""
+    ref = topk_selection(scores, topk)
+    assert torch.equal((sel >= 0).sum(-1), (ref >= 0).sum(-1))
+    take = lambda s: scores.gather(-1, s.clamp(min=0)).masked_fill(s < 0, float("-inf")).sort(-1).values  # noqa: E731
+    a, b = take(sel), take(ref)
+    fin = torch.isfinite(b)
+    assert torch.equal(torch.isfinite(a), fin)
+    assert ((a[fin] - b[fin]).abs() <= tol * scores[torch.isfinite(scores)].abs().max()).all()
+
+
+def test_index_topk_with_exact_ties_is_a_valid_top_k():
+    """All head weights 0: every visible score is exactly 0, so any visible keys are a correct choice."""
+    B, T, H, D, S, topk = 1, 24, 2, 16, 24, 8
+    q, w, k = indexer_inputs(B, T, H, D, S)
+    w.zero_()
+    pos = torch.arange(T)
+    sel = kidx.index_topk(q, w, k, pos, topk, chunk=16, config=SMALL_TILES)
+    assert_valid_topk(sel, torch_indexer.index_scores(q, w, k, pos), topk)
+    assert ((sel <= pos.view(1, T, 1)) | (sel == -1)).all()  # causal
+
+
+def test_fp8_index_topk_selects_like_the_simulated_path():
+    B, T, H, D, S, topk = 1, 24, 4, 32, 40, 8
+    q, w, k = indexer_inputs(B, T, H, D, S)
+    pos = torch.arange(S - T, S)
+    sel = kidx.index_topk(q, w, k, pos, topk, fp8=True, config=SMALL_TILES)
+    sim = torch_indexer.fp8_index_scores(q, w, k, pos, rotate=False)
+    assert_valid_topk(sel, sim, topk, tol=1e-5)
+
+
+def test_indexer_bad_input():
+    q, w, k = indexer_inputs(1, 4, 2, 16, 8)
+    pos = torch.arange(4)
+    with pytest.raises(ValueError, match="power-of-two index_head_dim.*D = 24"):
+        kidx.index_scores(torch.randn(1, 4, 2, 24), w, torch.randn(1, 8, 24), pos)
+    with pytest.raises(ValueError, match="at most 128 indexer heads"):
+        kidx.index_scores(torch.randn(1, 4, 200, 16), torch.randn(1, 4, 200), k, pos)
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        kidx.index_scores(q, w, torch.randn(2, 8, 16), pos)
+    with pytest.raises(ValueError, match="k_scale"):
+        kidx.index_scores(q, w, k.to(torch.float8_e4m3fn), pos)
+    with pytest.raises(ValueError, match="q_positions"):
+        kidx.index_scores(q, w, k, torch.arange(5))
+    with pytest.raises(ValueError, match="topk"):
+        kidx.index_topk(q, w, k, pos, 0)
+
+
+# --------------------------------------------------------------------------------------------- sparse MLA
+def mla_inputs(B, T, H, C, R, S, dtype=torch.float32):
+    return (torch.randn(B, T, H, C).to(dtype), torch.randn(B, T, H, R).to(dtype), torch.randn(B, S, C).to(dtype),
+            torch.randn(B, S, R).to(dtype))
+
+
+def random_selection(pos, k, B):
+    """[B, T, k]: k distinct random visible keys per query (all visible ones and -1 when fewer)."""
+    rows = []
+    for _ in range(B):
+        per_t = []
+        for p in pos.tolist():
+            keys = torch.randperm(p + 1)[:k]
+            per_t.append(torch.cat([keys, torch.full((k - len(keys),), -1)]))
+        rows.append(torch.stack(per_t))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, None])
+def test_sparse_mla_matches_sparse_attention(num_splits):
+    """H = 20 (a full and a partial head block of 16), k = 24 (a partial key block), -1 slots, one query with
+    no valid key at all (the kernel gives 0, the PyTorch softmax NaN), an index >= S (treated as none)."""
+    B, T, H, C, R, S, k = 2, 4, 20, 32, 16, 40, 24
+    qa, qr, lat, kr = mla_inputs(B, T, H, C, R, S)
+    pos = torch.tensor([5, 17, 30, S - 1])
+    sel = random_selection(pos, k, B)
+    sel[0, 3, 7:] = -1
+    sel[1, 2] = -1
+    out = torch.full((B, T, H, C), float("nan"))
+    kmla.sparse_mla(qa, qr, lat, kr, sel, 0.3, out=out, num_splits=num_splits, config=MLA_TILES)
+    ref = sparse_attention(qa, qr, lat, kr, sel, 0.3)
+    assert ref[1, 2].isnan().all() and (out[1, 2] == 0).all()
+    ok = ~ref.isnan()
+    assert (out[ok] - ref[ok]).abs().max() < 1e-5
+    sel_oob = sel.clone()
+    sel_oob[0, 3, 7] = S + 5  # past the cache: contributes nothing, like -1
+    again = kmla.sparse_mla(qa, qr, lat, kr, sel_oob, 0.3, num_splits=num_splits, config=MLA_TILES)
+    assert torch.equal(again[0, 3], out[0, 3])
+
+
+def test_sparse_mla_bf16_window_selection_t_below_k():
+    """bf16 in/out; a window of 32 > most positions (T < k: leading -1 slots), int32 indices."""
+    B, T, H, C, R, S = 1, 6, 16, 64, 16, 12
+    qa, qr, lat, kr = mla_inputs(B, T, H, C, R, S, dtype=torch.bfloat16)
+    pos = torch.arange(S - T, S)
+    sel = window_selection(pos, 32)
+    out = torch.full((B, T, H, C), float("nan"), dtype=torch.bfloat16)
+    kmla.sparse_mla(qa, qr, lat, kr, sel.to(torch.int32), 0.125, out=out, config=MLA_TILES)
+    ref32 = sparse_attention(qa.float(), qr.float(), lat.float(), kr.float(), sel, 0.125)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, ref32) < 1e-2
+    assert rel_err(out, ref32) <= 2 * rel_err(sparse_attention(qa, qr, lat, kr, sel, 0.125), ref32) + 1e-3
+
+
+def test_sparse_mla_in_a_dsa_layer():
+    """Against the whole absorbed DSA path of a tiny layer (R = 8 < 16: padded tiles)."""
+    from dslib.sparse import DSAttention
+
+    cfg = ModelConfig.tiny()
+    attn = DSAttention(cfg).eval()
+    h = torch.randn(1, 10, cfg.hidden_size)
+    pos = torch.arange(10)
+    with torch.no_grad():
+        cos, sin = attn.rotary(pos)
+        _, q_nope, q_rope = attn.project_q(h, cos, sin)
+        kv, kr = attn.project_kv(h, cos, sin)
+        sel = window_selection(pos, cfg.index_topk)
+        ref = attn.attend_selected(q_nope, q_rope, kv, kr, pos, sel, mode="absorbed")
+        qa = torch.einsum("bthd,hdc->bthc", q_nope, attn.w_uk())
+        x = kmla.sparse_mla(qa, q_rope, kv, kr, sel, attn.softmax_scale, config=MLA_TILES)
+        out = torch.einsum("bthc,hvc->bthv", x, attn.w_uv())
+    assert (out - ref).abs().max() < 1e-5
+
+
+# --------------------------------------------------------------------------------------------- dense decode
+@pytest.mark.parametrize("num_splits", [1, 4, None])
+def test_dense_mla_matches_dense_attention(num_splits):
+    B, H, C, R, S = 2, 20, 32, 16, 45
+    qa, qr, lat, kr = mla_inputs(B, 2, H, C, R, S)
+    pos = torch.tensor([[S - 1, 7], [0, 30]])  # per-sequence positions; one query sees only key 0
+    out = torch.full((B, 2, H, C), float("nan"))
+    kmla.dense_mla(qa, qr, lat, kr, pos, 0.2, out=out, num_splits=num_splits, config=MLA_TILES)
+    ref = dense_masked_attention(qa, qr, lat, kr, causal_mask(pos, S), 0.2)
+    assert (out - ref).abs().max() < 1e-5
+
+
+def test_dense_mla_is_mla_absorbed_decode():
+    """One decode step of a tiny MLA layer: the kernel (+ W_UV) equals MLA.attend(mode="absorbed")."""
+    cfg = ModelConfig.tiny()
+    mla = MLA(cfg).eval()
+    B, S = 3, 21
+    with torch.no_grad():
+        q_nope = torch.randn(B, 1, cfg.num_attention_heads, cfg.qk_nope_head_dim)
+        q_rope = torch.randn(B, 1, cfg.num_attention_heads, cfg.qk_rope_head_dim)
+        kv, kr = torch.randn(B, S, cfg.kv_lora_rank), torch.randn(B, S, cfg.qk_rope_head_dim)
+        pos = torch.tensor([S - 1])
+        ref = mla.attend(q_nope, q_rope, kv, kr, pos, mode="absorbed")
+        qa = torch.einsum("bthd,hdc->bthc", q_nope, mla.w_uk())
+        x = kmla.dense_mla(qa, q_rope, kv, kr, pos, mla.softmax_scale, config=MLA_TILES)
+        out = torch.einsum("bthc,hvc->bthv", x, mla.w_uv())
+    assert (out - ref).abs().max() < 1e-5
+
+
+def test_mla_kernels_bad_input():
+    qa, qr, lat, kr = mla_inputs(1, 2, 4, 32, 16, 8)
+    sel = torch.zeros(1, 2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="C <= 512"):
+        kmla.sparse_mla(torch.randn(1, 2, 4, 1024), qr, torch.randn(1, 8, 1024), kr, sel, 0.1)
+    with pytest.raises(ValueError, match="selected must be"):
+        kmla.sparse_mla(qa, qr, lat, kr, sel[:, :1], 0.1)
+    with pytest.raises(ValueError, match="int32 or int64"):
+        kmla.sparse_mla(qa, qr, lat, kr, sel.float(), 0.1)
+    with pytest.raises(ValueError, match="one dtype"):
+        kmla.sparse_mla(qa.bfloat16(), qr, lat, kr, sel, 0.1)
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        kmla.dense_mla(qa, qr, lat[:, :5], kr, torch.arange(2), 0.1)
+    with pytest.raises(ValueError, match="q_positions"):
+        kmla.dense_mla(qa, qr, lat, kr, torch.arange(3), 0.1)
+
+
+def test_mla_kernels_with_an_empty_cache_give_zeros():
+    qa, qr, _, _ = mla_inputs(1, 2, 4, 32, 16, 1)
+    lat, kr = torch.empty(1, 0, 32), torch.empty(1, 0, 16)
+    sel = torch.full((1, 2, 3), -1, dtype=torch.long)
+    assert (kmla.sparse_mla(qa, qr, lat, kr, sel, 0.1, config=MLA_TILES) == 0).all()
+    assert (kmla.dense_mla(qa, qr, lat, kr, torch.arange(2), 0.1, config=MLA_TILES) == 0).all()
+
+
+def test_gpu_benchmark_helpers():
+    """benchmarks/gpu_kernels.py's selection generator and agreement measure (the GPU run trusts both)."""
+    sys.path.insert(0, str(os.path.join(os.path.dirname(__file__), "..", "benchmarks")))
+    import gpu_kernels as bench
+
+    pos = torch.tensor([0, 3, 9, 40, 41])
+    sel = bench.strided_selection(pos, 8, 2, seed=1)
+    assert sel.shape == (2, 5, 8) and sel.dtype == torch.int32
+    visible = (sel <= pos.view(1, 5, 1)) & (sel >= 0)
+    assert ((sel == -1) | visible).all()  # causal, -1 = none
+    assert ((sel >= 0).sum(-1) == torch.tensor([1, 4, 8, 8, 8])).all()  # all visible keys when p + 1 <= k
+    scores = torch.randn(2, 5, 42).masked_fill(torch.arange(42).view(1, 1, 42) > pos.view(1, 5, 1), float("-inf"))
+    ref = topk_selection(scores, 8, pos)
+    agree = bench.topk_agreement(ref.flip(-1), ref, scores)  # same sets in another order
+    assert agree["same_rows"] == 1.0 and agree["common_keys"] == 1.0 and agree["same_counts"]
+    assert agree["score_gap"] == 0.0
+    worse = ref.clone()
+    worse[..., 0] = torch.where(ref[..., 0] >= 0, 0, -1)  # swap the best key for key 0
+    assert bench.topk_agreement(worse, ref, scores)["same_rows"] < 1.0
