@@ -198,7 +198,8 @@ class FeedForward(nn.Module):
     """SwiGLU feed-forward: down_proj(silu(gate_proj(x)) * up_proj(x)), x [..., d] -> [..., d].
 
     DeepSeek uses it three ways: the dense FFN of the first `first_k_dense_replace` layers, each routed expert,
-    and the shared expert (chapter 4). (`recorder`: a dense FFN routes nothing.)"""
+    and the shared expert (chapter 4). (`recorder`: a dense FFN routes nothing; `backend`: nothing to dispatch — its
+    FP8 linears, if any, pick their matmul by device.)"""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -206,7 +207,7 @@ class FeedForward(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, *, recorder=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, recorder=None, backend: str = "torch") -> torch.Tensor:
         # DeepSeek's reference computes silu and the product in fp32 (identical in fp32, steadier in bf16).
         hidden = F.silu(self.gate_proj(x).float()) * self.up_proj(x).float()  # [..., intermediate]
         return self.down_proj(hidden.to(x.dtype))
@@ -235,7 +236,8 @@ class DecoderLayer(nn.Module):
                 **options) -> torch.Tensor:
         """x `[B, T, d]` at `positions` -> `[B, T, d]`; the layer's new keys/latents go into `cache`."""
         x = x + self.self_attn(self.input_layernorm(x), positions, cache, recorder=recorder, **options)
-        return x + self.mlp(self.post_attention_layernorm(x), recorder=recorder)
+        backend = {"backend": options["backend"]} if "backend" in options else {}  # the MoE's grouped kernels
+        return x + self.mlp(self.post_attention_layernorm(x), recorder=recorder, **backend)
 
 
 class BaselineDecoder(nn.Module):
