@@ -137,7 +137,7 @@ viz.low_rank_figure(sigma.tolist(), {"kv_lora_rank": r, "hidden size d": d})
 md(r"""
 ## 3. MLA's down- and up-projections
 
-For each token, MLA computes (REFERENCE.md §2.2; names are the checkpoint's):
+For each token, MLA computes ([DeepSeek-V2's MLA](../docs/references.md#ch2); names are the checkpoint's):
 
 | step | formula | parameter |
 |---|---|---|
@@ -247,7 +247,7 @@ md(r"""
 **YaRN** stretches the context the model was pre-trained for (`original_max_position_embeddings`) to
 `max_position_embeddings`: pairs that turn slowly (whose wavelength exceeds the
 original context) are slowed down by `factor`, fast ones keep their frequency, the ones in between are blended;
-and the softmax scale grows by $m^2$ with $m = 0.1\ln(\text{factor}) + 1$ (REFERENCE.md §2.3–2.5).
+and the softmax scale grows by $m^2$ with $m = 0.1\ln(\text{factor}) + 1$ ([YaRN, as DeepSeek configures it](../docs/references.md#ch2)).
 """)
 
 code(r"""
@@ -412,7 +412,7 @@ print(f"bf16 latent cache: {bf16_per_token:,} B per token "
 """)
 
 md(r"""
-DeepSeek-V3.2 deploys an **FP8 cache** (FlashMLA's layout, REFERENCE.md §3.2): per token the `kv_lora_rank` latent values
+DeepSeek-V3.2 deploys an **FP8 cache** ([FlashMLA's layout](../docs/references.md#ch1)): per token the `kv_lora_rank` latent values
 in e4m3 (1 byte each), one fp32 scale per 128 of them, and the rope key kept in bf16 because it is precision-sensitive.
 """)
 

@@ -151,7 +151,7 @@ md(r"""
 ## 3. The lightning indexer, step by step
 
 DSA replaces "the last k" by "the k most relevant", with relevance scored by a tiny attention-like module that
-runs for every (query, earlier token) pair (REFERENCE.md §4):
+runs for every (query, earlier token) pair ([V3.2-Exp paper and DeepSeek's inference code](../docs/references.md#ch3)):
 
 $$I_{t,s} = \sum_{j=1}^{H_I} w_{t,j}\,\mathrm{ReLU}\big(q_{t,j}\cdot k_s\big)$$
 
@@ -291,7 +291,7 @@ md(r"""
 ## 5. Training an indexer, and the comparison at equal budget
 
 `python -m dslib.train --out data` (seeded) trains a 2-layer model whose attention is `DSAttention` on the recall
-task, in the paper's stages (REFERENCE.md §5):
+task, in the paper's stages ([sources](../docs/references.md#ch3)):
 
 1. **dense training** of the model (MLA attention over everything; the indexer untouched);
 2. **indexer warm-up**: main model frozen, dense attention; each layer's indexer learns
@@ -457,7 +457,7 @@ md(r"""
 
 The production indexer rotates q and k by an orthonormal Hadamard matrix (dot products unchanged; outliers spread
 over all channels), quantises each 128-vector to FP8 e4m3 with a power-of-two scale, and accumulates in fp32
-(REFERENCE.md §4.3). `fp8_index_scores` simulates that. How many selections does it change on the trained model?
+([DeepSeek's inference code](../docs/references.md#ch3)). `fp8_index_scores` simulates that. How many selections does it change on the trained model?
 """)
 
 code(r"""
@@ -633,8 +633,8 @@ for phase, f in fits.items():
 
 md(r"""
 So the deployed indexer behaves as if it cost more than its FLOPs at full FP8 speed — plausible for a kernel that
-writes per-query logits and runs a top-k over up to 128K scores per token (EXPERIMENTS.md's GPU notes measure
-the same thing in plain PyTorch: the indexer is most of DSA's time). Still, V3.2's cost per token grows far more
+writes per-query logits and runs a top-k over up to 128K scores per token (chapter 5 measures the same on an H200
+with plain PyTorch: the indexer is most of DSA's prefill time). Still, V3.2's cost per token grows far more
 slowly with position than V3.1's, which is the whole point.
 
 ## What you built

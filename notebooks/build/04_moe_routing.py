@@ -158,8 +158,8 @@ assert round(rows["DeepSeek-V3.2 (+ indexers)"][0] / 1e9, 1) == 671.9 and round(
 """)
 
 md(r"""
-(DeepSeek quotes "37B activated"; our count of the V3 architecture gives 37.55B — REFERENCE.md §1.2 notes the
-small gap.)
+(DeepSeek quotes "37B activated"; our count of the V3 architecture gives 37.55B — their accounting differs
+slightly from ours, see [the sources](../docs/references.md#config).)
 """)
 
 code(r"""
@@ -298,7 +298,7 @@ viz.token_routing(routing.scores[0], gate.e_score_correction_bias, routing.group
 """)
 
 md(r"""
-Two checks from REFERENCE.md §9: with a single group, group-limited routing is plain top-k of the biased scores;
+Two checks: with a single group, group-limited routing is plain top-k of the biased scores;
 and configs the gate cannot run are refused with a message that says how to fix them.
 """)
 

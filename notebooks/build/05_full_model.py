@@ -66,7 +66,7 @@ code(r"""
 # Sizes. DSLIB_FAST=1 (CI) runs the same code on smaller sizes.
 FAST = os.environ.get("DSLIB_FAST") == "1"
 
-H200_BYTES = 150.75e9          # memory one H200 reports (143,771 MiB), REFERENCE.md §8.4
+H200_BYTES = 150.75e9          # memory one H200 reports (143,771 MiB), see docs/references.md
 N_GPUS = 8                     # the machine the 671B model is served on
 SEED = 0
 # The CPU model: DeepSeek-V3.2's structure at a small size. 16 indexer heads: see section 5.
@@ -118,7 +118,7 @@ print(f"built in {time.perf_counter() - t0:.1f} s: {len(state):,} tensors, {meas
 """)
 
 md(r"""
-The official checkpoint's tensor table can also be written down from the config alone (REFERENCE.md §7.1):
+The official checkpoint's tensor table can also be written down from the config alone ([sources](../docs/references.md#ch5)):
 `dslib.checkpoint.checkpoint_tensors`. It must list exactly the module tree's names with the same shapes. In the
 FP8 release, every linear weight except the embedding, the head, the router and the indexer's `weights_proj` is
 stored as `float8_e4m3fn`, and each comes with a `weight_scale_inv` tensor of float32 block scales.
@@ -203,7 +203,7 @@ Each FP8 weight is stored as e4m3 numbers (4 exponent bits, 3 mantissa bits, lar
 scale per 128×128 block: `W[i, j] = float(q[i, j]) · weight_scale_inv[i // 128, j // 128]`. A block's scale is
 its largest magnitude divided by 448, so each block uses the whole e4m3 range. `kv_a_proj_with_mqa` has
 512 + 64 = 576 rows, so its last row block is only 64 rows tall: quantisation pads it with zeros, and
-dequantisation crops it (REFERENCE.md §7.2).
+dequantisation crops it ([DeepSeek-V3's weight format](../docs/references.md#ch5)).
 """)
 
 code(r"""
@@ -371,7 +371,7 @@ print(f"4 indexer heads: max |logit difference| cached vs uncached = {tie_diff:.
 
 md(r"""
 **Sparse == dense for short prompts.** A query at position p sees p + 1 keys; if that is at most `index_topk`,
-top-k keeps all of them and DSA *is* dense attention (REFERENCE.md §4.4). Beyond that, the outputs must differ, or
+top-k keeps all of them and DSA *is* dense attention. Beyond that, the outputs must differ, or
 the indexer would select nothing. **Naive == absorbed**: MLA's two computation orders (MHA mode and MQA mode) give
 the same numbers, with the sparse selection too.
 """)
@@ -501,7 +501,7 @@ if GPU:
     assert speedup > 1
     print(f"decode, batch {b}, {decode_ctx:,} cached tokens: dense MLA {dense:.2f} ms, DSA {sparse:.2f} ms "
           f"per step ({speedup:.1f}x)")
-    # batch 1: the time hardly follows the bytes of cache read (roofline: bytes / HBM bandwidth, REFERENCE.md §8.4)
+    # batch 1: the time hardly follows the bytes of cache read (roofline: bytes / HBM bandwidth)
     small_ctx = min(int(r["context"]) for r in att_rows if r["phase"] == "decode")
     t_small, t_big = ms("decode", "dense_absorbed", small_ctx, 1), ms("decode", "dense_absorbed", decode_ctx, 1)
     cache_read = decode_ctx * cfg_full.kv_bytes_per_token_per_layer("mla")  # bf16 latent + rope key per token
@@ -528,7 +528,7 @@ the context once the batch is large enough to leave the overhead floor; DSA read
 plus `index_topk` selected latents, so it grows much more slowly (bytes per token and layer below). At prefill our DSA is **slower** than dense attention: the dense baseline runs PyTorch's fused
 FlashAttention kernel, while our indexer writes a full `[T, S]` fp32 score matrix and our sparse attention gathers
 latents with plain tensor operations. DeepSeek's production kernels (FlashMLA's sparse kernels, DeepGEMM's FP8
-indexer) fuse these steps; that is where the paper's prefill savings come from (REFERENCE.md §8).
+indexer) fuse these steps; that is where the paper's prefill savings come from ([FlashMLA, DeepGEMM](../docs/references.md#ch5)).
 """)
 
 code(r"""
@@ -584,7 +584,7 @@ ch5.check_dequantize(my_dequantize)
 md(r"""
 **2. The price of fine-grained scales.** How many bytes do all `weight_scale_inv` tensors of the 671B FP8
 checkpoint take (layers 0–60, embeddings and head; not the MTP layer 61)? Work it out from the shapes in
-REFERENCE.md §7.1 or with `checkpoint_tensors`.
+the checkpoint's tensor table (`checkpoint_tensors`).
 """)
 
 code(r"""
