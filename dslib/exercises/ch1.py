@@ -11,7 +11,8 @@ import math
 import torch
 
 from dslib.attention import BaselineConfig, BaselineDecoder
-from dslib.config import GQA_REFERENCE, H200_MEMORY_BYTES, ModelConfig, dense_kv_bytes_per_token_per_layer
+from dslib.config import (GQA_REFERENCE, H200_MEMORY_BYTES, H200_MEMORY_MARKETED, ModelConfig,
+                          dense_kv_bytes_per_token_per_layer)
 from dslib.exercises import Verdict, attempt, correct, not_yet
 from dslib.kv_cache import generate
 
@@ -88,14 +89,14 @@ def solution_max_context() -> tuple[int, int]:
 
 
 def check_max_context(gqa_tokens, dsa_tokens) -> Verdict:
-    """Serving 32 requests at once on one H200 (141 GB, cache only, weights ignored): the longest context each
-    request can have, in whole tokens, for (a) the GQA reference model in bf16 and (b) DeepSeek-V3.2's cache
-    (FP8 MLA latent + FP8 indexer keys)."""
+    """Serving 32 requests at once on one H200 (`H200_MEMORY_BYTES`, the 150.75 GB it reports; cache only,
+    weights ignored): the longest context each request can have, in whole tokens, for (a) the GQA-8 baseline in
+    bf16 and (b) DeepSeek-V3.2's cache (FP8 MLA latent + FP8 indexer keys)."""
     if gqa_tokens is None or dsa_tokens is None:
         return not_yet("fill in both numbers (they are still None).")
     want_gqa, want_dsa = solution_max_context()
     gqa_bytes, dsa_bytes, v32 = _bytes_per_token()
-    gib = 141 * 2**30
+    marketed = 141e9  # the datasheet's "141 GB", recognised as a slip
     mla_fp8 = v32.kv_cache_bytes("mla_fp8", 1)
     mla_bf16 = v32.kv_cache_bytes("mla", 1)
     for name, got, want, per_token in (("GQA", gqa_tokens, want_gqa, gqa_bytes), ("DSA", dsa_tokens, want_dsa, dsa_bytes)):
@@ -106,7 +107,9 @@ def check_max_context(gqa_tokens, dsa_tokens) -> Verdict:
         budget = H200_MEMORY_BYTES / SERVING_BATCH
         slips = [
             (math.ceil(budget / per_token), "it rounds up, but the last token would not fit; count whole tokens."),
-            (int(gib // (SERVING_BATCH * per_token)), "it uses 141 GiB (2^30 bytes); the H200's 141 GB are 141e9 bytes."),
+            (int(marketed // (SERVING_BATCH * per_token)),
+             f"it uses the marketed {H200_MEMORY_MARKETED}; the series uses what the GPU reports, "
+             f"H200_MEMORY_BYTES = {H200_MEMORY_BYTES:,} bytes (143,771 MiB)."),
             (int(H200_MEMORY_BYTES // per_token), f"that is the context of ONE request; {SERVING_BATCH} share the memory."),
         ]
         if name == "DSA":
@@ -120,7 +123,8 @@ def check_max_context(gqa_tokens, dsa_tokens) -> Verdict:
         if hint:
             return not_yet(f"{name}: {hint}")
         return not_yet(f"{name}: {got:,} is not it. One token of one request takes {per_token:,} bytes (all layers); "
-                       f"how many tokens per request fit when {SERVING_BATCH} requests share 141 GB?")
+                       f"how many tokens per request fit when {SERVING_BATCH} requests share "
+                       f"{H200_MEMORY_BYTES:,} bytes?")
     return correct(f"{want_gqa:,} tokens per request with GQA vs {want_dsa:,} with DeepSeek-V3.2's cache: "
                    f"{want_dsa / want_gqa:.1f}x longer contexts on the same GPU.")
 

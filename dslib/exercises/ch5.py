@@ -14,7 +14,7 @@ import math
 import torch
 
 from dslib.checkpoint import FP8_DTYPE, SCALE_SUFFIX, checkpoint_tensors, dequantize_fp8_blocks, quantize_fp8_blocks
-from dslib.config import ModelConfig
+from dslib.config import H200_MEMORY_BYTES, ModelConfig
 from dslib.devices import gpus_needed, module_bytes
 from dslib.exercises import Verdict, attempt, correct, not_yet
 
@@ -23,7 +23,7 @@ __all__ = [
     "solution_dequantize", "solution_scale_bytes", "solution_gpus_needed", "H200_MEASURED",
 ]
 
-H200_MEASURED = 150.75e9  # bytes one H200 reports (143,771 MiB; REFERENCE.md §8.4)
+H200_MEASURED = H200_MEMORY_BYTES  # bytes one H200 reports (143,771 MiB), the series' one H200 constant
 
 
 # ---------------------------------------------------------------------------------------------------- 1

@@ -13,17 +13,29 @@ __all__ = [
     "selection_row_figure",
     "indexer_terms_figure",
     "accuracy_by_distance_figure",
+    "method_color",
     "recall_by_layer_figure",
     "training_curves_figure",
     "cost_vs_length_figure",
     "paper_cost_figure",
 ]
 
-_NAMES = {"dense": "dense", "window": "sliding window", "sparse": "indexer top-k", "indexer": "indexer top-k"}
+_NAMES = {"dense": "dense", "window": "sliding window", "sparse": "indexer top-k", "indexer": "indexer top-k",
+          "window 2k": "sliding window 2k", "window_2k": "sliding window 2k"}
 
 
 def _color(name: str) -> str:
     return COLORS.get(name, COLORS.get({"indexer": "sparse"}.get(name, name), "#888"))
+
+
+def method_color(name: str) -> str | None:
+    """The colour of an attention method by its result name: "dense", "sparse"/"indexer...", "window",
+    "window 2k" (a window of 2k keys, darker than "window"); None (plotly's default) for anything else."""
+    key = name.replace(" ", "_")
+    if key in COLORS:
+        return COLORS[key]
+    base = name.split(" ")[0]
+    return _color(base) if base in COLORS or base == "indexer" else None
 
 
 def selection_matrix_figure(mask, title: str = "Which keys each query keeps", *, color: str = "sparse") -> go.Figure:
@@ -77,9 +89,8 @@ def accuracy_by_distance_figure(results: Mapping[str, Mapping[str, float]], *, c
     """Grouped bars: for each method (name -> {distance bucket label: accuracy}) the accuracy per bucket."""
     fig = go.Figure()
     for name, by_bucket in results.items():
-        base = name.split(" ")[0]
         fig.add_bar(x=list(by_bucket), y=[100 * v for v in by_bucket.values()], name=_NAMES.get(name, name),
-                    marker_color=_color(base) if base in COLORS or base == "indexer" else None)
+                    marker_color=method_color(name))
     if chance is not None:
         fig.add_hline(y=100 * chance, line_dash="dot", annotation_text="chance")
     fig.update_layout(barmode="group")

@@ -303,8 +303,9 @@ serve at once. Which brings us to real models.
 
 ## 6. The cache of real models: an interactive calculator
 
-The numbers below come from `dslib.config`: DeepSeek-V3.2's dimensions (`ModelConfig.deepseek_v32()`) and a GQA
-reference model (`GQA_REFERENCE`). MHA and MQA are what DeepSeek-V3.2's attention would cache with full per-head
+The numbers below come from `dslib.config`: DeepSeek-V3.2's dimensions (`ModelConfig.deepseek_v32()`) and the
+series' one GQA baseline (`GQA_REFERENCE`: the same 61 layers with 8 key/value heads of 128 instead of MLA; chapter 2
+compares against the same one). MHA and MQA are what DeepSeek-V3.2's attention would cache with full per-head
 keys/values or a single KV head; MLA caches one compressed latent plus one small RoPE key per token and layer
 (chapter 2); in deployment that latent is stored in FP8, and DeepSeek Sparse Attention adds one FP8 indexer key per
 token and layer (chapter 3).
@@ -317,11 +318,21 @@ for name, b in per_token.items():
     print(f"{name:34s} {b:>12,} bytes per token")
 assert per_token["MLA (bf16)"] == v32.num_hidden_layers * (v32.kv_lora_rank + v32.qk_rope_head_dim) * 2
 print(f"MHA / MLA-FP8+indexer: {per_token['MHA (128 heads, bf16)'] / per_token['MLA-FP8 + indexer keys (V3.2)']:.0f}x")
+assert per_token["MQA (1 KV head, bf16)"] < per_token["MLA (bf16)"]
+""")
+
+md(r"""
+MQA caches even less than MLA: one key and one value of 128 per layer, 512 bytes against MLA's 1,152. DeepSeek still
+does not use it, because MQA (and GQA) cost quality: DeepSeek-V2's ablations found MHA clearly better than GQA and
+MQA, and MLA better than MHA at a fraction of MHA's cache ([why not MQA](../docs/references.md#why-not-mqa)). Chapter 2 shows
+how MLA gets there.
 """)
 
 md(r"""
 Move the sliders: context length, batch (concurrent requests) and the number format of the cache. The dashed line
-is one H200's memory; everything above it does not fit on one GPU — before a single weight is loaded. The figure
+is one H200's memory, `H200_MEMORY_BYTES`: the 143,771 MiB = 150.75 GB the GPU reports (it is marketed as
+"141 GB"; [one H200](../docs/references.md#h200-memory)). Everything above it does not fit on one GPU — before a single
+weight is loaded. The figure
 is made by `dslib.kv_cache.memory_calculator`, a plain function (the tests call it too).
 """)
 
@@ -412,9 +423,9 @@ ch1.check_kv_bytes_per_token(my_kv_bytes_per_token)
 """)
 
 md(r"""
-**Exercise 2.** A server runs **32 requests at once** on one H200 (141 GB) and, ignoring the weights, gives all
-memory to the cache. What is the longest context (in whole tokens) each request can have with **(a)** the GQA
-reference model's bf16 cache and **(b)** DeepSeek-V3.2's cache (FP8 MLA latent + FP8 indexer keys)? The per-token
+**Exercise 2.** A server runs **32 requests at once** on one H200 (`H200_MEMORY_BYTES`) and, ignoring the
+weights, gives all memory to the cache. What is the longest context (in whole tokens) each request can have with
+**(a)** the GQA-8 baseline's bf16 cache and **(b)** DeepSeek-V3.2's cache (FP8 MLA latent + FP8 indexer keys)? The per-token
 numbers of section 6 are all you need.
 """)
 

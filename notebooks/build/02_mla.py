@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 import dslib
 from dslib import ModelConfig, show, viz
+from dslib.config import GQA_REFERENCE
 from dslib.exercises import ch2 as exercises
 from dslib.mla import (MLA, LatentCache, MLAStack, attention_flops, decode_costs, decode_step_time,
                        fp8_pack_latent, fp8_unpack_latent, kv_bytes_read)
@@ -64,7 +65,7 @@ TIME_THREADS = 1  # one decode step is too small to split; on a busy machine a 2
 FLOP_CONTEXT = 256  # cached tokens for the FLOP / byte count
 CACHE_TOKENS = 8  # tokens pushed through 61 layers to measure cache bytes
 LONG_CONTEXT = 128 * 1024  # "128K"
-GQA_GROUPS = 8  # the GQA baseline: 8 K/V heads of 128 dims
+GQA_GROUPS = GQA_REFERENCE["num_kv_heads"]  # the series' GQA-8 baseline (chapter 1): 8 K/V heads of 128 dims
 HEATMAP_TOKENS, HEATMAP_PERIOD, HEATMAP_INIT_STD = 24, 6, 0.15
 """, tags=["parameters"])
 
@@ -431,7 +432,8 @@ print(f"FP8 cache: {fp8_per_token:,} B per token ({packed[0].shape[-1]} B per la
 """)
 
 md(r"""
-Against the baselines, for one 128K-token sequence (all computed by `decode_costs` from the config):
+Against the baselines, for one 128K-token sequence (all computed by `decode_costs` from the config). GQA-8 is
+chapter 1's baseline: the same 61 layers, 8 key/value heads of 128.
 """)
 
 code(r"""
@@ -444,6 +446,26 @@ for name, c in costs.items():
     print(f"{name:8s} {c['bytes_per_token_per_layer'] * big.num_hidden_layers:>10,} {c['cache_bytes'] / 1e9:>12.2f} "
           f"{c['vs_mha']:>8.1f}x {c['vs_gqa']:>9.2f}x")
 viz.mla_costs_figure(costs, title=f"DeepSeek-V3.2 shapes, {LONG_CONTEXT:,}-token context")
+""")
+
+md(r"""
+**Why not MQA?** A single shared key/value head of 128 would cache even less than MLA. In GQA terms, MLA's 576
+values per token and layer are what GQA with 2.25 groups would cache:
+""")
+
+code(r"""
+mqa_bytes, mla_bytes = big.kv_bytes_per_token_per_layer("mqa"), big.kv_bytes_per_token_per_layer("mla")
+groups_equivalent = (big.kv_lora_rank + big.qk_rope_head_dim) / (2 * big.v_head_dim)
+assert mqa_bytes < mla_bytes and groups_equivalent == 2.25
+print(f"MQA: {mqa_bytes} B per token and layer, MLA: {mla_bytes} B = GQA with {groups_equivalent} groups")
+""")
+
+md(r"""
+DeepSeek chose MLA anyway because the smaller caches cost quality. DeepSeek-V2 (the paper that introduced MLA)
+rates MHA strong, GQA moderate, MQA weak and MLA stronger than MHA, and its ablations back it: 7B dense models with
+GQA or MQA did worse than MHA on hard benchmarks, and MoE models with MLA did better than with MHA while caching a
+fraction of it ([why not MQA](../docs/references.md#why-not-mqa)). Sharing one latent is not sharing one head: every head
+still gets its own keys and values, up-projected from the latent.
 """)
 
 # ------------------------------------------------------------------------------------------------ 7. interactive

@@ -49,7 +49,7 @@ import dslib
 from dslib import viz
 from dslib.checkpoint import (RandomSource, SafetensorsSource, bytes_by_component, checkpoint_tensors,
                               dequantize_fp8_blocks, quantize_fp8_blocks, write_synthetic_checkpoint)
-from dslib.config import ModelConfig
+from dslib.config import H200_MEMORY_BYTES, ModelConfig
 from dslib.devices import DevicePlanError, gpus_needed, module_bytes, plan_devices
 from dslib.exercises import ch5
 from dslib.model import DecoderLayer, DeepseekV32ForCausalLM
@@ -66,7 +66,7 @@ code(r"""
 # Sizes. DSLIB_FAST=1 (CI) runs the same code on smaller sizes.
 FAST = os.environ.get("DSLIB_FAST") == "1"
 
-H200_BYTES = 150.75e9          # memory one H200 reports (143,771 MiB), see docs/references.md
+H200_BYTES = H200_MEMORY_BYTES  # memory one H200 reports: 143,771 MiB = 150.75 GB (marketed as 141 GB)
 N_GPUS = 8                     # the machine the 671B model is served on
 SEED = 0
 # The CPU model: DeepSeek-V3.2's structure at a small size. 16 indexer heads: see section 5.
