@@ -49,6 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import dslib
 from dslib import ModelConfig, show, viz
 from dslib.exercises import ch3 as exercises
+from dslib.paths import find_data
 from dslib.indexer import LightningIndexer, fp8_index_scores, index_scores, indexer_kl_loss
 from dslib.sparse import (DSACache, DSAttention, causal_mask, core_attention_flops, dense_masked_attention,
                           indexer_flops, attention_flops_per_token, selection_mask, sparse_attention, time_attention,
@@ -64,8 +65,10 @@ print(f"dslib {dslib.__version__} | torch {torch.__version__} | plotly {plotly._
 code(r"""
 FAST = os.environ.get("DSLIB_FAST") == "1"  # CI: same code path, smaller sizes
 SEED = 0
-DATA = Path("../data") if Path("../data").is_dir() else Path("data")  # checkpoints made by `python -m dslib.train`
 RETRAIN = False  # True: retrain the three stages here (several minutes on 2 cores) instead of loading data/
+# The repository's data/ (checkpoints made by `python -m dslib.train`, the paper's cost figures): found here, or a
+# clear error now (rather than a retrain and a missing file later) that says where to open the notebook from.
+DATA = find_data(need=["paper_cost_per_token.csv"] + ([] if RETRAIN else ["ch3_recall.json"]))
 EVAL_SEQS = 64 if FAST else 256  # sequences of the evaluation set scored live (8,192 queries = 512 in the log)
 TIME_LENGTHS = [256, 512, 1024] if FAST else [256, 512, 1024, 2048]  # CPU timing of attention vs L
 TIME_REPEATS = 2 if FAST else 3

@@ -49,6 +49,7 @@ import dslib
 from dslib import moe_train, show, viz
 from dslib.config import ConfigError, ModelConfig
 from dslib.exercises import ch4
+from dslib.paths import find_data
 from dslib.moe import (
     MLP, Gate, MoE, dispatch, expert_load, expert_weights, group_scores, groups_touched, keep_top_groups,
     limit_to_groups, max_violation, moe_reference, router_scores, select_experts, sequence_aux_loss, update_bias,
@@ -72,7 +73,9 @@ NODE_TOKENS = 512 if FAST else 2048         # tokens routed by the full-size gat
 RETRAIN = False                             # True: retrain the three models here instead of loading data/moe/
 RETRAIN_STEPS = 1500                        # steps per model when RETRAIN (the shipped models used 1500)
 RETRAIN_JOBS = min(3, os.cpu_count() or 1)  # settings trained in parallel processes when RETRAIN
-DATA = Path("..") / "data" if Path.cwd().name == "notebooks" else Path("data")
+# The repository's data/ (the trained models of section 4): found here, or a clear error now that says where to
+# open the notebook from.
+DATA = find_data(need=[] if RETRAIN else ["moe/moe_train_log.json"])
 """, tags=["parameters"])
 
 # ---------------------------------------------------------------------------------------------------- 1

@@ -52,6 +52,7 @@ from dslib.checkpoint import (RandomSource, SafetensorsSource, bytes_by_componen
 from dslib.config import H200_MEMORY_BYTES, ModelConfig
 from dslib.devices import DevicePlanError, gpus_needed, module_bytes, plan_devices
 from dslib.exercises import ch5
+from dslib.paths import find_data
 from dslib.model import DecoderLayer, DeepseekV32ForCausalLM
 from dslib.record import Recorder
 
@@ -75,7 +76,7 @@ SHARD_BYTES = 1_000_000        # small shards, so the small checkpoint has sever
 PROMPT_LEN = 80 if FAST else 160        # longer than index_topk: attention is really sparse
 SHORT_LEN = SMALL["index_topk"]         # not longer than index_topk: sparse must equal dense
 NEW_TOKENS = 8 if FAST else 24
-DATA = Path("..") / "data" if Path("..", "data").is_dir() else Path("data")
+DATA = find_data()              # the repository's data/ (measured CSVs), or an error that says where to open this from
 """, tags=["parameters"])
 
 md(r"""
