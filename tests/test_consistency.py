@@ -27,3 +27,14 @@ def test_each_attention_method_has_its_own_colour_in_the_accuracy_figure():
     colors = [bar.marker.color for bar in fig.data]
     assert None not in colors and len(set(colors)) == 4, colors
     assert [bar.name for bar in fig.data] == ["dense", "indexer top-k", "sliding window", "sliding window 2k"]
+
+
+def test_absorbed_decode_is_above_the_h200_ridge():
+    """Chapter 2's roofline claim: MLA decode with 128 heads does 242 FLOP/B, above the bf16 ridge of ~206."""
+    from dslib.config import H200_BF16_FLOPS, H200_HBM_BYTES_PER_S, ModelConfig
+    from dslib.mla import attention_flops, kv_bytes_read
+
+    big, n = ModelConfig.deepseek_v32(), 131_072
+    intensity = attention_flops(big, 1, n, "absorbed")["total"] / kv_bytes_read(big, n, "absorbed")
+    ridge = H200_BF16_FLOPS / H200_HBM_BYTES_PER_S
+    assert round(intensity) == 242 and round(ridge) == 206 and intensity > ridge

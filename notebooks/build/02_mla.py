@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 import dslib
 from dslib import ModelConfig, show, viz
-from dslib.config import GQA_REFERENCE
+from dslib.config import GQA_REFERENCE, H200_BF16_FLOPS, H200_HBM_BYTES_PER_S
 from dslib.exercises import ch2 as exercises
 from dslib.mla import (MLA, LatentCache, MLAStack, attention_flops, decode_costs, decode_step_time,
                        fp8_pack_latent, fp8_unpack_latent, kv_bytes_read)
@@ -384,8 +384,38 @@ print(f"absorbed vs MHA: {absorbed_row[0] / mha_row[0]:.1f}x the FLOPs, {mha_row
 """)
 
 md(r"""
-Decoding one token is limited by how fast the cache can be read, so MQA mode (few bytes, many FLOPs per byte)
-is what DeepSeek decodes with; prefill processes many queries per key and is compute-bound, so the reference
+**Memory-bound or compute-bound?** A GPU reads `bandwidth` bytes and does `peak` FLOPs per second. A kernel that does
+fewer than peak / bandwidth FLOPs per byte it reads — the *ridge* — waits for memory; one that does more waits for
+arithmetic. For an H200 in bf16 (datasheet peaks, `dslib.config`; [sources](../docs/references.md#h200-roofline)):
+""")
+
+code(r"""
+ridge = H200_BF16_FLOPS / H200_HBM_BYTES_PER_S  # FLOP per byte where memory time = compute time
+print(f"H200 bf16 ridge: {H200_BF16_FLOPS / 1e12:,.1f} TFLOP/s / {H200_HBM_BYTES_PER_S / 1e12:.1f} TB/s = {ridge:.0f} FLOP/B")
+for name, (f, b) in rows.items():
+    t_compute, t_memory = f / H200_BF16_FLOPS, b / H200_HBM_BYTES_PER_S
+    bound = "compute-bound" if t_compute > t_memory else "memory-bound"
+    print(f"{name:26s} {f / b:>7,.0f} FLOP/B vs ridge {ridge:.0f}: {bound:13s} "
+          f"{max(t_compute, t_memory) / LONG_CONTEXT * 1e12:6.2f} ps per cached token per layer at the roofline")
+intensity = absorbed_row[0] / absorbed_row[1]
+assert intensity > ridge > mha_row[0] / mha_row[1]   # absorbed decode with 128 heads is compute-bound
+tp8 = attention_flops(big.replace(num_attention_heads=big.num_attention_heads // 8), 1, LONG_CONTEXT, "absorbed")
+print(f"with the heads split over 8 GPUs (16 per GPU, each reading the whole latent cache): "
+      f"{tp8['total'] / absorbed_row[1]:.0f} FLOP/B, memory-bound again")
+""")
+
+md(r"""
+So the usual rule "decoding is memory-bound" does not hold for MLA's absorbed decode: with 128 heads sharing one
+576-value latent, a decode step does about 242 FLOPs per byte of cache it reads, above the H200's bf16 ridge of
+about 206. At batch 1 it is already compute-bound, by a little (the FP8 cache of section 6 reads 43% fewer
+bytes and pushes it further). MLA traded bytes for FLOPs until the FLOPs became the limit, and that is exactly why DeepSeek
+Sparse Attention (chapter 3) pays off in decoding: it cuts the **FLOPs** — each query attends to 2,048 latents
+instead of all of them — not only the bytes.
+
+Why the absorbed mode for decode and the naive one for prefill, then? At the roofline the absorbed path is still
+far cheaper per decoded token than reading per-head K/V (MHA cache, 1 FLOP per byte) or re-expanding every latent
+at every step (naive). In a prefill every key is used by many queries: the per-head K/V are built once for the
+whole prompt, and per (query, key) pair MHA mode does 3.4x fewer FLOPs than MQA mode, so DeepSeek's reference
 code prefills in MHA mode. DSA in chapter 3 builds on the absorbed mode.
 """)
 
