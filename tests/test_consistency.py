@@ -38,3 +38,11 @@ def test_absorbed_decode_is_above_the_h200_ridge():
     intensity = attention_flops(big, 1, n, "absorbed")["total"] / kv_bytes_read(big, n, "absorbed")
     ridge = H200_BF16_FLOPS / H200_HBM_BYTES_PER_S
     assert round(intensity) == 242 and round(ridge) == 206 and intensity > ridge
+
+
+def test_readme_says_what_runs_where():
+    """The README must not claim that chapter 5 runs DeepSeek's real model or weights."""
+    readme = (ROOT / "README.md").read_text()
+    assert "What runs where in chapter 5" in readme and "meta" in readme
+    for claim in ("runs the very same modules", "loads its official checkpoint", "loads transformers' own"):
+        assert claim not in readme, f"README overstates chapter 5: {claim!r}"
