@@ -132,13 +132,16 @@ def training_curves_figure(stages: Mapping[str, Mapping]) -> go.Figure:
 
 
 def cost_vs_length_figure(lengths: Sequence[int], series: Mapping[str, Sequence[float]], *, y: str,
-                          title: str, log: bool = True) -> go.Figure:
-    """Lines of a cost (time, FLOPs) vs sequence length, one per name; log-log by default (slope 2 = quadratic)."""
+                          title: str, log: bool = True, colors: Mapping[str, str] | None = None) -> go.Figure:
+    """Lines of a cost (time, FLOPs) vs sequence length, one per name; log-log by default (slope 2 = quadratic).
+    A line's colour comes from the first word of its name ("dense", "sparse", "indexer", ...) unless `colors`
+    names it; names with "model" or "formula" are dotted."""
     fig = go.Figure()
     for name, values in series.items():
         base = name.split(" ")[0]
+        color = (colors or {}).get(name, _color(base))
         fig.add_scatter(x=list(lengths), y=list(values), name=name, mode="lines+markers",
-                        line=dict(color=_color(base), dash="dot" if "model" in name or "formula" in name else None))
+                        line=dict(color=color, dash="dot" if "model" in name or "formula" in name else None))
     if log:
         fig.update_xaxes(type="log")
         fig.update_yaxes(type="log")
@@ -146,16 +149,25 @@ def cost_vs_length_figure(lengths: Sequence[int], series: Mapping[str, Sequence[
 
 
 def paper_cost_figure(paper: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-                      model: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, phase: str) -> go.Figure:
-    """The paper's cost per million tokens vs position (markers) and our FLOP-based model (lines).
-    paper / model: name -> (positions in tokens, $ per million tokens)."""
+                      model: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None, *, phase: str,
+                      crossover: float | None = None, max_position: float | None = None,
+                      title: str | None = None) -> go.Figure:
+    """The paper's cost per million tokens vs position (markers; joined by thin lines when no model is drawn) and
+    our FLOP-based model (lines). paper / model: name -> (positions in tokens, $ per million tokens).
+    `crossover` (tokens) draws a dashed line where the two paper curves cross; `max_position` (tokens) zooms in."""
     fig = go.Figure()
     for name, (x, yv) in paper.items():
         c = COLORS["dense"] if "3.1" in name else COLORS["sparse"]
-        fig.add_scatter(x=[v / 1024 for v in x], y=list(yv), mode="markers", name=f"paper: {name}",
-                        marker=dict(color=c, size=9))
-    for name, (x, yv) in model.items():
+        fig.add_scatter(x=[v / 1024 for v in x], y=list(yv), mode="markers" if model else "lines+markers",
+                        name=f"paper: {name}", marker=dict(color=c, size=9), line=dict(color=c, width=1))
+    for name, (x, yv) in (model or {}).items():
         c = COLORS["dense"] if "3.1" in name or "dense" in name else COLORS["sparse"]
         fig.add_scatter(x=[v / 1024 for v in x], y=list(yv), mode="lines", name=f"model: {name}", line=dict(color=c))
-    return styled(fig, f"{phase.capitalize()} cost per million tokens vs token position (H800, $2/GPU-hour)",
-                  "token position (K = 1,024 tokens)", "$ per million tokens")
+    if crossover is not None:
+        fig.add_vline(x=crossover / 1024, line_dash="dash", line_color="#555",
+                      annotation_text=f"crossover ≈ {crossover / 1024:.1f}K", annotation_position="top right")
+    if max_position is not None:
+        fig.update_xaxes(range=[0, max_position / 1024])
+    default = f"{phase.capitalize()} cost per million tokens vs token position (H800, $2/GPU-hour)"
+    return styled(fig, title or default, "token position (K = 1,024 tokens)", "$ per million tokens")
+
