@@ -41,18 +41,25 @@ def show(obj, *, lines: tuple[int, int] | None = None):
         text = "\n".join(text.splitlines()[a - 1 : b])
     if _kernel() is None:
         return text
-    try:
-        from IPython.display import HTML, display
-        from pygments import highlight
-        from pygments.formatters import HtmlFormatter
-        from pygments.lexers import PythonLexer
-    except ImportError:  # IPython without pygments: plain text
-        print(text)
-        return None
+    from IPython.display import HTML, display
+    display(HTML(listing_html(obj, text)))
+    return None
+
+
+def listing_html(obj, text: str | None = None, *, css_class: str = SHOW_CLASS) -> str:
+    """The highlighted listing `show` displays, as HTML (`text` defaults to the whole source of `obj`). Needs
+    pygments (installed with JupyterLab); without it the source is shown as preformatted text."""
+    text = source_of(obj) if text is None else text
     where = inspect.getsourcefile(obj) or ""
     where = where[where.rfind("dslib") :] if "dslib" in where else where
     name = html.escape(getattr(obj, "__qualname__", getattr(obj, "__name__", "")), quote=True)
-    body = highlight(text, PythonLexer(), HtmlFormatter(noclasses=True, style="default"))
-    display(HTML(f'<div class="{SHOW_CLASS}" data-source="{name}" style="font-size:12px">'
-                 f'<div style="color:#666">{html.escape(where)}</div>{body}</div>'))
-    return None
+    try:
+        from pygments import highlight
+        from pygments.formatters import HtmlFormatter
+        from pygments.lexers import PythonLexer
+
+        body = highlight(text, PythonLexer(), HtmlFormatter(noclasses=True, style="default"))
+    except ImportError:
+        body = f"<pre>{html.escape(text)}</pre>"
+    return (f'<div class="{css_class}" data-source="{name}" style="font-size:12px">'
+            f'<div style="color:#666">{html.escape(where)}</div>{body}</div>')

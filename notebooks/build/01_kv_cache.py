@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dslib
 from dslib import viz
-from dslib.attention import Attention, BaselineConfig, BaselineDecoder, causal_attention
+from dslib.attention import BaselineConfig, BaselineDecoder, causal_attention
 from dslib.config import GQA_REFERENCE, H200_MEMORY_BYTES, ModelConfig
 from dslib.exercises import ch1
 from dslib.kv_cache import KVCache, generate, kv_cache_sizes, memory_calculator, prefill
@@ -111,17 +111,21 @@ for cfg, model in [(cfg_mha, model_mha), (cfg_gqa, model_gqa)]:
 """)
 
 md(r"""
-The attention itself: queries at absolute positions attend to every key at the same or an earlier position
-(causal). The query heads of one group are folded into the rows of one matrix product, so each key/value head is
-read once per group — that is where GQA saves memory *traffic*, not only memory.
+The attention itself: a query at position p attends to every key at position p or earlier (causal),
+
+$$\text{out}_{h,t} = \sum_{s \le p_t} \mathrm{softmax}_s\!\Big(\frac{q_{h,t}\cdot k_{g(h),s}}{\sqrt{d}}\Big)\, v_{g(h),s},
+\qquad g(h) = \lfloor h / (H / H_{KV}) \rfloor,$$
+
+where query head h reads key/value head g(h): consecutive query heads share one. The query heads of one group can
+be folded into the rows of one matrix product, so each key/value head is read once per group — that is where GQA
+saves memory *traffic*, not only memory. With a cache, each layer's attention appends the new tokens' keys and
+values to the cache first and then attends over everything cached: you will write exactly that step in
+**Exercise 1** (its check then shows dslib's `Attention.forward` and `causal_attention`). The model around it puts
+the new tokens at positions `len(cache)` and up and hands each layer its own cache:
 """)
 
 code(r"""
-dslib.show(causal_attention)
-""")
-
-code(r"""
-dslib.show(Attention.forward)
+dslib.show(BaselineDecoder.forward)
 """)
 
 md(r"""
@@ -411,15 +415,23 @@ Latent Attention stores one small latent per token instead of per-head keys and 
 
 Each exercise has a cell for your answer and a check that tells you whether it is right.
 
-**Exercise 1.** Write the whole-model cache size per token of a dense-attention model (MHA, GQA or MQA).
+**Exercise 1 — build it: the cache append and the cached attention step.** Write one layer's attention step with
+a KV cache, from torch operations (not dslib's functions). The T new tokens (T = 1 when decoding, more for a chunk
+of a prompt) come after S cached ones, so they sit at positions S … S + T − 1; each attends to every key at or
+before its own position, query head h reads KV head h // (H // H_KV), and the scores are scaled by 1/√head_dim.
+Return the output and the caches with the new keys and values appended. The check compares your function with
+dslib's on fresh random inputs (a decode step, a chunk, an empty cache, GQA and MHA) and names what is off.
 """)
 
 code(r"""
-def my_kv_bytes_per_token(num_layers, num_kv_heads, head_dim, dtype_bytes):
-    raise NotImplementedError  # your code here
+def my_cached_attention(q, k_new, v_new, k_cache, v_cache):
+    # q [B, H, T, hd]: the new tokens' queries; k_new, v_new [B, KVH, T, hd]: their keys and values;
+    # k_cache, v_cache [B, KVH, S, hd]: the S earlier tokens' (S may be 0).
+    # Return (out [B, H, T, hd], k_cache [B, KVH, S + T, hd], v_cache [B, KVH, S + T, hd]).
+    raise NotImplementedError  # your code here: append, then attend
 
 
-ch1.check_kv_bytes_per_token(my_kv_bytes_per_token)
+ch1.check_cached_attention(my_cached_attention)
 """)
 
 md(r"""
