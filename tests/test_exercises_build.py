@@ -66,3 +66,52 @@ def test_a_correct_check_shows_dslibs_version():
     html = ch1.check_cached_attention(_step)._repr_html_()
     assert "version, to compare" in html and 'data-source="causal_attention"' in html
     assert "version, to compare" not in ch1.check_cached_attention(stub)._repr_html_()
+
+
+# ---------------------------------------------------------------------------------------------- chapter 2
+from dslib.exercises import ch2  # noqa: E402
+
+
+def test_absorbed_attention_solution_and_stub():
+    assert ch2.check_absorbed_attention(ch2.solution_absorbed_attention)
+    v = ch2.check_absorbed_attention(stub)
+    assert not v and "stub" in v.message and "mla.w_uk()" in v.message
+
+
+def test_absorbed_attention_names_the_mistake():
+    cases = {
+        "softmax_scale": dict(scale=False),
+        "position part": dict(rope=False),
+        "later keys": dict(mask=None),
+        "q_positions[t]": dict(mask="index"),
+        "finish with mla.o_proj": dict(out="heads"),
+        "lift it with W_UV": dict(out="latent"),
+    }
+    for words, mistake in cases.items():
+        v = ch2.check_absorbed_attention(lambda *a, m=mistake: ch2._absorbed(*a, **m))
+        assert not v and words in v.message, (mistake, v.message)
+
+
+def test_absorbed_attention_refuses_the_naive_path_and_dslib_itself():
+    def naive(mla, q_nope, q_rope, kv_latent, k_rope, pos):  # builds per-head K/V with kv_b_proj
+        B, T, H, _ = q_nope.shape
+        kv = mla.kv_b_proj(kv_latent).view(B, -1, H, mla.nope_dim + mla.v_head_dim)
+        k_nope, v = kv.split([mla.nope_dim, mla.v_head_dim], -1)
+        s = (torch.einsum("bthd,bshd->bhts", q_nope, k_nope) + torch.einsum("bthr,bsr->bhts", q_rope, k_rope))
+        s = (s * mla.softmax_scale).masked_fill(torch.arange(kv_latent.shape[1]) > pos[:, None], float("-inf"))
+        return mla.o_proj(torch.einsum("bhts,bshv->bthv", s.softmax(-1), v).reshape(B, T, -1))
+
+    v = ch2.check_absorbed_attention(naive)
+    assert not v and "kv_b_proj" in v.message
+    v = ch2.check_absorbed_attention(
+        lambda mla, qn, qr, c, kr, pos: mla.o_proj(mla.attend(qn, qr, c, kr, pos).flatten(2)))
+    assert not v and "MLA.attend" in v.message
+
+
+def test_heads_at_ridge():
+    want = ch2.solution_heads_at_ridge()
+    assert want == 110 and ch2.check_heads_at_ridge(want)
+    assert "MORE FLOPs" in ch2.check_heads_at_ridge(want - 1).message
+    assert "ridge itself" in ch2.check_heads_at_ridge(206).message
+    assert "multiply-adds" in ch2.check_heads_at_ridge(2 * want).message
+    assert "None" in ch2.check_heads_at_ridge(None).message

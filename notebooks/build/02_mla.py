@@ -278,16 +278,24 @@ $[c^{KV} \| k^R]$ and one shared value $c^{KV}$ for all heads (that is MQA), the
 $o_i = W_{UV,i} \sum_s p_s c_s$. Exact, because $\sum_s p_s (W_{UV} c_s) = W_{UV} \sum_s p_s c_s$.
 """)
 
+md(r"""
+The naive path, as `MLA` computes it: every cached latent is up-projected by `kv_b_proj` into per-head keys
+(`[k^C_i | k^R]`, the rope key copied to every head) and values, then ordinary attention.
+""")
+
 code(r"""
-show(MLA.attend)
+show(MLA.expand_kv)
 """)
 
 code(r"""
 show(MLA._naive_scores)
 """)
 
-code(r"""
-show(MLA._absorbed_scores)
+md(r"""
+The absorbed path you will write yourself in **Exercise 1**, from the four formulas above:
+$\tilde q_i = W_{UK,i}^\top q^C_i$; score $= (\tilde q_i \cdot c_s + q^R_i \cdot k^R_s)\cdot$scale, causal;
+$x_i = \sum_s p_s c_s$; $o_i = W_{UV,i} x_i$, then `o_proj`. Its check compares your function with the naive path
+and then shows dslib's `MLA.attend`. Here, `mla(..., mode=...)` runs both:
 """)
 
 md(r"""
@@ -563,30 +571,36 @@ Chapter 3 adds the lightning indexer and lets each query attend to only 2048 of 
 
 ## Exercises
 
-**Exercise 1 — the absorbed score of one head.** Given one head's `q_nope [nope]` and rotated `q_rope [rope]`,
-the cached `kv_latent [S, c]` and `k_rope [S, rope]`, the head's `w_uk [nope, c]` and the softmax `scale`, return the
-S scores *without* building the per-head keys.
+**Exercise 1 — build it: absorbed attention, through to the output.** Write MLA's MQA-mode attention from torch
+operations: fold $W_{UK}$ into the queries (`mla.w_uk()`, `[H, nope, kv_lora_rank]`), score them against the
+cached latents and add the rope part, scale by `mla.softmax_scale`, mask causally (key s is visible to a query at
+position p iff s ≤ p), softmax over the keys, take the weighted sum of the latents, lift it with $W_{UV}$
+(`mla.w_uv()`, `[H, v_head_dim, kv_lora_rank]`) and finish with `mla.o_proj`. Never build per-head keys or values
+(`mla.kv_b_proj` must not run, and neither may `mla.attend`). The check runs a prefill and a decode step on fresh
+random inputs against the naive path.
 """)
 
 code(r"""
-def absorbed_score(q_nope, q_rope, kv_latent, k_rope, w_uk, scale):
+def my_absorbed_attention(mla, q_nope, q_rope, kv_latent, k_rope, q_positions):
+    # q_nope [B, T, H, nope], q_rope [B, T, H, rope] (rotated), kv_latent [B, S, c], k_rope [B, S, rope] (rotated),
+    # q_positions [T]: the queries' positions (key s sits at position s). Return [B, T, hidden_size].
     raise NotImplementedError  # your code here
 
 
-exercises.check_absorbed_score(absorbed_score)
+exercises.check_absorbed_attention(my_absorbed_attention)
 """)
 
 md(r"""
-**Exercise 2 — cache bytes per token.** Return how many bytes one token adds to the MLA cache of the whole model
-(all layers) for a config `cfg` and `dtype_bytes` bytes per value.
+**Exercise 2 — when does decoding become compute-bound?** Section 5 found that DeepSeek-V3.2's absorbed decode, with
+128 heads sharing one latent, does more FLOPs per byte than the H200's bf16 ridge. Keeping every other size of
+`big` and a 128K-token bf16 cache, what is the **fewest** query heads at which one decode step is compute-bound
+(intensity above the ridge)? `attention_flops`, `kv_bytes_read`, `big.replace(num_attention_heads=...)` and the
+ridge of section 5 are all you need.
 """)
 
 code(r"""
-def cache_bytes_per_token(cfg, dtype_bytes=2):
-    raise NotImplementedError  # your code here
-
-
-exercises.check_cache_bytes_per_token(cache_bytes_per_token)
+heads = None  # your answer
+exercises.check_heads_at_ridge(heads)
 """)
 
 md(r"""
