@@ -115,3 +115,91 @@ def test_heads_at_ridge():
     assert "ridge itself" in ch2.check_heads_at_ridge(206).message
     assert "multiply-adds" in ch2.check_heads_at_ridge(2 * want).message
     assert "None" in ch2.check_heads_at_ridge(None).message
+
+
+# ---------------------------------------------------------------------------------------------- chapter 3
+from dslib.exercises import ch3  # noqa: E402
+
+
+def _select(scores, k, pos, lat, rope, *, mask_future=True, pad=True, largest=True, batch=True, gather_rope=True):
+    """A learner's top-k selection and gather, from torch operations, with switchable mistakes."""
+    B, T, S = scores.shape
+    kk = min(k, S) if pad else k
+    top, sel = scores.topk(kk, dim=-1, largest=largest) if largest else \
+        torch.where(torch.isinf(scores), scores, -scores).topk(kk, dim=-1)
+    if mask_future:
+        sel = sel.masked_fill((top == float("-inf")) | (sel > pos.view(1, -1, 1)), -1)
+    if kk < k:
+        sel = torch.cat([sel, sel.new_full((B, T, k - kk), -1)], -1)
+    idx = sel.clamp(min=0)
+    if batch:
+        b = torch.arange(B).view(B, 1, 1)
+        return sel, lat[b, idx], (rope[b, idx] if gather_rope else rope[b, idx.flip(-1)])
+    return sel, lat[0][idx], rope[0][idx]
+
+
+def test_select_and_gather_solution_and_stub():
+    assert ch3.check_select_and_gather(ch3.solution_select_and_gather)
+    assert ch3.check_select_and_gather(_select)
+    v = ch3.check_select_and_gather(stub)
+    assert not v and "stub" in v.message and "topk" in v.message
+
+
+def test_select_and_gather_names_the_mistake():
+    cases = {
+        "after its own position": dict(mask_future=False),
+        "pad the remaining slots with -1": dict(pad=False),
+        "LOWEST": dict(largest=False),
+        "its own kv_latent[b]": dict(batch=False),
+        "rope keys are not": dict(gather_rope=False),
+    }
+    for words, mistake in cases.items():
+        v = ch3.check_select_and_gather(lambda *a, m=mistake: _select(*a, **m))
+        assert not v and words in v.message, (mistake, v.message)
+
+
+def test_select_and_gather_refuses_dslib_itself():
+    from dslib.sparse import gather_keys, topk_selection
+
+    v = ch3.check_select_and_gather(lambda s, k, p, lat, rope: (topk_selection(s, k, p), *gather_keys(lat, rope, topk_selection(s, k, p))))
+    assert not v and "topk_selection" in v.message
+
+
+# ---------------------------------------------------------------------------------------------- chapter 4
+from dslib.exercises import ch4  # noqa: E402
+
+
+def test_route_solution_and_stub():
+    assert ch4.check_route(ch4.solution_route)
+    v = ch4.check_route(stub)
+    assert not v and "stub" in v.message and "sigmoid" in v.message
+
+
+def test_route_names_the_mistake():
+    cases = {
+        "softmax": dict(score="softmax"),
+        "weights include the bias": dict(weights_with_bias=True),
+        "chosen by the plain scores": dict(choose_with_bias=False),
+        "TWO best": dict(group_score="max"),
+        "CONTIGUOUS": dict(groups="strided"),
+        "more than topk_group": dict(limit=False),
+        "not renormalised": dict(normalise=False),
+        "routed_scaling_factor": dict(scale=False),
+    }
+    for words, mistake in cases.items():
+        v = ch4.check_route(lambda *a, m=mistake: ch4._route(*a, **m))
+        assert not v and words in v.message, (mistake, v.message)
+
+
+def test_route_refuses_dslib_itself_and_bad_shapes():
+    from dslib.moe import group_scores
+
+    def borrowed(x, w, b, cfg):
+        s = torch.sigmoid(x @ w.T)
+        group_scores(s + b, cfg.n_group)  # any call into dslib.moe is refused
+        return ch4._route(x, w, b, cfg)
+
+    v = ch4.check_route(borrowed)
+    assert not v and "group_scores" in v.message
+    v = ch4.check_route(lambda x, w, b, cfg: ch4._route(x, w, b, cfg)[0])
+    assert not v and "two tensors" in v.message

@@ -259,11 +259,9 @@ md(r"""
 Each query keeps the `index_topk` keys with the highest index score — **one set per query, shared by all
 attention heads** (that is what makes DSA fit MLA's MQA mode: one gathered latent serves all heads). A query with
 at most k visible keys keeps all of them, so **sequences of ≤ k tokens get exactly dense attention**.
-`torch.topk` would fill those short rows with masked future keys; `topk_selection` intersects them away.
-""")
-
-code(r"""
-show(topk_selection)
+`torch.topk` would fill those short rows with masked future keys; `topk_selection` marks those slots -1 ("no
+key"). You will write this selection, and the gather of the selected latents that follows it, in **Exercise 1**
+(its check then shows dslib's `topk_selection` and `gather_keys`). Here we use dslib's and check its promises:
 """)
 
 code(r"""
@@ -754,16 +752,22 @@ saving.
 
 Each check says "correct" or what is not right yet. Solutions live in `dslib.exercises.ch3`.
 
-**1.** Write the index score of one (query, key) pair: `q` is `[H_I, d_I]` (one row per indexer head), `w` is
-`[H_I]` (scales already folded in), `k` is `[d_I]`.
+**1. Build it: top-k selection and the gather.** Write the step between the indexer and sparse attention, from
+torch operations (not dslib's `topk_selection` or `gather_keys`): each query keeps the `k` keys with the highest
+index score among the keys it can see (future keys carry −inf and are never kept; a query that sees fewer than k
+keys keeps all of them and marks its other slots −1), and then every query's selected latents and rope keys are
+gathered, batch element by batch element. The check compares with dslib on fresh random scores: a prefill longer
+than k, one shorter than k, and a decode step.
 """)
 
 code(r"""
-def my_index_score(q, w, k):
-    raise NotImplementedError  # your code: one number
+def my_select_and_gather(index_scores, k, q_positions, kv_latent, k_rope):
+    # index_scores [B, T, S] (future keys already -inf), q_positions [T], kv_latent [B, S, C], k_rope [B, S, R].
+    # Return selected [B, T, k] (int64 key positions, -1 = none), lat [B, T, k, C], rope [B, T, k, R].
+    raise NotImplementedError  # your code here
 
 
-exercises.check_index_score(my_index_score)
+exercises.check_select_and_gather(my_select_and_gather)
 """)
 
 md(r"""
