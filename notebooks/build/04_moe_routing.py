@@ -228,10 +228,6 @@ experts beats a group with one lucky expert.
 """)
 
 code(r"""
-show(group_scores)
-""")
-
-code(r"""
 g_scores = group_scores(choice, G)                          # [N, G]
 manual = choice[0].view(G, per_group).sort(descending=True).values[:, :2].sum(-1)
 assert torch.allclose(g_scores[0], manual)
@@ -241,11 +237,6 @@ print("token 0, group scores:", [round(v, 3) for v in g_scores[0].tolist()])
 md(r"""
 **Step 4 — keep the best groups.** Only the `topk_group` best groups stay; every expert of the other groups gets
 −∞, so the top-k cannot pick it. This caps the number of nodes a token must be sent to.
-""")
-
-code(r"""
-show(keep_top_groups)
-show(limit_to_groups)
 """)
 
 code(r"""
@@ -272,10 +263,6 @@ md(r"""
 """)
 
 code(r"""
-show(expert_weights)
-""")
-
-code(r"""
 topk_weight = expert_weights(s, topk_idx, small.routed_scaling_factor)    # [N, k]
 assert torch.allclose(topk_weight.sum(-1), torch.full((GATE_TOKENS,), small.routed_scaling_factor))
 biased_weights = expert_weights(choice, topk_idx, small.routed_scaling_factor)
@@ -284,12 +271,9 @@ print("token 0 weights:", [round(v, 3) for v in topk_weight[0].tolist()])
 """)
 
 md(r"""
-The `Gate` module runs exactly these steps (its `route` keeps every intermediate result in a `Routing`, which is
-what recorders and the balancing code read):
-""")
-
-code(r"""
-show(Gate.route)
+The `Gate` module runs exactly these steps; its `route` keeps every intermediate result in a `Routing`, which is
+what recorders and the balancing code read. Steps 3–6 are shown here as calls, not as code: you will write the
+whole route yourself in **Exercise 1**, and its check then shows dslib's `Gate.route` and the step functions.
 """)
 
 code(r"""
@@ -685,33 +669,26 @@ Chapter 5 puts `MoE` into every layer from `first_k_dense_replace` on and loads 
 
 ## Exercises
 
-**Exercise 1.** Write the group score of step 3 yourself: for biased scores `[N, E]`, return `[N, n_group]`, each
-group's two best scores summed (groups are contiguous blocks of `E // n_group` experts).
+**Exercise 1 — build it: the gate's route, steps 1–6.** Write the router of one MoE layer from torch operations
+(no `dslib.moe` functions): sigmoid scores in fp32; the bias added for choosing only; each group scored by the sum
+of its two best biased scores (groups are contiguous blocks of `E // n_group` experts); the `topk_group` best
+groups kept, every other expert at −inf; the top `num_experts_per_tok` experts; their weights from the *unbiased*
+scores, renormalised and scaled by `routed_scaling_factor`. The check runs your function next to `Gate.route` on
+fresh random tokens, weights and biases, for two group layouts, and names the step that differs.
 """)
 
 code(r"""
-def my_group_scores(choice_scores, n_group):
+def my_route(x, weight, bias, cfg):
+    # x [N, d] tokens, weight [E, d] (gate.weight), bias [E] (e_score_correction_bias), cfg: a ModelConfig
+    # (n_group, topk_group, num_experts_per_tok, routed_scaling_factor). Return (topk_idx [N, k], topk_weight [N, k]).
     raise NotImplementedError  # your code here
 
 
-ch4.check_group_scores(my_group_scores)
+ch4.check_route(my_route)
 """)
 
 md(r"""
-**Exercise 2.** Write one step of auxiliary-loss-free balancing: given the bias `[E]`, the load of the last batch
-`[E]` (tokens per expert) and γ, return the new bias.
-""")
-
-code(r"""
-def my_bias_update(bias, load, gamma):
-    raise NotImplementedError  # your code here
-
-
-ch4.check_bias_update(my_bias_update)
-""")
-
-md(r"""
-**Exercise 3.** Suppose DeepSeek-V3.2 routed every token to **16** experts instead of 8 (same experts, same
+**Exercise 2.** Suppose DeepSeek-V3.2 routed every token to **16** experts instead of 8 (same experts, same
 everything else). How many parameters would one token use? Give a number of parameters (use `big` and
 `big.param_counts()` if you like).
 """)
