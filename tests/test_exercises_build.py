@@ -203,3 +203,42 @@ def test_route_refuses_dslib_itself_and_bad_shapes():
     assert not v and "group_scores" in v.message
     v = ch4.check_route(lambda x, w, b, cfg: ch4._route(x, w, b, cfg)[0])
     assert not v and "two tensors" in v.message
+
+
+# ---------------------------------------------------------------------------------------------- chapter 5
+from dslib.exercises import ch5  # noqa: E402
+
+
+def _scale_grid(q, s, how="interleave"):
+    rows, cols = q.shape
+    if how == "tile":
+        return s.repeat(128, 128)[:rows, :cols]
+    if how == "first_column":
+        return s[:, :1].repeat_interleave(128, 0)[:rows]
+    return s.repeat_interleave(128, 0)[:rows].repeat_interleave(128, 1)[:, :cols]
+
+
+def test_dequantize_solution_stub_and_mistakes():
+    assert ch5.check_dequantize(lambda q, s: q.float() * _scale_grid(q, s))
+    assert ch5.check_dequantize(ch5.solution_dequantize)
+    v = ch5.check_dequantize(stub)
+    assert not v and "stub" in v.message and "repeat_interleave" in v.message
+    assert "MULTIPLIED" in ch5.check_dequantize(lambda q, s: q.float() / _scale_grid(q, s)).message
+    assert "tiles the whole scale grid" in ch5.check_dequantize(lambda q, s: q.float() * _scale_grid(q, s, "tile")).message
+    v = ch5.check_dequantize(lambda q, s: q.float() * _scale_grid(q, s, "first_column"))
+    assert not v and "every 128" in v.message
+
+
+def test_dequantize_refuses_dslib_itself():
+    from dslib.checkpoint import dequantize_fp8_blocks
+
+    v = ch5.check_dequantize(lambda q, s: dequantize_fp8_blocks(q, s))
+    assert not v and "dequantize_fp8_blocks" in v.message
+
+
+def test_gpus_needed_in_bf16():
+    want = ch5.solution_gpus_needed(storage="bf16")
+    assert want == 12 and ch5.check_gpus_needed(want, storage="bf16")
+    v = ch5.check_gpus_needed(ch5.solution_gpus_needed(), storage="bf16")
+    assert not v and "fp8 weights" in v.message
+    assert "whole on one GPU" in ch5.check_gpus_needed(10, storage="bf16").message

@@ -178,8 +178,8 @@ plan = plan_devices(cfg_full, [H200_BYTES] * N_GPUS, storage="fp8")
 print(plan)
 assert sum(plan.used.values()) == plan.total_bytes
 assert all(plan.used[d] <= c for d, c in zip(plan.devices, plan.capacity))
-need_fp8, need_bf16 = gpus_needed(cfg_full, H200_BYTES), gpus_needed(cfg_full, H200_BYTES, storage="bf16")
-print(f"fewest H200s: {need_fp8} with FP8 weights, {need_bf16} with bf16 weights")
+need_fp8 = gpus_needed(cfg_full, H200_BYTES)
+print(f"fewest H200s for the FP8 weights: {need_fp8} (and with bf16 weights? Exercise 3)")
 viz.device_plan_figure(plan.rows(), title=f"{cfg_full.num_hidden_layers} layers of FP8 weights on {N_GPUS} H200s")
 """)
 
@@ -219,8 +219,9 @@ print(f"q {tuple(q.shape)} {q.dtype}, scale_inv {tuple(scale_inv.shape)}: {q.num
       f"instead of {2 * w.numel():,} in bf16; relative error {rel:.2%}")
 """)
 
-code(r"""
-dslib.show(dequantize_fp8_blocks)
+md(r"""
+`dequantize_fp8_blocks` turns `q` and `scale_inv` back into numbers, partial blocks included; you will write it
+yourself in **Exercise 1** (its check then shows dslib's version).
 """)
 
 md(r"""
@@ -570,8 +571,11 @@ md(r"""
 
 Each cell calls a check from `dslib.exercises.ch5` that answers "correct" or "not yet, because …".
 
-**1. Dequantise.** Write `my_dequantize(q, scale_inv)`: `q` is an e4m3 weight `[out, in]`, `scale_inv` its float32
-block scales `[ceil(out/128), ceil(in/128)]`; return the fp32 weight. It must handle 576 rows.
+**1. Build it: the FP8 block dequantisation.** Write `my_dequantize(q, scale_inv)` from torch operations (not
+dslib's `dequantize_fp8_blocks`): `q` is an e4m3 weight `[out, in]`, `scale_inv` its float32 block scales
+`[ceil(out/128), ceil(in/128)]`; return the fp32 weight, `W[i, j] = float(q[i, j]) · scale_inv[i // 128, j // 128]`.
+It must handle partial edge blocks (576 rows, like `kv_a_proj_with_mqa`). The check runs it on fresh random
+weights next to dslib's.
 """)
 
 code(r"""
@@ -594,13 +598,14 @@ ch5.check_scale_bytes(answer)
 """)
 
 md(r"""
-**3. How many GPUs?** What is the fewest H200s (150.75 GB each, 10% of each kept free) that hold the FP8 weights,
-if every layer must sit whole on one GPU? Reason with the layer sizes from `module_bytes(cfg_full)`.
+**3. How many GPUs in bf16?** Section 2 found the fewest H200s for the FP8 weights. How many would the weights
+need **dequantised to bf16** (`H200_BYTES` each, 10% of each kept free, every layer whole on one GPU)? Reason
+with the layer sizes from `module_bytes(cfg_full, "bf16")`.
 """)
 
 code(r"""
 answer = None  # a number of GPUs
-ch5.check_gpus_needed(answer)
+ch5.check_gpus_needed(answer, storage="bf16")
 """)
 
 nb.write()
