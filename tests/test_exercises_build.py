@@ -242,3 +242,32 @@ def test_gpus_needed_in_bf16():
     v = ch5.check_gpus_needed(ch5.solution_gpus_needed(), storage="bf16")
     assert not v and "fp8 weights" in v.message
     assert "whole on one GPU" in ch5.check_gpus_needed(10, storage="bf16").message
+
+
+# ---------------------------------------------------------------------------------------------- no answer on screen
+import json  # noqa: E402
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+ANSWERS = {  # what each notebook's build-it exercise asks the learner to write: never listed before the check passes
+    "01_kv_cache.ipynb": ("check_cached_attention", ["causal_attention", "Attention.forward"]),
+    "02_mla.ipynb": ("check_absorbed_attention", ["MLA.attend", "MLA._absorbed_scores"]),
+    "03_sparse_attention.ipynb": ("check_select_and_gather", ["topk_selection", "gather_keys"]),
+    "04_moe_routing.ipynb": ("check_route", ["Gate.route", "group_scores", "keep_top_groups", "limit_to_groups",
+                                             "expert_weights", "select_experts"]),
+    "05_full_model.ipynb": ("check_dequantize", ["dequantize_fp8_blocks"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ANSWERS))
+def test_each_notebook_has_a_build_it_exercise_whose_answer_is_not_shown(name):
+    cells = json.loads((NOTEBOOKS / name).read_text())["cells"]
+    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    check, answers = ANSWERS[name]
+    assert re.search(rf"\b{check}\(", code), f"{name} has no build-it exercise calling {check}"
+    for answer in answers:
+        shown = re.findall(rf"\bshow\((?:\w+\.)*{re.escape(answer)}\b", code)
+        assert not shown, f"{name} shows {answer}, the answer to its exercise, before the learner writes it"
