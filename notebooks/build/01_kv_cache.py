@@ -134,7 +134,13 @@ md(r"""
 Greedy generation appends the most likely next token and repeats. **Without a cache**, each step runs the whole
 sequence so far through the model, although the keys and values of the old tokens have not changed (attention is
 causal: old tokens never look at new ones). **With a cache**, the prompt is run once (the *prefill*), its keys and
-values are kept, and each later step runs only the newest token, appending its key and value.
+values are kept, and each later step runs only the newest token, appending its key and value. In one layer of
+our small GQA model, one decode step looks like this:
+""")
+
+code(r"""
+viz.kv_cache_step_diagram(cached=6, kv_heads=cfg_gqa.num_key_value_heads, heads=cfg_gqa.num_attention_heads,
+                          head_dim=cfg_gqa.head_dim, dtype_bytes=4)
 """)
 
 code(r"""

@@ -275,7 +275,11 @@ Both paths start from the same cache. **Naive**: up-project every cached latent 
 and values `[S, H, v]` (`expand_kv`), then ordinary attention. **Absorbed**: fold $W_{UK}$ into the query
 ($\tilde q_i = W_{UK,i}^\top q^C_i$, `kv_lora_rank` wide), attend over the latents with one shared key
 $[c^{KV} \| k^R]$ and one shared value $c^{KV}$ for all heads (that is MQA), then apply $W_{UV}$ after the weighted sum:
-$o_i = W_{UV,i} \sum_s p_s c_s$. Exact, because $\sum_s p_s (W_{UV} c_s) = W_{UV} \sum_s p_s c_s$.
+$o_i = W_{UV,i} \sum_s p_s c_s$. Exact, because $\sum_s p_s (W_{UV} c_s) = W_{UV} \sum_s p_s c_s$. At the 671B sizes:
+""")
+
+code(r"""
+viz.mla_dataflow_diagram(big)
 """)
 
 md(r"""

@@ -190,6 +190,15 @@ assert 0.1 < bound < 0.6
 md(r"""
 ## 3. The lightning indexer, step by step
 
+The whole of DSA for one query, at the 671B sizes, before we build it piece by piece:
+""")
+
+code(r"""
+viz.dsa_pipeline_diagram(BIG)
+""")
+
+md(r"""
+
 DSA replaces "the last k" by "the k most relevant", with relevance scored by a tiny attention-like module that
 runs for every (query, earlier token) pair ([V3.2-Exp paper and DeepSeek's inference code](../docs/references.md#ch3)):
 

@@ -285,6 +285,17 @@ viz.token_routing(routing.scores[0], gate.e_score_correction_bias, routing.group
 """)
 
 md(r"""
+The same token as a picture of groups: each box is one group of experts (one node when the model is served), with
+its group score; the dropped groups are greyed out, and the chosen experts carry their weights. Whatever the
+scores inside a dropped group, none of its experts can be chosen.
+""")
+
+code(r"""
+viz.routing_groups_diagram(routing.scores[0], gate.e_score_correction_bias, routing.group_kept[0],
+                           routing.topk_idx[0], routing.topk_weight[0], G)
+""")
+
+md(r"""
 Two checks: with a single group, group-limited routing is plain top-k of the biased scores;
 and configs the gate cannot run are refused with a message that says how to fix them.
 """)

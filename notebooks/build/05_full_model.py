@@ -100,6 +100,14 @@ dslib.show(DeepseekV32ForCausalLM.forward)
 """)
 
 md(r"""
+The module tree as a picture, with each part's parameters counted from the config:
+""")
+
+code(r"""
+viz.model_diagram(ModelConfig.deepseek_v32())
+""")
+
+md(r"""
 Build the full 671B model on PyTorch's **meta device**: every tensor gets its shape and dtype but no memory, so
 the 671B module tree fits on a laptop. We count its parameters: the estimate is the config's arithmetic from
 chapter 1 (`total_params`), the measurement is the tensors of the module tree.
