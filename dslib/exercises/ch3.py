@@ -119,6 +119,13 @@ def check_crossover(answer) -> Verdict:
 
 
 # ------------------------------------------------------------------------------------------------ build it: select + gather
+def _gather(kv_latent: torch.Tensor, k_rope: torch.Tensor, selected: torch.Tensor):
+    """lat[b, t, j] = kv_latent[b, selected[b, t, j]] (index -1 reads key 0: those slots are masked later)."""
+    batch = torch.arange(kv_latent.shape[0]).view(-1, 1, 1)
+    idx = selected.clamp(min=0)
+    return kv_latent[batch, idx], k_rope[batch, idx]
+
+
 def solution_select_and_gather(index_scores, k, q_positions, kv_latent, k_rope):
     """Top-k selection and the gather, from torch operations.
 
@@ -132,9 +139,7 @@ def solution_select_and_gather(index_scores, k, q_positions, kv_latent, k_rope):
     selected = selected.masked_fill((top == float("-inf")) | (selected > q_positions.view(1, -1, 1)), -1)
     if kk < k:
         selected = torch.cat([selected, selected.new_full((B, T, k - kk), -1)], dim=-1)
-    batch = torch.arange(B).view(B, 1, 1)
-    idx = selected.clamp(min=0)
-    return selected, kv_latent[batch, idx], k_rope[batch, idx]
+    return (selected, *_gather(kv_latent, k_rope, selected))
 
 
 _SELECT_HINT = ("Start with index_scores.topk(min(k, S), dim=-1) and set to -1 the slots whose score is -inf "
@@ -148,10 +153,10 @@ def _kept(selected: torch.Tensor) -> list[list[set[int]]]:
 def check_select_and_gather(fn) -> Verdict:
     """Build it: `fn(index_scores [B, T, S], k, q_positions [T], kv_latent [B, S, C], k_rope [B, S, R]) ->
     (selected [B, T, k] int64 with -1 for "none", lat [B, T, k, C], rope [B, T, k, R])`, compared with
-    `dslib.sparse.topk_selection` and `gather_keys` on fresh random scores: a prefill longer than k, a prefill
+    `dslib.sparse.topk_selection` and the gather of `sparse_attention` on fresh random scores: a prefill longer than k, a prefill
     shorter than k, and a decode step (order within a row does not matter; -1 slots may gather anything)."""
     from dslib import indexer, sparse
-    from dslib.sparse import gather_keys, topk_selection
+    from dslib.sparse import sparse_attention, topk_selection
 
     g = fresh_generator()
     for B, T, S, k, C, R in ((2, 12, 12, 4, 6, 3), (2, 3, 3, 5, 6, 3), (2, 1, 9, 4, 6, 3)):
@@ -191,9 +196,9 @@ def check_select_and_gather(fn) -> Verdict:
                            f"{[B, T, k, C]} / {[B, T, k, R]}: index the batch dimension too, "
                            "kv_latent[torch.arange(B).view(B, 1, 1), selected].")
         valid = selected >= 0
-        want_lat, want_rope = gather_keys(kv_latent, k_rope, selected)
+        want_lat, want_rope = _gather(kv_latent, k_rope, selected)
         if not torch.equal(lat[valid], want_lat[valid]):
-            first = gather_keys(kv_latent[:1].expand_as(kv_latent), k_rope, selected)[0]
+            first = _gather(kv_latent[:1].expand_as(kv_latent), k_rope, selected)[0]
             if torch.equal(lat[valid], first[valid]):
                 return not_yet("every batch element gathers from kv_latent[0]: element b must gather from its own "
                                "kv_latent[b].")
@@ -201,4 +206,5 @@ def check_select_and_gather(fn) -> Verdict:
         if not torch.equal(rope[valid], want_rope[valid]):
             return not_yet("the latents are right, the rope keys are not: gather k_rope with the same indices.")
     return correct("each query keeps its own k keys, and the latent cache is read only at those rows: O(T·k) "
-                   "instead of O(T·S). Compare with dslib's version below.", compare=(topk_selection, gather_keys))
+                   "instead of O(T·S). Compare with dslib's selection and the gather inside its sparse attention.",
+                   compare=(topk_selection, sparse_attention))

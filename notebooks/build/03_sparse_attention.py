@@ -270,7 +270,7 @@ attention heads** (that is what makes DSA fit MLA's MQA mode: one gathered laten
 at most k visible keys keeps all of them, so **sequences of ≤ k tokens get exactly dense attention**.
 `torch.topk` would fill those short rows with masked future keys; `topk_selection` marks those slots -1 ("no
 key"). You will write this selection, and the gather of the selected latents that follows it, in **Exercise 1**
-(its check then shows dslib's `topk_selection` and `gather_keys`). Here we use dslib's and check its promises:
+(its check then shows dslib's `topk_selection`). Here we use dslib's and check its promises:
 """)
 
 code(r"""
@@ -762,7 +762,7 @@ saving.
 Each check says "correct" or what is not right yet. Solutions live in `dslib.exercises.ch3`.
 
 **1. Build it: top-k selection and the gather.** Write the step between the indexer and sparse attention, from
-torch operations (not dslib's `topk_selection` or `gather_keys`): each query keeps the `k` keys with the highest
+torch operations (not dslib's `topk_selection`): each query keeps the `k` keys with the highest
 index score among the keys it can see (future keys carry −inf and are never kept; a query that sees fewer than k
 keys keeps all of them and marks its other slots −1), and then every query's selected latents and rope keys are
 gathered, batch element by batch element. The check compares with dslib on fresh random scores: a prefill longer
