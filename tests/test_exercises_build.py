@@ -20,7 +20,10 @@ def _step(q, k_new, v_new, k_cache, v_cache, *, append=True, attend_first=False,
     k_all, v_all = torch.cat([k_cache, k_new], 2), torch.cat([v_cache, v_new], 2)
     k, v = (k_cache, v_cache) if attend_first else (k_all, v_all)
     G = q.shape[1] // k.shape[1]
-    k, v = (k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)) if groups == "ri" else (k.repeat(1, G, 1, 1), v.repeat(1, G, 1, 1))
+    if groups == "ri":
+        k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    else:
+        k, v = k.repeat(1, G, 1, 1), v.repeat(1, G, 1, 1)
     scores = q @ k.transpose(-1, -2) * (hd**-0.5 if scale else 1.0)
     if causal and not attend_first:
         first = S if causal == "position" else 0
@@ -229,7 +232,8 @@ def test_dequantize_solution_stub_and_mistakes():
     v = ch5.check_dequantize(stub)
     assert not v and "stub" in v.message and "repeat_interleave" in v.message
     assert "MULTIPLIED" in ch5.check_dequantize(lambda q, s: q.float() / _scale_grid(q, s)).message
-    assert "tiles the whole scale grid" in ch5.check_dequantize(lambda q, s: q.float() * _scale_grid(q, s, "tile")).message
+    v = ch5.check_dequantize(lambda q, s: q.float() * _scale_grid(q, s, "tile"))
+    assert "tiles the whole scale grid" in v.message
     v = ch5.check_dequantize(lambda q, s: q.float() * _scale_grid(q, s, "first_column"))
     assert not v and "every 128" in v.message
 

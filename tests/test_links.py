@@ -11,7 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-PAGES = [ROOT / "README.md", ROOT / "data" / "README.md", ROOT / "data" / "paper_cost_per_token.csv", *sorted((ROOT / "docs").glob("*.md")),
+PAGES = [ROOT / "README.md", ROOT / "data" / "README.md", ROOT / "data" / "paper_cost_per_token.csv",
+         *sorted((ROOT / "docs").glob("*.md")),
          *sorted((ROOT / "notebooks" / "build").glob("[0-9]*.py"))]
 # Files of the developers' workspace that learners never get.
 NOT_IN_REPO = re.compile(r"REFERENCE\.md|EXPERIMENTS\.md|DESIGN\.md|STYLE\.md|(?<![\w.-])shared/")
@@ -56,7 +57,8 @@ def repo_paths(text: str, base: Path) -> list[tuple[str, Path]]:
 
 
 def test_repo_paths_are_found():
-    text = "see [refs](../docs/references.md#ch3), `data/moe/moe_lm_{none,bias}.safetensors` and `notebooks/build/NN_x.py`"
+    text = ("see [refs](../docs/references.md#ch3), `data/moe/moe_lm_{none,bias}.safetensors` and "
+            "`notebooks/build/NN_x.py`")
     got = [str(p.relative_to(ROOT)) for _, p in repo_paths(text, ROOT / "notebooks")]
     assert got == ["docs/references.md", "data/moe/moe_lm_none.safetensors", "data/moe/moe_lm_bias.safetensors"]
     assert NOT_IN_REPO.search("see REFERENCE.md §2") and NOT_IN_REPO.search("the project's `shared/` folder")
@@ -75,7 +77,7 @@ def test_learner_pages_name_only_files_in_the_repository(path, base, text):
 def test_anchors_of_the_references_page_exist():
     page = (ROOT / "docs" / "references.md").read_text()
     anchors = set(re.findall(r'<a id="([^"]+)"></a>', page))
-    for path, base, text in _texts():
+    for path, _, text in _texts():
         for target in MD_LINK.findall(text):
             if "references.md#" in target:
                 anchor = target.split("#", 1)[1]

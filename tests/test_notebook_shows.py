@@ -19,8 +19,10 @@ def show_calls(source: str) -> int:
     for node in ast.walk(ast.parse("\n".join(lines))):
         if isinstance(node, ast.Call) and node.args:
             f = node.func
-            if (isinstance(f, ast.Name) and f.id == "show") or (isinstance(f, ast.Attribute) and f.attr == "show"
-                                                                 and isinstance(f.value, ast.Name) and f.value.id == "dslib"):
+            plain = isinstance(f, ast.Name) and f.id == "show"
+            qualified = (isinstance(f, ast.Attribute) and f.attr == "show" and isinstance(f.value, ast.Name)
+                         and f.value.id == "dslib")
+            if plain or qualified:
                 count += 1
     return count
 

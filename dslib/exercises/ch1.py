@@ -188,7 +188,7 @@ def check_generation_flops(fn) -> Verdict:
                    "quadratic instead of cubic in the length.")
 
 
-# ---------------------------------------------------------------------------------------------- build it: the cached step
+# ------------------------------------------------------------------------------ build it: the cached attention step
 def _attend(q, k, v, first_pos, *, causal="position", scale=True, groups="interleave"):
     """Attention of T queries at positions first_pos.. over S keys at 0..S-1, with the variants the check
     recognises: causal "position" (right), "index" (query t sees keys 0..t), None (no mask); groups
@@ -213,7 +213,7 @@ def solution_cached_attention(q, k_new, v_new, k_cache, v_cache):
     """Append the new tokens' keys and values to the cache (dim 2, the tokens), then attend over all of them.
     The T new tokens sit at positions S..S+T-1 and each sees every key at or before its own position; query head
     h reads KV head h // (H // KVH)."""
-    S, T = k_cache.shape[2], q.shape[2]
+    S = k_cache.shape[2]
     k_all, v_all = torch.cat([k_cache, k_new], dim=2), torch.cat([v_cache, v_new], dim=2)  # [B, KVH, S + T, hd]
     return _attend(q, k_all, v_all, S), k_all, v_all
 

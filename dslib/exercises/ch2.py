@@ -130,7 +130,7 @@ def check_merged_output_weight(fn) -> Verdict:
                    "multiply block i by W_UV_i (mla.w_uv()[i], shape [v_head_dim, kv_lora_rank]).")
 
 
-# ------------------------------------------------------------------------------------------ build it: absorbed attention
+# ---------------------------------------------------------------------------------- build it: absorbed attention
 def _absorbed(mla: MLA, q_nope, q_rope, kv_latent, k_rope, q_positions, *, scale=True, rope=True, mask="position",
               out="o_proj"):
     """Absorbed attention from torch operations, with the variants the check recognises."""
@@ -232,7 +232,7 @@ def check_absorbed_attention(fn) -> Verdict:
                    "Compare with dslib's version below.", compare=(MLA.attend, MLA._absorbed_scores))
 
 
-# ------------------------------------------------------------------------------------------ exercise: heads at the ridge
+# --------------------------------------------------------------------------------- exercise: heads at the ridge
 def solution_heads_at_ridge(context: int = 131_072) -> int:
     """The fewest query heads at which one absorbed decode step at `context` cached tokens does more FLOPs per byte
     of (bf16) latent cache than the H200's bf16 ridge (datasheet peaks): then it is compute-bound."""

@@ -106,9 +106,9 @@ def check_crossover(answer) -> Verdict:
         return not_yet(f"the answer should be a number, got {answer!r}.")
     want, want_bf16 = solution_crossover(True), solution_crossover(False)
     if abs(answer - want) <= 2:
-        return correct(f"position {want}: just past k = 2,048. In FLOPs DSA wins almost at once; in the paper's measured "
-                       "decode costs the curves cross near 4.7K tokens (section 6), because the indexer costs more "
-                       "than its FLOPs and V3.2 pays a constant premium.")
+        return correct(f"position {want}: just past k = 2,048. In FLOPs DSA wins almost at once; in the paper's "
+                       "measured decode costs the curves cross near 4.7K tokens (section 6), because the indexer "
+                       "costs more than its FLOPs and V3.2 pays a constant premium.")
     if abs(answer - want_bf16) <= 2:
         return not_yet(f"{want_bf16} is right if the indexer ran at the bf16 rate; count its FLOPs at half cost (FP8).")
     if abs(answer - 2048) <= 2:
@@ -118,7 +118,7 @@ def check_crossover(answer) -> Verdict:
                    "growing p (or solve n·c = k·c + n·i for the number of keys n).")
 
 
-# ------------------------------------------------------------------------------------------------ build it: select + gather
+# -------------------------------------------------------------------------------------- build it: select + gather
 def _gather(kv_latent: torch.Tensor, k_rope: torch.Tensor, selected: torch.Tensor):
     """lat[b, t, j] = kv_latent[b, selected[b, t, j]] (index -1 reads key 0: those slots are masked later)."""
     batch = torch.arange(kv_latent.shape[0]).view(-1, 1, 1)
@@ -153,8 +153,9 @@ def _kept(selected: torch.Tensor) -> list[list[set[int]]]:
 def check_select_and_gather(fn) -> Verdict:
     """Build it: `fn(index_scores [B, T, S], k, q_positions [T], kv_latent [B, S, C], k_rope [B, S, R]) ->
     (selected [B, T, k] int64 with -1 for "none", lat [B, T, k, C], rope [B, T, k, R])`, compared with
-    `dslib.sparse.topk_selection` and the gather of `sparse_attention` on fresh random scores: a prefill longer than k, a prefill
-    shorter than k, and a decode step (order within a row does not matter; -1 slots may gather anything)."""
+    `dslib.sparse.topk_selection` and the gather of `sparse_attention` on fresh random scores: a prefill longer than
+    k, a prefill shorter than k, and a decode step (order within a row does not matter; -1 slots may gather
+    anything)."""
     from dslib import indexer, sparse
     from dslib.sparse import sparse_attention, topk_selection
 

@@ -126,7 +126,7 @@ def check_active_params(answer) -> Verdict:
                    "parameters of the 8 extra experts in every MoE layer (one expert is 3·hidden·moe_intermediate).")
 
 
-# ---------------------------------------------------------------------------------------------------- build it: the route
+# ---------------------------------------------------------------------------------------------- build it: the route
 def _route(x, weight, bias, cfg, *, score="sigmoid", choose_with_bias=True, weights_with_bias=False,
            group_score="top2", groups="contiguous", limit=True, normalise=True, scale=True):
     """The gate's steps 1-6 from torch operations, with the variants the check recognises."""

@@ -16,7 +16,7 @@ import torch
 from dslib.checkpoint import FP8_DTYPE, SCALE_SUFFIX, checkpoint_tensors, dequantize_fp8_blocks, quantize_fp8_blocks
 from dslib.config import H200_MEMORY_BYTES, ModelConfig
 from dslib.devices import gpus_needed, module_bytes
-from dslib.exercises import Verdict, attempt, attempt_own, correct, fresh_generator, not_yet
+from dslib.exercises import Verdict, attempt_own, correct, fresh_generator, not_yet
 
 __all__ = [
     "check_dequantize", "check_scale_bytes", "check_gpus_needed",
@@ -146,8 +146,8 @@ def check_gpus_needed(answer, storage: str = "fp8") -> Verdict:
     other = "bf16" if storage == "fp8" else "fp8"
     if n == want:
         return correct(f"{want} GPUs. The {storage} weights ({total / 1e9:.1f} GB) would fit in "
-                       f"{math.ceil(total / usable)} GPUs of {usable / 1e9:.1f} GB if they could be cut anywhere, but a "
-                       f"MoE layer is a {moe / 1e9:.2f} GB block: a GPU holds only {int(usable // moe)} of them.")
+                       f"{math.ceil(total / usable)} GPUs of {usable / 1e9:.1f} GB if they could be cut anywhere, "
+                       f"but a MoE layer is a {moe / 1e9:.2f} GB block: a GPU holds only {int(usable // moe)} of them.")
     if n == math.ceil(total / usable):
         return not_yet(f"{n} GPUs hold {total / 1e9:.1f} GB only if layers could be split between GPUs. A MoE layer "
                        f"({moe / 1e9:.2f} GB) must sit whole on one GPU: how many fit in {usable / 1e9:.1f} GB?")
@@ -157,6 +157,7 @@ def check_gpus_needed(answer, storage: str = "fp8") -> Verdict:
         return not_yet(f"that is for {other} weights; this question asks about {storage} "
                        f"({'1 byte per quantised weight + scales' if storage == 'fp8' else '2 bytes per weight'}).")
     if n < want:
-        return not_yet(f"{n} GPUs offer {n * usable / 1e9:.0f} GB, too little for whole layers of {total / 1e9:.0f} GB.")
+        return not_yet(f"{n} GPUs offer {n * usable / 1e9:.0f} GB, too little for whole layers of "
+                       f"{total / 1e9:.0f} GB.")
     return not_yet(f"{n} GPUs would work, but fewer do too. Place consecutive layers greedily, each GPU up to "
                    f"{usable / 1e9:.1f} GB, and count the GPUs used.")

@@ -37,10 +37,11 @@ def _canvas(title: str, width: float, height: float, px: int) -> go.Figure:
 
 def _box(fig: go.Figure, x0: float, y0: float, x1: float, y1: float, text: str, *, fill: str, line: str = _INK,
          width: float = 1.2, dash: str | None = None, size: int = 12, color: str = "#111") -> None:
-    fig.add_shape(type="rect", x0=x0, y0=y0, x1=x1, y1=y1, fillcolor=fill, line=dict(color=line, width=width, dash=dash),
-                  layer="below")
+    fig.add_shape(type="rect", x0=x0, y0=y0, x1=x1, y1=y1, fillcolor=fill, layer="below",
+                  line=dict(color=line, width=width, dash=dash))
     if text:
-        fig.add_annotation(x=(x0 + x1) / 2, y=(y0 + y1) / 2, text=text, showarrow=False, font=dict(size=size, color=color))
+        fig.add_annotation(x=(x0 + x1) / 2, y=(y0 + y1) / 2, text=text, showarrow=False,
+                           font=dict(size=size, color=color))
 
 
 def _arrow(fig: go.Figure, x0: float, y0: float, x1: float, y1: float, text: str = "", *, color: str = _INK,
@@ -67,7 +68,7 @@ def kv_cache_step_diagram(cached: int = 6, *, kv_heads: int = 2, heads: int = 4,
     n = cached + 1
     cell = min(8.0, 56.0 / n)
     x0 = 30
-    for row, (name, y) in enumerate((("K cache", 30), ("V cache", 18))):
+    for name, y in (("K cache", 30), ("V cache", 18)):
         _note(fig, 2, y + 3, f"<b>{name}</b><br>[B, {kv_heads} KV heads, S, {head_dim}]", size=11)
         for i in range(n):
             new = i == n - 1
@@ -110,10 +111,10 @@ def mla_dataflow_diagram(cfg) -> go.Figure:
                              "per token", fill=_PALE["cache"], size=11)
     # naive lane (top)
     _note(fig, 20, 61, "<b>naive (MHA mode)</b>: prefill", size=12, color=COLORS["mha"])
-    _box(fig, 22, 46, 36, 56, f"kv_b_proj<br>W<sub>UK</sub>, W<sub>UV</sub>", fill=_PALE["weight"], size=11)
+    _box(fig, 22, 46, 36, 56, "kv_b_proj<br>W<sub>UK</sub>, W<sub>UV</sub>", fill=_PALE["weight"], size=11)
     _box(fig, 41, 45, 60, 57, f"per-head K, V<br>{H} × ({nope + r} + {v})<br>= {H * (nope + r + v):,} values / token",
          fill=_PALE["compute"], size=11, line=COLORS["mha"])
-    _box(fig, 65, 46, 80, 56, f"attention<br>per head", fill=_PALE["compute"], size=11)
+    _box(fig, 65, 46, 80, 56, "attention<br>per head", fill=_PALE["compute"], size=11)
     _box(fig, 84, 46, 99, 56, f"o [{H} × {v}]<br>→ o_proj", fill=_PALE["out"], size=11)
     _arrow(fig, 17, 37, 22, 50)
     _arrow(fig, 36, 51, 41, 51)
@@ -188,8 +189,8 @@ def routing_groups_diagram(scores: Sequence[float], bias: Sequence[float], group
     b = [float(v) for v in (bias.tolist() if hasattr(bias, "tolist") else bias)]
     E = len(s)
     per = E // n_group
-    kept = [True] * n_group if group_kept is None else [bool(v) for v in (group_kept.tolist()
-                                                                          if hasattr(group_kept, "tolist") else group_kept)]
+    kept = [True] * n_group if group_kept is None else [
+        bool(v) for v in (group_kept.tolist() if hasattr(group_kept, "tolist") else group_kept)]
     idx = [int(v) for v in (topk_idx.tolist() if hasattr(topk_idx, "tolist") else topk_idx)]
     wts = [float(v) for v in (topk_weight.tolist() if hasattr(topk_weight, "tolist") else topk_weight)]
     chosen = dict(zip(idx, wts))
