@@ -16,7 +16,7 @@ export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 # Notebooks shrink their work under CI (same code path, smaller sizes); `make lab` runs them full size.
 TEST_ENV := DSLIB_FAST=1 OMP_NUM_THREADS=2
 
-.PHONY: env env-dev lab test test-unit test-notebooks test-browser html bench data strip clean
+.PHONY: env env-dev lab lint test test-unit test-notebooks test-browser html bench data strip clean
 
 env: $(LAB_STAMP)
 env-dev: $(DEV_STAMP)
@@ -37,8 +37,12 @@ $(DEV_STAMP): $(LAB_STAMP)
 lab: env
 	$(BIN)/jupyter lab notebooks/
 
-# Unit tests, reference tests, hygiene tests, the browser test, and every notebook executed by nbval.
-test: env-dev
+# Lint (ruff, configured in pyproject.toml; in the dev extra) before any test runs.
+lint: env-dev
+	$(BIN)/ruff check .
+
+# Lint, then unit tests, reference tests, hygiene tests, the browser test, and every notebook executed by nbval.
+test: env-dev lint
 	$(TEST_ENV) $(PY) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider tests notebooks
 
 test-unit: env-dev
@@ -52,7 +56,7 @@ test-browser: env-dev
 
 # Executed notebooks as standalone HTML (plotly inlined, works offline) in html/ (nbclient, nbconvert: dev).
 html: env-dev
-	$(PY) -m dslib.export_html notebooks html
+	$(PY) tools/export_html.py notebooks html
 
 # Speed and memory figures, written to data/*.csv (CPU); GPU ones come from benchmarks/gpu_*.py on the H200.
 bench: env-dev

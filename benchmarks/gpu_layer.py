@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import csv
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from dslib.checkpoint import RandomSource, load_layer, load_pretrained  # noqa: E402
 from dslib.config import ModelConfig  # noqa: E402
+from dslib.cost import wall_seconds  # noqa: E402
 from dslib.devices import module_bytes  # noqa: E402
 from dslib.moe import moe_reference  # noqa: E402
 from dslib.sparse import DSACache  # noqa: E402
@@ -53,38 +53,16 @@ TINY = dict(prefill=[8, 32], decode=[8, 32], decode_batch=[1, 2], moe_tokens=[1,
 
 
 # --------------------------------------------------------------------------------------------- timing
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 TARGET_S = 0.5  # seconds of repetitions per case (after one warm-up and one probe)
 
 
 def timed(fn, device, *, max_reps: int = 50, min_reps: int = 3):
-    """Median seconds of fn() over repetitions (1 warm-up; enough reps for ~TARGET_S, min_reps..max_reps)."""
-    target_s = TARGET_S
-    out = fn()  # warm-up (also the value the checks use)
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    first = time.perf_counter() - t0
-    reps = max(min_reps, min(max_reps, int(target_s / max(first, 1e-6))))
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return out, statistics.median(times), reps
+    """(first output, median seconds, reps) of fn(): one warm-up (its output is what the checks use), one probe,
+    then enough repetitions for ~TARGET_S (min_reps..max_reps), all through `dslib.cost.wall_seconds`."""
+    out = fn()
+    first = wall_seconds(fn, repeats=1, warmup=0)
+    reps = max(min_reps, min(max_reps, int(TARGET_S / max(first, 1e-6))))
+    return out, wall_seconds(fn, repeats=reps, warmup=0), reps
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
@@ -100,10 +78,7 @@ def dense_sdpa(attn, h: torch.Tensor) -> torch.Tensor:
     """Causal MHA-mode MLA via torch's fused attention (V zero-padded to the q/k head size so the flash kernel
     applies); the dense baseline an engine would use for prefill. h [B, T, d] -> [B, T, d]."""
     B, T, _ = h.shape
-    positions = torch.arange(T, device=h.device)
-    cos, sin = attn.rotary(positions)
-    _, q_nope, q_rope = attn.project_q(h, cos, sin)
-    kv_latent, k_rope = attn.project_kv(h, cos, sin)
+    _, q_nope, q_rope, kv_latent, k_rope, _ = attn._project(h, torch.arange(T, device=h.device))
     k, v = attn.expand_kv(kv_latent, k_rope)  # [B, T, H, 192], [B, T, H, 128]
     q = torch.cat([q_nope, q_rope], dim=-1)
     pad = q.shape[-1] - v.shape[-1]
@@ -116,8 +91,7 @@ def dense_sdpa(attn, h: torch.Tensor) -> torch.Tensor:
 
 def indexer_only(attn, h: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(h.shape[1], device=h.device)
-    cos, sin = attn.rotary(positions)
-    q_latent, _, _ = attn.project_q(h, cos, sin)
+    q_latent, _, _, _, _, (cos, sin) = attn._project(h, positions)
     return attn.indexer(h, q_latent, cos, sin, positions)
 
 
@@ -126,8 +100,8 @@ def filled_cache(cfg: ModelConfig, batch: int, length: int, device, dtype, extra
     cache = DSACache(max_len=length + extra)
     g = torch.Generator(device=device).manual_seed(length)
     rnd = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)  # noqa: E731
-    cache.latent.append(rnd(batch, length, cfg.kv_lora_rank), rnd(batch, length, cfg.qk_rope_head_dim))
-    cache.index_keys.append(rnd(batch, length, cfg.index_head_dim))
+    cache.append(rnd(batch, length, cfg.kv_lora_rank), rnd(batch, length, cfg.qk_rope_head_dim),
+                 rnd(batch, length, cfg.index_head_dim))
     return cache
 
 
@@ -148,7 +122,8 @@ def bench_attention(attn, cfg, sizes, device, dtype, deadline, rows, env):
     with torch.no_grad():
         for L in sizes["prefill"]:
             h = (torch.randn(1, L, d, generator=g, device=device) * 0.5).to(dtype)
-            variants = ["sparse", "indexer", "dense_sdpa"] + (["dense_naive"] if L <= sizes["naive_prefill_max"] else [])
+            variants = ["sparse", "indexer", "dense_sdpa"]
+            variants += ["dense_naive"] if L <= sizes["naive_prefill_max"] else []
             outs = {}
             for variant in variants:
                 if time.perf_counter() > deadline:
@@ -175,14 +150,15 @@ def bench_attention(attn, cfg, sizes, device, dtype, deadline, rows, env):
             if L <= k and "dense_sdpa" in outs and "sparse" in outs:
                 err = rel_err(outs["sparse"], outs["dense_sdpa"])
                 assert err < 3e-2, f"L={L} <= index_topk: sparse must equal dense, rel err {err:.3g}"
-            del h, outs
+            h = outs = None  # free this length's tensors before the next
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
         for B in sizes["decode_batch"]:
             for L in sizes["decode"]:
                 h1 = (torch.randn(B, 1, d, generator=g, device=device) * 0.5).to(dtype)
-                variants = ["sparse", "dense_absorbed"] + (["dense_naive"] if B * L <= sizes["naive_decode_max"] else [])
+                variants = ["sparse", "dense_absorbed"]
+                variants += ["dense_naive"] if B * L <= sizes["naive_decode_max"] else []
                 for variant in variants:
                     if time.perf_counter() > deadline:
                         add("decode", variant, L, B, None, 0, "time budget spent")
@@ -200,7 +176,7 @@ def bench_attention(attn, cfg, sizes, device, dtype, deadline, rows, env):
                         continue
                     check_finite(f"decode {variant} L={L}", out)
                     add("decode", variant, L, B, sec, reps)
-                    del cache, out
+                    cache = out = None
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
 
@@ -243,7 +219,8 @@ def bench_ffn(layer, dense_layer, cfg, sizes, device, dtype, deadline, rows, env
                                  experts_touched=touched, tflops=round(flops / sec / 1e12, 3),
                                  weight_GB_per_s=round(weight_bytes / sec / 1e9, 1), note="", **env))
                 print(f"  {name:9s} N={n:>6d}  {sec * 1e3:9.3f} ms  {flops / sec / 1e12:7.2f} TFLOP/s  "
-                      f"weights {weight_bytes / sec / 1e9:7.1f} GB/s" + (f"  experts touched {touched}" if touched else ""),
+                      f"weights {weight_bytes / sec / 1e9:7.1f} GB/s"
+                      + (f"  experts touched {touched}" if touched else ""),
                       flush=True)
 
 
@@ -266,7 +243,8 @@ def check_small_model_on_device(device) -> float:
             same = torch.equal(on_dev.generate(ids.to(device), 8).cpu(), on_cpu.generate(ids, 8))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    assert diff < 1e-3 and same, f"small model on {device} differs from CPU: max |logit diff| {diff:.3g}, same tokens {same}"
+    assert diff < 1e-3 and same, (f"small model on {device} differs from CPU: max |logit diff| {diff:.3g}, "
+                                  f"same tokens {same}")
     print(f"small model on {device} == on CPU (max |logit diff| {diff:.2e}, same greedy tokens)", flush=True)
     return diff
 

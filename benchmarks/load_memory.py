@@ -7,7 +7,10 @@ layout) once per shard size, loads it in a fresh child process and records
     extra = peak RSS during loading - RSS before loading - bytes of the loaded model's tensors
 
 next to the largest shard's size ("before" is taken after the imports, including torch's meta-device code).
-Writes data/load_memory.csv.
+For the largest shard size it also loads the same checkpoint through `safetensors.safe_open` (reader
+"safe_open": the file is memory-mapped, and every page of a shard read counts in the process while the shard is
+open) instead of dslib's reader (reader "dslib": plain `readinto` of one tensor at a time), which is why
+dslib has its own. Writes data/load_memory.csv.
 
     python benchmarks/load_memory.py                      # ~1 GB, shards of 100 / 250 / 500 MB
     python benchmarks/load_memory.py --size-gb 0.05 --shard-mb 10 --out /tmp/x.csv     # a quick check
@@ -54,7 +57,24 @@ def config_for(size_gb: float):
     return cfg.replace(num_hidden_layers=layers)
 
 
-def child(path: str, dtype: str) -> None:
+def safe_open_source(path: str):
+    """The same checkpoint folder, each shard read through `safetensors.safe_open` (memory-mapped)."""
+    import contextlib
+
+    from safetensors import safe_open
+
+    from dslib.checkpoint import SafetensorsSource
+
+    class SafeOpenSource(SafetensorsSource):
+        @contextlib.contextmanager
+        def open(self, group: str):
+            with safe_open(str(self.path / group), "pt") as f:
+                yield lambda name, out=None: f.get_tensor(name)
+
+    return SafeOpenSource(path)
+
+
+def child(path: str, dtype: str, reader: str) -> None:
     """Runs in a fresh process: load and report memory as JSON on stdout."""
     import torch
 
@@ -62,20 +82,39 @@ def child(path: str, dtype: str) -> None:
     import safetensors.torch  # noqa: F401  (imports are not the loader's memory)
     import tqdm.auto  # noqa: F401
 
-    from dslib.checkpoint import _parameters_on_meta, load_pretrained
+    from dslib.checkpoint import load_pretrained
     from dslib.config import ModelConfig
     from dslib.model import DeepseekV32ForCausalLM
 
-    with _parameters_on_meta():  # first use of the meta device imports ~80 MB of torch code: not the loader's
+    with torch.device("meta"):  # first use of the meta device imports ~80 MB of torch code: not the loader's
         DeepseekV32ForCausalLM(ModelConfig.tiny())
+    source = safe_open_source(path) if reader == "safe_open" else path
     before = rss_bytes()
     t0 = time.perf_counter()
-    model = load_pretrained(path, dtype=getattr(torch, dtype), progress=False)
+    model = load_pretrained(source, dtype=getattr(torch, dtype), progress=False)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     print(json.dumps({"rss_before": before, "peak_rss": peak, "rss_after": rss_bytes(),
                       "model_bytes": model_bytes, "load_s": seconds}))
+
+
+def _row(reader: str, m: dict, sizes: dict, dtype: str, write_s: float, cfg) -> dict:
+    extra = m["peak_rss"] - m["rss_before"] - m["model_bytes"]
+    largest = max(sizes.values())
+    row = {
+        "checkpoint_bytes": sum(sizes.values()), "n_shards": len(sizes), "largest_shard_bytes": largest,
+        "load_dtype": dtype, "model_bytes": m["model_bytes"], "rss_before": m["rss_before"],
+        "peak_rss": m["peak_rss"], "extra_bytes": extra, "extra_over_largest_shard": round(extra / largest, 3),
+        "load_s": round(m["load_s"], 2), "write_s": round(write_s, 2), "num_hidden_layers": cfg.num_hidden_layers,
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus (shared)", "torch": __import__("torch").__version__,
+        "reader": reader,
+    }
+    print(f"{reader:9s} {len(sizes):3d} shards, largest {largest / 1e6:7.1f} MB: extra host memory "
+          f"{extra / 1e6:7.1f} MB = {row['extra_over_largest_shard']:.2f} x largest shard "
+          f"(model {m['model_bytes'] / 1e9:.2f} GB {dtype}, checkpoint {row['checkpoint_bytes'] / 1e9:.2f} GB, "
+          f"load {m['load_s']:.1f} s)", flush=True)
+    return row
 
 
 def main() -> None:
@@ -85,9 +124,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", help="dtype the model is loaded in")
     ap.add_argument("--out", default=str(ROOT / "data" / "load_memory.csv"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--reader", default="dslib", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return child(args.child, args.dtype)
+        return child(args.child, args.dtype, args.reader)
 
     from dslib.checkpoint import SafetensorsSource, write_synthetic_checkpoint
 
@@ -100,22 +140,14 @@ def main() -> None:
                                               max_shard_bytes=int(shard_mb * 1e6), progress=False)
             write_s = time.perf_counter() - t0
             sizes = SafetensorsSource(path).file_sizes()
-            out = subprocess.run([sys.executable, __file__, "--child", str(path), "--dtype", args.dtype],
-                                 capture_output=True, text=True, check=True)
-            m = json.loads(out.stdout.strip().splitlines()[-1])
-        extra = m["peak_rss"] - m["rss_before"] - m["model_bytes"]
-        row = {
-            "checkpoint_bytes": sum(sizes.values()), "n_shards": len(sizes), "largest_shard_bytes": max(sizes.values()),
-            "load_dtype": args.dtype, "model_bytes": m["model_bytes"], "rss_before": m["rss_before"],
-            "peak_rss": m["peak_rss"], "extra_bytes": extra, "extra_over_largest_shard": round(extra / max(sizes.values()), 3),
-            "load_s": round(m["load_s"], 2), "write_s": round(write_s, 2), "num_hidden_layers": cfg.num_hidden_layers,
-            "machine": f"{platform.machine()} {os.cpu_count()} cpus (shared)", "torch": __import__("torch").__version__,
-        }
-        rows.append(row)
-        print(f"{len(sizes):3d} shards, largest {row['largest_shard_bytes'] / 1e6:7.1f} MB: extra host memory "
-              f"{extra / 1e6:7.1f} MB = {row['extra_over_largest_shard']:.2f} x largest shard "
-              f"(model {m['model_bytes'] / 1e9:.2f} GB {args.dtype}, checkpoint {row['checkpoint_bytes'] / 1e9:.2f} GB, "
-              f"load {m['load_s']:.1f} s)")
+            readers = ["dslib", "safe_open"] if shard_mb == max(args.shard_mb) else ["dslib"]
+            measured = {}
+            for reader in readers:
+                out = subprocess.run([sys.executable, __file__, "--child", str(path), "--dtype", args.dtype,
+                                      "--reader", reader], capture_output=True, text=True, check=True)
+                measured[reader] = json.loads(out.stdout.strip().splitlines()[-1])
+        for reader, m in measured.items():
+            rows.append(_row(reader, m, sizes, args.dtype, write_s, cfg))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -25,9 +25,9 @@ FIELDS = ["notebook", "mode", "seconds", "cpu_count", "torch", "date"]
 def run_notebook(path: Path, fast: bool, timeout: int) -> float:
     """Execute `path` top to bottom in a new kernel; return wall seconds. Raises on the first failing cell.
 
-    Uses the same executor as `make html` (`dslib.export_html.execute`: IPC kernel sockets, robust polling)."""
+    Uses the same executor as `make html` (`tools.export_html.execute`: IPC kernel sockets, robust polling)."""
     sys.path.insert(0, str(ROOT))
-    from dslib.export_html import execute
+    from tools.export_html import execute
 
     env = {"DSLIB_FAST": "1"} if fast else {}
     if not fast:

@@ -2,7 +2,7 @@
 
 Chapter order (a module imports only modules of its own or earlier chapters; tests/test_hygiene.py checks it):
 
-1. config, kv_cache, attention, viz, show   — KV caching and memory accounting
+1. config, fp8, cost, kv_cache, attention, viz, show   — KV caching, memory and FLOP accounting, FP8 numbers
 2. rope, mla                                — Multi-head Latent Attention
 3. indexer, sparse, tasks, train            — DeepSeek Sparse Attention (lightning indexer + top-k)
 4. moe                                      — mixture-of-experts routing and balancing

@@ -5,7 +5,8 @@ embeddings so that RoPE can wait for chapter 2) whose attention caches full per-
 `num_key_value_heads` chooses the flavour: equal to `num_attention_heads` is MHA, 1 is MQA, anything between
 that divides the heads is GQA (each KV head serves `num_attention_heads // num_key_value_heads` query heads).
 
-Also holds `RMSNorm`, the normalisation every later chapter uses.
+Also holds what every later chapter reuses: `RMSNorm`, `FeedForward` (SwiGLU), the pre-norm `DecoderLayer` that
+every model of the series is a stack of, and the position helpers `batched_positions` / `causal_mask`.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from dslib.config import ConfigError, dense_kv_bytes_per_token_per_layer
 from dslib.kv_cache import KVCache, LayerKVCache, SequenceTooLongError
 
 __all__ = [
-    "RMSNorm", "BaselineConfig", "causal_attention", "Attention", "FeedForward", "DecoderLayer", "BaselineDecoder",
+    "RMSNorm", "BaselineConfig", "batched_positions", "causal_mask", "causal_attention", "Attention", "FeedForward",
+    "DecoderLayer", "BaselineDecoder",
 ]
 
 
@@ -120,6 +122,23 @@ class BaselineConfig:
 
 
 # ---------------------------------------------------------------------------------------------- attention
+def batched_positions(q_positions: torch.Tensor) -> torch.Tensor:
+    """Query positions as `[B, T]` (or `[1, T]` for positions `[T]` shared by the whole batch), int64."""
+    if q_positions.dim() == 1:
+        return q_positions.unsqueeze(0)
+    if q_positions.dim() != 2:
+        raise ValueError(f"q_positions must be [T] or [B, T], got shape {tuple(q_positions.shape)}.")
+    return q_positions
+
+
+def causal_mask(q_positions: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """bool `[B, T, S]` (`[1, T, S]` for positions `[T]`): key s is visible to the query at position p iff s <= p.
+
+    Keys are the positions 0..S-1 (a cache holds every token from the start). The one causal mask of the series."""
+    keys = torch.arange(num_keys, device=q_positions.device)
+    return keys.view(1, 1, -1) <= batched_positions(q_positions).unsqueeze(-1)
+
+
 def causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
@@ -139,10 +158,7 @@ def causal_attention(
     # so each cached key is read once per group rather than once per head.
     qg = q.reshape(B, KVH, G * T, hd)  # [B, KVH, G*T, hd]
     scores = (qg @ k.transpose(-1, -2)).view(B, KVH, G, T, S) * scale  # [B, KVH, G, T, S]
-    key_pos = torch.arange(S, device=q.device)
-    visible = key_pos <= q_positions.unsqueeze(-1)  # [T, S] or [B, T, S]
-    if visible.dim() == 3:
-        visible = visible[:, None, None]  # [B, 1, 1, T, S]
+    visible = causal_mask(q_positions, S)[:, None, None]  # [B or 1, 1, 1, T, S]
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)  # [B, KVH, G, T, S]
     out = probs.view(B, KVH, G * T, S) @ v  # [B, KVH, G*T, hd]
@@ -152,19 +168,22 @@ def causal_attention(
 class Attention(nn.Module):
     """Multi-head / grouped-query self-attention with an optional KV cache (no biases, no RoPE)."""
 
-    def __init__(self, cfg: BaselineConfig, layer_idx: int = 0):
+    def __init__(self, config: BaselineConfig, layer_idx: int = 0):
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        d = cfg.hidden_size
+        self.num_heads, self.num_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                            config.head_dim)
+        d = config.hidden_size
         self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, cache: LayerKVCache | None = None, *,
+                recorder=None) -> torch.Tensor:
         """h [B, T, d] at `positions` [T]; with a cache, the T new keys/values are appended and the queries
-        attend over all S cached tokens. Returns [B, T, d]."""
+        attend over all S cached tokens. Returns [B, T, d]. (`recorder`: plain attention selects nothing.)"""
         B, T, _ = h.shape
         q = self.q_proj(h).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
         k = self.k_proj(h).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, hd]
@@ -176,7 +195,10 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU feed-forward: down_proj(silu(gate_proj(x)) * up_proj(x))."""
+    """SwiGLU feed-forward: down_proj(silu(gate_proj(x)) * up_proj(x)), x [..., d] -> [..., d].
+
+    DeepSeek uses it three ways: the dense FFN of the first `first_k_dense_replace` layers, each routed expert,
+    and the shared expert (chapter 4). (`recorder`: a dense FFN routes nothing.)"""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -184,25 +206,36 @@ class FeedForward(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, recorder=None) -> torch.Tensor:
         # DeepSeek's reference computes silu and the product in fp32 (identical in fp32, steadier in bf16).
         hidden = F.silu(self.gate_proj(x).float()) * self.up_proj(x).float()  # [..., intermediate]
         return self.down_proj(hidden.to(x.dtype))
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). Names as in DeepSeek's checkpoint."""
+    """The pre-norm block every model of the series stacks (names as in DeepSeek's checkpoint):
 
-    def __init__(self, cfg: BaselineConfig, layer_idx: int = 0):
+        x = x + self_attn(input_layernorm(x), positions, cache)
+        x = x + mlp(post_attention_layernorm(x))
+
+    Only the two parts change from chapter to chapter: `Attention` + `FeedForward` here, `DSAttention` +
+    `FeedForward` (chapter 3's recall model), `MLA` + `MoE` (chapter 4's model), `DSAttention` + `FeedForward` or
+    `MoE` (chapter 5: DeepSeek-V3.2). `options` (attention=, mode=, stats=, ...) go to `self_attn`; `recorder` goes
+    to both parts, and each reports what it decided (token selections, expert routing) or nothing.
+    """
+
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden_size: int, eps: float = 1e-6):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = FeedForward(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(hidden_size, eps)
+        self.self_attn = self_attn
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
+        self.mlp = mlp
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache=None, *, recorder=None,
+                **options) -> torch.Tensor:
+        """x `[B, T, d]` at `positions` -> `[B, T, d]`; the layer's new keys/latents go into `cache`."""
+        x = x + self.self_attn(self.input_layernorm(x), positions, cache, recorder=recorder, **options)
+        return x + self.mlp(self.post_attention_layernorm(x), recorder=recorder)
 
 
 class BaselineDecoder(nn.Module):
@@ -213,31 +246,33 @@ class BaselineDecoder(nn.Module):
     their keys/values are appended to it. This is the protocol `dslib.kv_cache.generate` uses.
     """
 
-    def __init__(self, cfg: BaselineConfig):
+    def __init__(self, config: BaselineConfig):
         super().__init__()
-        self.config = cfg
-        self.max_position_embeddings = cfg.max_position_embeddings
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.config = config
+        d = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, d)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, d)
+        self.layers = nn.ModuleList(
+            DecoderLayer(Attention(config, i), FeedForward(d, config.intermediate_size), d, config.rms_norm_eps)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(d, config.rms_norm_eps)
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         """An empty cache for this model (at most `max_len` tokens, default max_position_embeddings)."""
-        return KVCache(self.config.num_hidden_layers, max_len or self.max_position_embeddings)
+        return KVCache(self.config.num_hidden_layers, max_len or self.config.max_position_embeddings)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}.")
-        T = input_ids.shape[1]
+        T, limit = input_ids.shape[1], self.config.max_position_embeddings
         start = len(cache) if cache is not None else 0
-        if start + T > self.max_position_embeddings:
+        if start + T > limit:
             raise SequenceTooLongError(
                 f"positions {start}..{start + T - 1} requested, but this model has learned embeddings only for "
-                f"positions 0..{self.max_position_embeddings - 1} (max_position_embeddings="
-                f"{self.max_position_embeddings}). Shorten the sequence or build the model with a larger "
-                "max_position_embeddings."
+                f"positions 0..{limit - 1} (max_position_embeddings={limit}). Shorten the sequence or build the "
+                "model with a larger max_position_embeddings."
             )
         positions = torch.arange(start, start + T, device=input_ids.device)  # [T]
         x = self.embed_tokens(input_ids) + self.embed_positions(positions)  # [B, T, d]

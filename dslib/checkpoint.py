@@ -12,8 +12,9 @@ How a weight is *stored* lives here; how a layer *computes* lives in the chapter
       RandomSource(cfg, seed)      seeded random tensors with the checkpoint's names, shapes and dtypes
       StateDictSource(sd, cfg)     an in-memory state dict (what `save_pretrained` writes)
     write_checkpoint(src, path)  config.json + sharded safetensors + index, optionally FP8-quantised
-    load_pretrained(path)        the model: allocated once, then filled one tensor at a time (extra host memory
-                                 ~ one tensor, not the checkpoint); keep_fp8=True keeps FP8 weights as stored
+    load_pretrained(path)        the model: built on the meta device, allocated once, then filled one tensor at a
+                                 time with plain file reads (extra host memory ~ one tensor, not the checkpoint);
+                                 keep_fp8=True keeps FP8 weights as stored
     load_layer(path, i)          one decoder layer, read the same way (full-size layers on one GPU)
     FP8Linear                    a Linear that holds its weight as e4m3 + block scales (the checkpoint's tensors)
 """
@@ -32,9 +33,8 @@ from typing import Callable
 import torch
 
 from dslib.config import FP8_BLOCK, ModelConfig
+from dslib.fp8 import FP8_DTYPE, FP8_MAX, act_quant
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite e4m3 value
 SCALE_SUFFIX = "_scale_inv"  # `x.weight` is stored with `x.weight_scale_inv`
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -81,79 +81,49 @@ def scale_shape(shape: tuple[int, int], block: int = FP8_BLOCK) -> tuple[int, in
     return (math.ceil(shape[0] / block), math.ceil(shape[1] / block))
 
 
-def _layer_tensors(cfg: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
-    """Name (relative to the checkpoint root) -> shape, for decoder layer i."""
-    d, h = cfg.hidden_size, cfg.num_attention_heads
-    p = f"model.layers.{i}."
-    t: dict[str, tuple[int, ...]] = {
-        p + "input_layernorm.weight": (d,),
-        p + "post_attention_layernorm.weight": (d,),
-    }
-    a = p + "self_attn."
-    if cfg.q_lora_rank:
-        t[a + "q_a_proj.weight"] = (cfg.q_lora_rank, d)
-        t[a + "q_a_layernorm.weight"] = (cfg.q_lora_rank,)
-        t[a + "q_b_proj.weight"] = (h * cfg.qk_head_dim, cfg.q_lora_rank)
-    else:
-        t[a + "q_proj.weight"] = (h * cfg.qk_head_dim, d)
-    t[a + "kv_a_proj_with_mqa.weight"] = (cfg.kv_lora_rank + cfg.qk_rope_head_dim, d)
-    t[a + "kv_a_layernorm.weight"] = (cfg.kv_lora_rank,)
-    t[a + "kv_b_proj.weight"] = (h * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
-    t[a + "o_proj.weight"] = (d, h * cfg.v_head_dim)
-    x = a + "indexer."
-    t[x + "wq_b.weight"] = (cfg.index_n_heads * cfg.index_head_dim, cfg.q_lora_rank or d)
-    t[x + "wk.weight"] = (cfg.index_head_dim, d)
-    t[x + "k_norm.weight"] = (cfg.index_head_dim,)
-    t[x + "k_norm.bias"] = (cfg.index_head_dim,)
-    t[x + "weights_proj.weight"] = (cfg.index_n_heads, d)
-    m = p + "mlp."
-    if cfg.is_moe_layer(i):
-        t[m + "gate.weight"] = (cfg.n_routed_experts, d)
-        t[m + "gate.e_score_correction_bias"] = (cfg.n_routed_experts,)
-        for e in range(cfg.n_routed_experts):
-            t[m + f"experts.{e}.gate_proj.weight"] = (cfg.moe_intermediate_size, d)
-            t[m + f"experts.{e}.up_proj.weight"] = (cfg.moe_intermediate_size, d)
-            t[m + f"experts.{e}.down_proj.weight"] = (d, cfg.moe_intermediate_size)
-        if cfg.n_shared_experts:
-            width = cfg.moe_intermediate_size * cfg.n_shared_experts
-            t[m + "shared_experts.gate_proj.weight"] = (width, d)
-            t[m + "shared_experts.up_proj.weight"] = (width, d)
-            t[m + "shared_experts.down_proj.weight"] = (d, width)
-    else:
-        t[m + "gate_proj.weight"] = (cfg.intermediate_size, d)
-        t[m + "up_proj.weight"] = (cfg.intermediate_size, d)
-        t[m + "down_proj.weight"] = (d, cfg.intermediate_size)
-    return t
+def _module_shapes(cfg: ModelConfig, mtp: bool) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor the model's `state_dict()` holds, read off modules built on the `meta` device
+    (shapes only: no memory, no initialisation), so the shapes are written once, in the modules' `__init__`s.
+
+    Only one decoder layer of each kind is built (dense FFN, MoE): every layer of a kind has the same tensors.
+    The MTP module (`mtp=True`, stored as layer `num_hidden_layers`) is one more MoE layer plus the tensors below,
+    which no dslib module holds (inference does not use them)."""
+    from dslib.model import DeepseekV32ForCausalLM, decoder_layer
+
+    with torch.device("meta"):
+        shell = DeepseekV32ForCausalLM(cfg.replace(num_hidden_layers=1, first_k_dense_replace=1))  # + a dense layer
+        kinds = {False: shell.model.layers[0]}
+        if cfg.num_moe_layers:
+            kinds[True] = decoder_layer(cfg.replace(first_k_dense_replace=0), 0)
+    per_kind = {moe: {n: tuple(t.shape) for n, t in layer.state_dict().items()} for moe, layer in kinds.items()}
+    top = {n: tuple(t.shape) for n, t in shell.state_dict().items() if layer_of(n) is None}
+    d, vocab = cfg.hidden_size, cfg.vocab_size
+    shapes = {"model.embed_tokens.weight": top.pop("model.embed_tokens.weight")}
+    for i in range(cfg.num_hidden_layers):
+        shapes.update({f"model.layers.{i}.{n}": shape for n, shape in per_kind[cfg.is_moe_layer(i)].items()})
+    shapes.update(top)  # model.norm.weight, lm_head.weight
+    for i in range(cfg.num_hidden_layers, cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if mtp else 0)):
+        p = f"model.layers.{i}."
+        shapes.update({p + n: shape for n, shape in per_kind[bool(cfg.num_moe_layers)].items()})  # the MTP block is MoE
+        shapes.update({p + "enorm.weight": (d,), p + "hnorm.weight": (d,), p + "eh_proj.weight": (d, 2 * d),
+                       p + "embed_tokens.weight": (vocab, d), p + "shared_head.norm.weight": (d,),
+                       p + "shared_head.head.weight": (vocab, d)})
+    return shapes
 
 
 def checkpoint_tensors(
     cfg: ModelConfig, *, fp8: bool = False, dtype: torch.dtype = torch.bfloat16, mtp: bool = False
 ) -> dict[str, TensorSpec]:
-    """The checkpoint's tensor table (REFERENCE.md §7.1): name -> TensorSpec(shape, storage dtype).
+    """The checkpoint's tensor table (REFERENCE.md §7.1): name -> TensorSpec(shape, storage dtype), in model order.
 
+    The names and shapes are those of `dslib.model.DeepseekV32ForCausalLM(cfg)` (built on the meta device).
     fp8=True stores every quantisable linear as e4m3 plus an fp32 `weight_scale_inv` [ceil(out/128),
     ceil(in/128)]; the rest is `dtype` (bf16 in the release), except the router bias (fp32). `mtp=True` adds
     the multi-token-prediction module stored as layer `num_hidden_layers` (the loader ignores it).
     """
-    d, block = cfg.hidden_size, _block_size(cfg)
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, d)}
-    for i in range(cfg.num_hidden_layers):
-        shapes.update(_layer_tensors(cfg, i))
-    shapes["model.norm.weight"] = (d,)
-    shapes["lm_head.weight"] = (cfg.vocab_size, d)
-    if mtp:
-        for j in range(cfg.num_nextn_predict_layers):
-            i = cfg.num_hidden_layers + j
-            moe = cfg.replace(first_k_dense_replace=0) if cfg.num_moe_layers else cfg  # the MTP block is MoE
-            shapes.update(_layer_tensors(moe, i))
-            p = f"model.layers.{i}."
-            shapes.update({
-                p + "enorm.weight": (d,), p + "hnorm.weight": (d,), p + "eh_proj.weight": (d, 2 * d),
-                p + "embed_tokens.weight": (cfg.vocab_size, d), p + "shared_head.norm.weight": (d,),
-                p + "shared_head.head.weight": (cfg.vocab_size, d),
-            })
+    block = _block_size(cfg)
     table: dict[str, TensorSpec] = {}
-    for name, shape in shapes.items():
+    for name, shape in _module_shapes(cfg, mtp).items():
         if name.endswith(KEEP_FP32):
             table[name] = TensorSpec(shape, torch.float32)
         elif fp8 and is_fp8_weight(name, shape):
@@ -236,19 +206,15 @@ def quantize_fp8_blocks(
         raise ValueError(f"quantize_fp8_blocks expects a 2-D weight, got shape {tuple(weight.shape)}.")
     rows, cols = weight.shape
     rb, cb = scale_shape((rows, cols), block)
-    w = weight.float()
-    padded = torch.zeros(rb * block, cb * block, dtype=torch.float32, device=w.device)
-    padded[:rows, :cols] = w
-    tiles = padded.view(rb, block, cb, block)  # [row block, row, col block, col]
-    amax = tiles.abs().amax(dim=(1, 3))  # [rb, cb]
-    scale = (amax / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
-    if scale_fmt == "ue8m0":
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    elif scale_fmt not in (None, "float"):
+    if scale_fmt not in (None, "float", "ue8m0"):
         raise ValueError(f"scale_fmt={scale_fmt!r}: use None/'float' (amax/448) or 'ue8m0' (powers of two).")
-    q = (tiles / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    q = q.view(rb * block, cb * block)[:rows, :cols].contiguous()
-    return q, scale.contiguous()
+    padded = torch.zeros(rb * block, cb * block, dtype=torch.float32, device=weight.device)
+    padded[:rows, :cols] = weight.float()
+    tiles = padded.view(rb, block, cb, block).transpose(1, 2).reshape(rb, cb, block * block)  # one row per block
+    # min_amax: an all-zero block gets the smallest normal fp32 scale (amax / 448 floored at float32 tiny)
+    q, scale = act_quant(tiles, pow2_scale=scale_fmt == "ue8m0", min_amax=FP8_MAX * torch.finfo(torch.float32).tiny)
+    q = q.view(rb, cb, block, block).transpose(1, 2).reshape(rb * block, cb * block)[:rows, :cols].contiguous()
+    return q, scale.view(rb, cb).contiguous()
 
 
 def dequantize_fp8_blocks(
@@ -292,10 +258,12 @@ class FP8Linear(torch.nn.Module):
         self.weight_scale_inv = torch.nn.Parameter(torch.empty(scale, dtype=torch.float32), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, dequantize_fp8_blocks(self.weight, self.weight_scale_inv, x.dtype, self.block))
+        weight = dequantize_fp8_blocks(self.weight, self.weight_scale_inv, x.dtype, self.block)
+        return torch.nn.functional.linear(x, weight)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 + {self.block}x{self.block} scales"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"e4m3 + {self.block}x{self.block} scales")
 
 
 # Linears that stay dequantised even with FP8 storage: MLA reads kv_b_proj's weight directly (W_UK / W_UV views
@@ -326,6 +294,8 @@ class TensorSource(ABC):
     The loader asks for `config`, `specs()` (what is stored), `groups()` (read order) and reads each group inside
     `with source.open(group) as get:`; it may read a single tensor of another group with `read(name)` (a scale
     stored in another shard). Nothing else: a file checkpoint and a seeded random one load through the same code.
+    `get(name, out=None)` returns the tensor; a source may read it straight into `out` (a tensor of the stored dtype
+    and shape, e.g. the parameter it is destined for) and return `out` itself, saving a copy.
     """
 
     config: ModelConfig
@@ -341,7 +311,7 @@ class TensorSource(ABC):
 
     @abstractmethod
     def open(self, group: str) -> contextlib.AbstractContextManager[Callable[[str], torch.Tensor]]:
-        """Context manager giving `get(name) -> Tensor` for the tensors of one group."""
+        """Context manager giving `get(name, out=None) -> Tensor` for the tensors of one group."""
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor from whichever group holds it."""
@@ -350,10 +320,6 @@ class TensorSource(ABC):
                 with self.open(group) as get:
                     return get(name)
         raise KeyError(name)
-
-    def group_nbytes(self) -> dict[str, int]:
-        specs = self.specs()
-        return {g: sum(specs[n].nbytes for n in names) for g, names in self.groups()}
 
 
 _SAFETENSORS_DTYPES = {
@@ -364,12 +330,14 @@ _SAFETENSORS_DTYPES = {
 
 
 class SafetensorsFile:
-    """Reads one .safetensors file without memory-mapping it.
+    """Reads one .safetensors file with plain file reads (no memory mapping).
 
     The format is 8 bytes (little-endian u64 n) + n bytes of JSON header {name: {dtype, shape, data_offsets}}
     + the raw little-endian tensor bytes. The header is validated against the file size on open (this is where a
     truncated or corrupt file is caught); `read(name)` reads exactly one tensor's bytes with `readinto`, so the
     process holds only what it asked for (file pages stay in the OS page cache, not in the process).
+    `safetensors.safe_open` memory-maps the file instead: every page of a shard it touches counts in the process's
+    memory while the shard is open (`benchmarks/load_memory.py` measures both).
     """
 
     def __init__(self, path: Path):
@@ -416,14 +384,17 @@ class SafetensorsFile:
         """Tensor `name` in a fresh CPU buffer, or read straight into `out` (a contiguous CPU tensor of the same
         dtype and shape, e.g. the parameter it is destined for)."""
         dtype, shape, begin, stop = self.entries[name]
-        if out is None or out.dtype != dtype or tuple(out.shape) != shape or out.device.type != "cpu" or not out.is_contiguous():
+        fits = out is not None and out.dtype == dtype and tuple(out.shape) == shape and out.device.type == "cpu"
+        if not (fits and out.is_contiguous()):
             out = torch.empty(shape, dtype=dtype)
         raw = out.view(-1).view(torch.uint8) if out.numel() else torch.empty(0, dtype=torch.uint8)
         with open(self.path, "rb") as f:
             f.seek(self.data_start + begin)
             got = f.readinto(memoryview(raw.numpy()))
         if got != stop - begin:
-            raise CheckpointError(f"{self.path}: {name} ends early ({got} of {stop - begin} bytes): the file is truncated.")
+            raise CheckpointError(
+                f"{self.path}: {name} ends early ({got} of {stop - begin} bytes): the file is truncated."
+            )
         return out
 
 
@@ -531,7 +502,7 @@ class RandomSource(TensorSource):
     def open(self, group: str):
         yield self._make
 
-    def _make(self, name: str) -> torch.Tensor:
+    def _make(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         if name.endswith(SCALE_SUFFIX):  # generated together with its weight
             return self._quantized(name[: -len(SCALE_SUFFIX)])[1]
         spec = self._specs[name]
@@ -556,7 +527,7 @@ class RandomSource(TensorSource):
 
 
 class StateDictSource(TensorSource):
-    """An in-memory state dict (e.g. `model.state_dict()`) as one group."""
+    """An in-memory state dict (e.g. `model.state_dict()`) as one group (`get` returns the dict's own tensors)."""
 
     def __init__(self, state_dict: dict[str, torch.Tensor], cfg: ModelConfig, description: str = "state dict"):
         self.config, self._sd, self.description = cfg, state_dict, description
@@ -569,7 +540,7 @@ class StateDictSource(TensorSource):
 
     @contextlib.contextmanager
     def open(self, group: str):
-        yield self._sd.__getitem__
+        yield lambda name, out=None: self._sd[name]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -666,7 +637,8 @@ def _stored_specs(specs: dict[str, TensorSpec], *, fp8: bool, dtype: torch.dtype
         elif fp8 and spec.dtype != FP8_DTYPE and spec.dtype.is_floating_point and is_fp8_weight(name, spec.shape):
             out[name] = TensorSpec(spec.shape, FP8_DTYPE)
             out[name + SCALE_SUFFIX] = TensorSpec(scale_shape(spec.shape, block), torch.float32)
-        elif dtype is not None and spec.dtype.is_floating_point and spec.dtype != FP8_DTYPE and not name.endswith(KEEP_FP32):
+        elif (dtype is not None and spec.dtype.is_floating_point and spec.dtype != FP8_DTYPE
+              and not name.endswith(KEEP_FP32)):
             out[name] = TensorSpec(spec.shape, dtype)
         else:
             out[name] = spec
@@ -718,7 +690,8 @@ def check_against_model(specs: dict[str, TensorSpec], expected: dict[str, tuple[
             f"{where} lacks {len(missing)} tensor(s) the model needs, e.g. {', '.join(missing[:3])}. The checkpoint "
             "is incomplete or was written for another config: check config.json against the shards."
         )
-    extra = [n for n in stored if n not in expected and not (n.endswith(SCALE_SUFFIX) and n[: -len(SCALE_SUFFIX)] in expected)]
+    extra = [n for n in stored if n not in expected
+             and not (n.endswith(SCALE_SUFFIX) and n[: -len(SCALE_SUFFIX)] in expected)]
     if extra:
         raise CheckpointError(
             f"{where} holds {len(extra)} tensor(s) this model has no place for, e.g. {', '.join(extra[:3])}. "
@@ -757,49 +730,28 @@ def _device_for(name: str, device: torch.device, device_map: dict[str, str] | No
 
 def _allocate(module: torch.nn.Module, prefix: str, dtype: torch.dtype, device: torch.device,
               device_map: dict[str, str] | None) -> dict[str, torch.Tensor]:
-    """Give every tensor of `module.state_dict()` its final storage (empty, final dtype and device) before any
-    reading: the model is allocated once, and the loader only copies into it, so temporaries never interleave
-    with parameters on the heap and no parameter keeps a view of a memory-mapped shard alive."""
+    """Give every tensor of `module.state_dict()` (built on the meta device) its final storage before any reading:
+    empty, in its final dtype (FP8 storage and the router bias as stored, the rest `dtype`) and device. The
+    module takes these tensors as its parameters and buffers (`load_state_dict(assign=True)`), and the loader
+    only copies into them, so the model is allocated once and no temporary interleaves with it on the heap."""
     slots = {}
-    for name, old in module.state_dict(keep_vars=True).items():
+    for name, old in module.state_dict().items():
         full = prefix + name
         if old.dtype == FP8_DTYPE or full.endswith(SCALE_SUFFIX):  # FP8 storage: kept as stored
             target = old.dtype
         else:
             target = torch.float32 if full.endswith(KEEP_FP32) else dtype
-        new = torch.empty(old.shape, dtype=target, device=_device_for(full, device, device_map))
-        module_name, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(module_name)
-        if leaf in owner._parameters:
-            owner._parameters[leaf] = torch.nn.Parameter(new, requires_grad=False)
-        else:
-            owner._buffers[leaf] = new
-        slots[full] = new
+        slots[full] = torch.empty(old.shape, dtype=target, device=_device_for(full, device, device_map))
+    module.load_state_dict({n[len(prefix):]: t for n, t in slots.items()}, assign=True)
+    module.requires_grad_(False)  # a loaded model is for inference; train it only after requires_grad_(True)
     return slots
-
-
-@contextlib.contextmanager
-def _parameters_on_meta():
-    """Build modules with parameters on the meta device (no memory, no init) but real buffers, so computed
-    non-persistent buffers (RoPE frequencies) keep their values while weights wait for the checkpoint."""
-    original = torch.nn.Module.register_parameter
-
-    def register(module, name, param):
-        if param is not None:
-            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    torch.nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = original
 
 
 def _fill(module: torch.nn.Module, prefix: str, source: TensorSource, device: torch.device, dtype: torch.dtype,
           device_map: dict[str, str] | None, progress: bool) -> None:
     """Read every tensor `prefix + name` of `module.state_dict()` from `source` into `module`, one group at a time:
-    copy out of the group, dequantise FP8 blocks (on the target device), cast, place. Checks names/shapes first."""
+    read it (straight into its parameter when dtype and shape agree), dequantise FP8 blocks (on the target
+    device), cast, place. Checks names and shapes against the module before reading anything."""
     cfg = source.config
     block = _block_size(cfg)
     expected = {prefix + n: tuple(t.shape) for n, t in module.state_dict().items()}
@@ -816,7 +768,7 @@ def _fill(module: torch.nn.Module, prefix: str, source: TensorSource, device: to
         with source.open(group) as get:
             for name in names:
                 slot = slots[name]
-                tensor = get(name, out=slot) if isinstance(source, SafetensorsSource) else get(name)
+                tensor = get(name, out=slot)
                 if tensor is slot:  # read straight into place (same dtype and shape on the CPU)
                     continue
                 if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and slot.dtype != tensor.dtype:
@@ -835,9 +787,10 @@ def load_pretrained(
 ) -> "torch.nn.Module":
     """Load a DeepSeek-V3.2 checkpoint folder (or any TensorSource) into `dslib.model.DeepseekV32ForCausalLM`.
 
-    One group (shard) is read at a time: each tensor is copied out of the memory-mapped shard, FP8 weights are
-    dequantised with their 128x128 `weight_scale_inv` blocks, cast to `dtype` (the router bias stays fp32),
-    moved to its device and put into the module tree; then the shard is closed. MTP tensors are skipped.
+    The model is built on the meta device (no memory), then every tensor gets its final storage once; one group
+    (shard) is read at a time: each tensor is read from the file (straight into its parameter when the stored
+    dtype is the model's), FP8 weights are dequantised with their 128x128 `weight_scale_inv` blocks, cast to
+    `dtype` (the router bias stays fp32) and moved to its device. MTP tensors are skipped.
     `device_map` (module prefix -> device, e.g. from `dslib.devices.plan_devices(...).device_map`) places
     layers on several devices; otherwise everything goes to `device`.
     keep_fp8=True keeps the FP8 linears as stored (`FP8Linear`: 1 byte per weight + scales, dequantised per call),
@@ -847,7 +800,7 @@ def load_pretrained(
 
     source = path if isinstance(path, TensorSource) else SafetensorsSource(path)
     device = torch.device(device)
-    with _parameters_on_meta():
+    with torch.device("meta"):  # shapes only: the checkpoint provides every value
         model = DeepseekV32ForCausalLM(source.config)
         if keep_fp8:
             if not any(s.dtype == FP8_DTYPE for s in source.specs().values()):
@@ -865,12 +818,12 @@ def load_layer(path: str | Path | TensorSource, layer_idx: int, device: str | to
                dtype: torch.dtype = torch.float32, *, progress: bool = False) -> "torch.nn.Module":
     """One decoder layer (`model.layers.{layer_idx}.*`) of a checkpoint or source, read exactly as
     `load_pretrained` reads it: e.g. a full-size layer of the 671B model from a `RandomSource` on one GPU."""
-    from dslib.model import DecoderLayer
+    from dslib.model import decoder_layer
 
     source = path if isinstance(path, TensorSource) else SafetensorsSource(path)
     if not 0 <= layer_idx < source.config.num_hidden_layers:
         raise ValueError(f"layer_idx={layer_idx} is outside 0..{source.config.num_hidden_layers - 1}.")
-    with _parameters_on_meta():
-        layer = DecoderLayer(source.config, layer_idx)
+    with torch.device("meta"):
+        layer = decoder_layer(source.config, layer_idx)
     _fill(layer, f"model.layers.{layer_idx}.", source, torch.device(device), dtype, None, progress)
     return layer.to(device).eval()

@@ -6,7 +6,8 @@ checkpoint folder (`ModelConfig.from_pretrained(path)`).
 
 Everything here is arithmetic on the config: parameter counts per component, total and active parameters,
 and KV-cache bytes per token for MHA / GQA / MQA / MLA (bf16 and FP8) and the indexer keys. The numbers are
-checked against DeepSeek's published figures in `tests/test_config.py` and against measured tensor bytes in the notebooks.
+checked against DeepSeek's published figures in `tests/test_config.py` and against measured tensor bytes in the
+notebooks.
 """
 from __future__ import annotations
 
@@ -119,7 +120,9 @@ class ModelConfig:
                 "the indexer rotates its first qk_rope_head_dim dimensions."
             )
         if not isinstance(self.index_topk, int) or self.index_topk <= 0:
-            raise ConfigError(f"index_topk must be a positive integer (tokens kept per query), got {self.index_topk!r}.")
+            raise ConfigError(
+                f"index_topk must be a positive integer (tokens kept per query), got {self.index_topk!r}."
+            )
         if self.index_topk > self.max_position_embeddings:
             raise ConfigError(
                 f"index_topk={self.index_topk} is larger than max_position_embeddings="
@@ -174,7 +177,8 @@ class ModelConfig:
         return self.num_hidden_layers - self.first_k_dense_replace
 
     def is_moe_layer(self, layer_idx: int) -> bool:
-        return layer_idx >= self.first_k_dense_replace and (layer_idx - self.first_k_dense_replace) % self.moe_layer_freq == 0
+        first = self.first_k_dense_replace
+        return layer_idx >= first and (layer_idx - first) % self.moe_layer_freq == 0
 
     @property
     def experts_per_group(self) -> int:

@@ -12,8 +12,6 @@ raises `DevicePlanError` saying how much is needed and how many such devices wou
 """
 from __future__ import annotations
 
-import functools
-import json
 import math
 from dataclasses import dataclass, field
 
@@ -48,18 +46,11 @@ def module_bytes(cfg: ModelConfig, storage: str = "fp8") -> dict[str, int]:
     671B model, well inside the default reserve)."""
     if storage not in STORAGE:
         raise ValueError(f"storage={storage!r}; use one of {list(STORAGE)}")
-    return dict(_module_bytes(json.dumps(cfg.to_dict(), sort_keys=True), storage))
-
-
-@functools.lru_cache(maxsize=16)
-def _module_bytes(cfg_json: str, storage: str) -> tuple[tuple[str, int], ...]:
-    cfg = ModelConfig.from_dict(json.loads(cfg_json))
-    out: dict[str, int] = {}
+    out = {unit: 0 for unit in ["model.embed_tokens"] + [f"model.layers.{i}" for i in range(cfg.num_hidden_layers)]
+           + ["model.norm", "lm_head"]}  # model order
     for name, spec in checkpoint_tensors(cfg, **STORAGE[storage]).items():
-        unit = module_of(name)
-        out[unit] = out.get(unit, 0) + spec.nbytes
-    order = ["model.embed_tokens"] + [f"model.layers.{i}" for i in range(cfg.num_hidden_layers)] + ["model.norm", "lm_head"]
-    return tuple((u, out[u]) for u in order)
+        out[module_of(name)] += spec.nbytes
+    return out
 
 
 @dataclass
@@ -88,14 +79,16 @@ class DevicePlan:
         return sum(self.unit_bytes.values())
 
     def layers_on(self, device: str) -> list[int]:
-        return [int(u.split(".")[-1]) for u, d in self.placement.items() if d == device and u.startswith("model.layers.")]
+        return [int(u.split(".")[-1]) for u, d in self.placement.items()
+                if d == device and u.startswith("model.layers.")]
 
     def rows(self) -> list[dict]:
         """One row per device: layers held, GB used, GB usable (for a table or a plot)."""
         rows = []
         for dev, cap, res in zip(self.devices, self.capacity, self.reserve):
             layers = self.layers_on(dev)
-            extra = [u.split(".")[-1] for u, d in self.placement.items() if d == dev and not u.startswith("model.layers.")]
+            extra = [u.split(".")[-1] for u, d in self.placement.items()
+                     if d == dev and not u.startswith("model.layers.")]
             rows.append({
                 "device": dev,
                 "layers": f"{layers[0]}-{layers[-1]}" if layers else "-",
@@ -110,7 +103,8 @@ class DevicePlan:
     def __str__(self) -> str:
         lines = [f"{'device':<8} {'layers':<8} {'also':<24} {'weights':>10} {'usable':>10}"]
         for r in self.rows():
-            lines.append(f"{r['device']:<8} {r['layers']:<8} {r['also']:<24} {r['weights_GB']:>8.2f}GB {r['usable_GB']:>8.2f}GB")
+            lines.append(f"{r['device']:<8} {r['layers']:<8} {r['also']:<24} {r['weights_GB']:>8.2f}GB "
+                         f"{r['usable_GB']:>8.2f}GB")
         return "\n".join(lines)
 
 
@@ -141,7 +135,9 @@ def plan_devices(
     if gpus is None:
         gpus = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
         if not gpus:
-            raise DevicePlanError("No CUDA device is visible. Pass pretend sizes, e.g. gpus=[141e9] * 8, to plan on CPU.")
+            raise DevicePlanError(
+                "No CUDA device is visible. Pass pretend sizes, e.g. gpus=[141e9] * 8, to plan on CPU."
+            )
     names = names or [f"cuda:{i}" for i in range(len(gpus))]
     if len(names) != len(gpus):
         raise ValueError(f"{len(names)} device names for {len(gpus)} devices.")

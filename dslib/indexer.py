@@ -24,44 +24,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dslib.attention import batched_positions, causal_mask
 from dslib.config import ModelConfig
+from dslib.fp8 import act_quant
+from dslib.kv_cache import LayerCache
 from dslib.rope import apply_rope_half
 
-FP8_E4M3_MAX = 448.0
+PRECISIONS = ("fp32", "fp8")  # the indexer's arithmetic: exact, or the deployed FP8 path (simulated)
 
 
-class IndexerKeyCache:
-    """Per-layer cache of the indexer keys `[B, S, index_head_dim]` (after k_norm and RoPE), one per token.
+class IndexerKeyCache(LayerCache):
+    """Per-layer cache of the indexer keys `index_keys [B, S, index_head_dim]` (after k_norm and RoPE), one per token:
+    chapter 1's container again. `dslib.sparse.DSACache` keeps them next to MLA's latents.
 
     The deployed model stores them in FP8 with one fp32 scale per key (132 bytes per token at the 671B dims);
     here they stay in the model dtype.
     """
 
-    def __init__(self, max_len: int | None = None):
-        self.max_len = max_len
-        self.keys: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[1]
+    fields = ("index_keys",)
 
     @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.numel() * self.keys.element_size()
+    def index_keys(self) -> torch.Tensor:
+        return self.buffers["index_keys"].view()
 
-    def append(self, keys: torch.Tensor) -> torch.Tensor:
-        """Add the keys of T new tokens `[B, T, D]`; return all keys `[B, S, D]`."""
-        if keys.dim() != 3:
-            raise ValueError(f"indexer keys must be [B, T, index_head_dim], got shape {tuple(keys.shape)}.")
-        new_len = len(self) + keys.shape[1]
-        if self.max_len is not None and new_len > self.max_len:
-            raise ValueError(
-                f"IndexerKeyCache holds {len(self)} tokens; adding {keys.shape[1]} would exceed max_len={self.max_len}. "
-                "Start a new cache or raise max_len."
-            )
-        if self.keys is not None and keys.shape[0] != self.keys.shape[0]:
-            raise ValueError(f"batch size changed from {self.keys.shape[0]} to {keys.shape[0]}: use one cache per batch.")
-        self.keys = keys if self.keys is None else torch.cat([self.keys, keys], dim=1)
-        return self.keys
+
+def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x `[B or 1, T, ...]` at the query indices `rows` `[B, P]` -> `[B, P, ...]`: row p of batch b is
+    x[b, rows[b, p]]."""
+    x = x.expand(rows.shape[0], *x.shape[1:])
+    idx = rows.view(*rows.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, idx)
 
 
 class LightningIndexer(nn.Module):
@@ -71,17 +63,16 @@ class LightningIndexer(nn.Module):
     (MLA's normalised query latent c^Q; with q_lora_rank null, h), cos/sin from the shared `RotaryEmbedding`.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.n_heads = cfg.index_n_heads
-        self.head_dim = cfg.index_head_dim
-        self.rope_dim = cfg.qk_rope_head_dim
-        self.index_topk = cfg.index_topk
-        q_in = cfg.q_lora_rank or cfg.hidden_size
+        self.n_heads = config.index_n_heads
+        self.head_dim = config.index_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        q_in = config.q_lora_rank or config.hidden_size
         self.wq_b = nn.Linear(q_in, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.hidden_size, self.head_dim, bias=False)
+        self.wk = nn.Linear(config.hidden_size, self.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
-        self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
+        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
 
     # ---- the three projections
     def _rope_first(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -112,34 +103,32 @@ class LightningIndexer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         q_positions: torch.Tensor,
-        cache: IndexerKeyCache | None = None,
+        keys: torch.Tensor | None = None,
         *,
+        rows: torch.Tensor | None = None,
         precision: str = "fp32",
         chunk: int = 256,
     ) -> torch.Tensor:
-        """index_scores `[B, T, S]` fp32 of the T new queries against all S keys (cached + new), -inf at future
-        keys (key s is visible to the query at position p iff s <= p).
+        """index_scores `[B, T, S]` fp32 of the T queries (h, q_latent at `q_positions`) against the S keys, -inf
+        at future keys (key s is visible to the query at position p iff s <= p).
 
-        precision: "fp32" (exact arithmetic, as transformers does) or "fp8" (the deployed Hadamard + FP8 path,
-        simulated; see `fp8_index_scores`).
+        keys: every key so far `[B, S, index_head_dim]` (cached + new, as `project_k` makes them); default: the
+        keys of these T tokens (a prefill). rows `[B, P]`: score only the queries at these indices of the T (in a
+        prefill from position 0, the positions themselves) -> `[B, P, S]`; all a loss over P positions needs, and
+        T/P times cheaper. precision: "fp32" (exact arithmetic, as transformers does) or "fp8" (the deployed
+        Hadamard + FP8 path, simulated; see `fp8_index_scores`).
         """
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
+        keys = self.project_k(h, cos, sin) if keys is None else keys  # [B, S, D_I]
+        if rows is not None:  # the queries at `rows` only; the keys stay all S
+            cos, sin = (take_rows(t if t.dim() == 3 else t[None], rows) for t in (cos, sin))
+            h, q_latent = take_rows(h, rows), take_rows(q_latent, rows)
+            q_positions = take_rows(batched_positions(q_positions), rows)
         q = self.project_q(q_latent, cos, sin)  # [B, T, H_I, D_I]
-        k = self.project_k(h, cos, sin)  # [B, T, D_I]
-        if cache is not None:
-            k = cache.append(k)  # [B, S, D_I]
         w = self.head_weights(h)  # [B, T, H_I]
-        if precision == "fp32":
-            return index_scores(q, w, k, q_positions, chunk=chunk)
-        if precision == "fp8":
-            return fp8_index_scores(q, w, k, q_positions, chunk=chunk)
-        raise ValueError(f"precision must be 'fp32' or 'fp8', got {precision!r}.")
-
-
-def _positions_2d(q_positions: torch.Tensor, B: int, T: int) -> torch.Tensor:
-    pos = q_positions if q_positions.dim() == 2 else q_positions.unsqueeze(0)
-    if pos.shape[-1] != T:
-        raise ValueError(f"q_positions has {pos.shape[-1]} entries for {T} queries.")
-    return pos.expand(B, T)
+        scores = index_scores if precision == "fp32" else fp8_index_scores
+        return scores(q, w, keys, q_positions, chunk=chunk)
 
 
 def index_scores(
@@ -151,17 +140,14 @@ def index_scores(
     Computed `chunk` queries at a time so the per-head intermediate `[B, chunk, H, S]` stays small (the head
     sum happens inside the chunk; REFERENCE.md §4.6)."""
     B, T, H, D = q.shape
-    S = k.shape[1]
-    pos = _positions_2d(q_positions, B, T)
-    keys = torch.arange(S, device=k.device)
+    pos = batched_positions(q_positions).expand(B, T)
     kf = k.float()
     out = []
     for start in range(0, T, chunk):
         sl = slice(start, start + chunk)
         logits = torch.einsum("bthd,bsd->bths", q[:, sl].float(), kf).relu()  # [B, c, H, S]
         scores = torch.einsum("bths,bth->bts", logits, w[:, sl])  # [B, c, S]
-        future = keys.view(1, 1, S) > pos[:, sl].unsqueeze(-1)
-        out.append(scores.masked_fill(future, float("-inf")))
+        out.append(scores.masked_fill(~causal_mask(pos[:, sl], k.shape[1]), float("-inf")))
     return torch.cat(out, dim=1)
 
 
@@ -174,18 +160,6 @@ def hadamard(n: int, *, dtype=torch.float32) -> torch.Tensor:
     while H.shape[0] < n:
         H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
     return (H / math.sqrt(n)).to(dtype)
-
-
-def act_quant(x: torch.Tensor, *, pow2_scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """FP8 e4m3 quantisation with one scale per vector (last dim): returns (x8 `float8_e4m3fn`, scale `[..., 1]`).
-
-    scale = 2^⌈log2(amax / 448)⌉ (ue8m0: a power of two, rounded up) or amax / 448; x ≈ x8 · scale."""
-    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-4)
-    scale = amax / FP8_E4M3_MAX
-    if pow2_scale:
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    x8 = (x.float() / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-    return x8, scale
 
 
 def fp8_index_scores(

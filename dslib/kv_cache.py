@@ -6,17 +6,19 @@ step then runs the model on one new token and attends over the cached keys and v
 
 What is here:
 
-- `SequenceBuffer`: a tensor that grows along its sequence dimension (amortised O(1) appends, optional limit).
-- `LayerKVCache` / `KVCache`: per-layer keys and values of a multi-head / grouped-query attention model.
+- `SequenceBuffer`: a tensor that grows along its sequence dimension (preallocated to a limit, or doubling).
+- `LayerCache`: one layer's cache, one `SequenceBuffer` per cached tensor; the container every chapter fills
+  (`LayerKVCache` here, MLA's `LatentCache` in chapter 2, `DSACache` in chapter 3).
+- `KVCache`: the whole model's cache, one layer cache per layer.
 - `prefill`, `generate`: (chunked) prefill and greedy generation for any model that follows the small protocol
   below, with or without a cache, so the two can be compared token for token.
 - `kv_cache_sizes`, `memory_calculator`: whole-model cache bytes of real configurations (DeepSeek-V3.2 and a
   GQA reference), read from `dslib.config`, and the figure of the notebook's memory calculator.
 
-Model protocol used by `prefill` / `generate`: `model(input_ids [B, T], cache=None) -> logits [B, T, V]` where
-the new tokens sit at positions `len(cache) .. len(cache) + T - 1` (0 .. T-1 without a cache), and
-`model.new_cache(max_len=None)` returns an empty cache that supports `len()`. An optional attribute
-`model.max_position_embeddings` lets `generate` reject a too-long request before doing any work.
+Model protocol used by `prefill` / `generate`: `model(input_ids [B, T], cache=None, **options) -> logits [B, T, V]`
+where the new tokens sit at positions `len(cache) .. len(cache) + T - 1` (0 .. T-1 without a cache),
+`model.new_cache(max_len=None)` returns an empty cache that supports `len()`, and
+`model.config.max_position_embeddings` lets `generate` reject a too-long request before doing any work.
 """
 from __future__ import annotations
 
@@ -28,14 +30,14 @@ import torch
 from dslib.config import GQA_REFERENCE, H200_MEMORY_BYTES, ModelConfig, dense_kv_bytes_per_token_per_layer
 
 __all__ = [
-    "CacheFullError", "SequenceTooLongError", "SequenceBuffer", "LayerKVCache", "KVCache",
+    "CacheFullError", "SequenceTooLongError", "SequenceBuffer", "LayerCache", "LayerKVCache", "KVCache",
     "GenerationResult", "prefill", "generate",
     "DTYPE_BYTES", "kv_cache_sizes", "memory_calculator",
 ]
 
 
 class CacheFullError(ValueError):
-    """Appending would grow a cache past its `max_len`."""
+    """Appending would grow a cache past its `max_len` (every cache of the series raises this one)."""
 
 
 class SequenceTooLongError(ValueError):
@@ -46,13 +48,14 @@ class SequenceTooLongError(ValueError):
 class SequenceBuffer:
     """A tensor that grows along one dimension (`seq_dim`, the sequence) as chunks are appended.
 
-    Storage is allocated with spare room and doubled when full (capped at `max_len`), so appending one token
-    copies nothing in the common case; `view()` returns the filled part as a view, not a copy.
-    `nbytes` counts the filled part only: the bytes the cached tokens occupy.
+    With `max_len` the storage for all `max_len` tokens is allocated at the first append (preallocated: appending
+    never copies what is cached); without it the storage doubles when full (amortised O(1) per token).
+    `view()` returns the filled part as a view, not a copy; `nbytes` counts the filled part only: the bytes the
+    cached tokens occupy. Appending past `max_len` raises `CacheFullError`.
     """
 
     def __init__(self, seq_dim: int = 1, max_len: int | None = None, name: str = "buffer"):
-        if max_len is not None and max_len <= 0:
+        if max_len is not None and (not isinstance(max_len, int) or max_len <= 0):
             raise ValueError(f"max_len must be a positive number of tokens or None, got {max_len!r}.")
         self.seq_dim = seq_dim
         self.max_len = max_len
@@ -93,9 +96,7 @@ class SequenceBuffer:
         return self.view()
 
     def _grow(self, like: torch.Tensor, needed: int) -> None:
-        capacity = max(needed, 2 * self.capacity, 16)
-        if self.max_len is not None:
-            capacity = min(capacity, self.max_len)
+        capacity = self.max_len if self.max_len is not None else max(needed, 2 * self.capacity, 16)
         shape = list(like.shape)
         shape[self.seq_dim] = capacity
         data = like.new_empty(shape)
@@ -119,41 +120,72 @@ class SequenceBuffer:
         return f"SequenceBuffer({self.name}, tokens={self._len}, shape={shape}, nbytes={self.nbytes})"
 
 
-class LayerKVCache:
-    """One attention layer's cache: keys and values `[B, num_kv_heads, S, head_dim]` of every token seen."""
+class LayerCache:
+    """One layer's cache: one `SequenceBuffer` per kind of cached tensor (`fields`), appended together, so every
+    buffer always holds the same tokens.
+
+    The chapters keep the container and change what goes in: keys and values per KV head (`LayerKVCache`, here),
+    MLA's latent and rope key (`dslib.mla.LatentCache`), plus the indexer's key (`dslib.sparse.DSACache`).
+    `append(*tensors)` takes one tensor per field (T new tokens each) and returns every field's cached tokens.
+    """
+
+    fields: tuple[str, ...] = ()
+    seq_dim: int = 1  # the sequence axis of every field
 
     def __init__(self, max_len: int | None = None, layer_idx: int = 0):
-        self.keys = SequenceBuffer(seq_dim=2, max_len=max_len, name=f"layer {layer_idx} keys")
-        self.values = SequenceBuffer(seq_dim=2, max_len=max_len, name=f"layer {layer_idx} values")
+        self.max_len = max_len
+        self.buffers = {f: SequenceBuffer(self.seq_dim, max_len, f"layer {layer_idx} {f}") for f in self.fields}
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v `[B, KVH, T, head_dim]` of T new tokens -> all keys and values `[B, KVH, S, head_dim]`, S = old + T."""
-        if k.dim() != 4 or k.shape[:3] != v.shape[:3]:
+    def append(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        lead = {tuple(t.shape[: self.seq_dim + 1]) for t in tensors}
+        if len(tensors) != len(self.fields) or len(lead) != 1:
             raise ValueError(
-                f"keys {tuple(k.shape)} and values {tuple(v.shape)} must both be [B, num_kv_heads, T, head_dim] "
-                "with the same B, num_kv_heads and T."
+                f"{type(self).__name__}.append takes one tensor per field ({', '.join(self.fields)}), all with the "
+                f"same "
+                f"sizes up to the sequence dim {self.seq_dim} (batch, ..., new tokens); got shapes "
+                f"{[tuple(t.shape) for t in tensors]}."
             )
-        return self.keys.append(k), self.values.append(v)
+        return tuple(buf.append(t) for buf, t in zip(self.buffers.values(), tensors))
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(next(iter(self.buffers.values())))
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+        """Bytes of the cached tokens, all fields."""
+        return sum(buf.nbytes for buf in self.buffers.values())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(tokens={len(self)}, fields={self.fields}, nbytes={self.nbytes:,})"
+
+
+class LayerKVCache(LayerCache):
+    """One attention layer's cache: keys and values `[B, num_kv_heads, S, head_dim]` of every token seen."""
+
+    fields = ("keys", "values")
+    seq_dim = 2
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.buffers["keys"].view()
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.buffers["values"].view()
 
 
 class KVCache:
-    """The whole model's cache: one `LayerKVCache` per layer; `len(cache)` = tokens cached so far.
+    """The whole model's cache: one layer cache per layer; `len(cache)` = tokens cached so far.
 
     Bytes grow linearly with the tokens: `nbytes = 2 (K and V) * layers * batch * kv_heads * head_dim * S * dtype`.
+    `layer_cache` makes the layers' caches (chapter 5 passes `dslib.sparse.DSACache`).
     """
 
-    def __init__(self, num_layers: int, max_len: int | None = None):
+    def __init__(self, num_layers: int, max_len: int | None = None, layer_cache: type[LayerCache] = LayerKVCache):
         self.max_len = max_len
-        self.layers = [LayerKVCache(max_len, i) for i in range(num_layers)]
+        self.layers = [layer_cache(max_len, i) for i in range(num_layers)]
 
-    def __getitem__(self, layer_idx: int) -> LayerKVCache:
+    def __getitem__(self, layer_idx: int) -> LayerCache:
         return self.layers[layer_idx]
 
     def __len__(self) -> int:
@@ -173,25 +205,27 @@ def _check_ids(input_ids: torch.Tensor) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         what = f"a {input_ids.dtype} tensor of shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) \
             else type(input_ids).__name__
-        raise ValueError(f"input_ids must be an int64 tensor [batch, tokens], got {what}. Use ids[None] for one sequence.")
+        raise ValueError(
+            f"input_ids must be an int64 tensor [batch, tokens], got {what}. Use ids[None] for one sequence."
+        )
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids is empty: give at least one prompt token.")
 
 
 @torch.no_grad()
-def prefill(model, input_ids: torch.Tensor, cache, chunk_size: int | None = None) -> torch.Tensor:
+def prefill(model, input_ids: torch.Tensor, cache, chunk_size: int | None = None, **options) -> torch.Tensor:
     """Run the prompt through the model, filling `cache`; return the last position's logits `[B, V]`.
 
     `chunk_size` splits the prompt into pieces of that many tokens, each attending to the cache (earlier
     chunks) and causally to itself. The result equals a one-shot prefill; chunks bound the activation memory
-    (a chunk's score matrix is `[chunk, S]` instead of `[T, T]`).
+    (a chunk's score matrix is `[chunk, S]` instead of `[T, T]`). `options` go to every model call.
     """
     _check_ids(input_ids)
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive number of tokens or None, got {chunk_size!r}.")
     step = chunk_size or input_ids.shape[1]
     for start in range(0, input_ids.shape[1], step):
-        logits = model(input_ids[:, start : start + step], cache=cache)  # [B, chunk, V]
+        logits = model(input_ids[:, start : start + step], cache=cache, **options)  # [B, chunk, V]
     return logits[:, -1]
 
 
@@ -218,41 +252,52 @@ def generate(
     *,
     use_cache: bool = True,
     chunk_size: int | None = None,
+    eos_token_id: int | None = None,
+    **options,
 ) -> GenerationResult:
-    """Greedy decoding: append `argmax(logits)` `max_new_tokens` times.
+    """Greedy decoding: append `argmax(logits)` `max_new_tokens` times (the one decoding loop of the series).
 
     use_cache=True : prefill the prompt once (in chunks of `chunk_size`), then run one token per step; the
-                     step for the token at position p costs O(p) attention (it reads p cached keys).
+                     step for the token at position p costs O(p) attention (it reads p cached keys). The cache
+                     is allocated once for prompt + max_new_tokens tokens.
     use_cache=False: every step re-runs the whole sequence so far; the step at position p costs O(p^2)
                      attention and p times the projections.
-    Both produce the same tokens; only the work differs.
+    Both produce the same tokens; only the work differs. `eos_token_id`: a row that produced it keeps producing
+    it, and decoding stops early once every row has. `options` (e.g. attention=, mode=, recorder=) go to every
+    model call.
     """
     _check_ids(input_ids)
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens!r}.")
     prompt_len = input_ids.shape[1]
-    limit = getattr(model, "max_position_embeddings", None)
-    if limit is not None and prompt_len + max_new_tokens > limit:
+    limit = model.config.max_position_embeddings
+    if prompt_len + max_new_tokens > limit:
         raise SequenceTooLongError(
             f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens = {prompt_len + max_new_tokens} positions, "
             f"but the model knows only max_position_embeddings={limit} positions (0..{limit - 1}). "
             f"Generate at most {max(limit - prompt_len, 0)} new tokens or use a model with more positions."
         )
-    cache = model.new_cache() if use_cache else None
+    cache = model.new_cache(max_len=prompt_len + max_new_tokens) if use_cache else None
     tokens, all_logits, seconds, context_lens = input_ids, [], [], []
+    done = torch.zeros(input_ids.shape[0], 1, dtype=torch.bool, device=input_ids.device)
     for i in range(max_new_tokens):
         t0 = time.perf_counter()
         if not use_cache:
-            logits = model(tokens)[:, -1]  # recompute everything: [B, V]
+            logits = model(tokens, **options)[:, -1]  # recompute everything: [B, V]
         elif i == 0:
-            logits = prefill(model, tokens, cache, chunk_size)
+            logits = prefill(model, tokens, cache, chunk_size, **options)
         else:
-            logits = model(tokens[:, -1:], cache=cache)[:, -1]  # one new token, attends over the cache
-        next_token = logits.argmax(dim=-1, keepdim=True)  # [B, 1]
+            logits = model(tokens[:, -1:], cache=cache, **options)[:, -1]  # one new token, attends over the cache
+        next_token = logits.argmax(dim=-1, keepdim=True).to(tokens.device)  # [B, 1]
+        if eos_token_id is not None:
+            next_token = next_token.masked_fill(done, eos_token_id)
+            done |= next_token == eos_token_id
         seconds.append(time.perf_counter() - t0)
         context_lens.append(tokens.shape[1])
         tokens = torch.cat([tokens, next_token], dim=1)
         all_logits.append(logits)
+        if eos_token_id is not None and bool(done.all()):
+            break
     return GenerationResult(tokens, torch.stack(all_logits, dim=1), seconds, context_lens, cache)
 
 
@@ -260,7 +305,8 @@ def generate(
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 
 
-def kv_cache_sizes(context_len: int, batch: int = 1, dtype: str = "bf16", cfg: ModelConfig | None = None) -> dict[str, int]:
+def kv_cache_sizes(context_len: int, batch: int = 1, dtype: str = "bf16",
+                   cfg: ModelConfig | None = None) -> dict[str, int]:
     """Whole-model cache bytes for `batch` sequences of `context_len` tokens, per caching scheme.
 
     MHA, MQA and MLA use DeepSeek-V3.2's dimensions (`cfg`, default the 671B model; 61 layers) stored in

@@ -17,28 +17,24 @@ Parameter names are the official checkpoint's (`q_a_proj`, ..., `o_proj`); `load
 """
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dslib.attention import RMSNorm
-from dslib.config import ModelConfig
+from dslib.attention import RMSNorm, causal_mask
+from dslib.config import FP8_BLOCK, ModelConfig
+from dslib.fp8 import FP8_DTYPE, act_quant
+from dslib.kv_cache import LayerCache
 from dslib.rope import RotaryEmbedding, apply_rope_interleaved, softmax_scale
 
 __all__ = [
     "LatentCache",
     "MLA",
+    "dense_masked_attention",
     "load_weights",
     "WeightLoadError",
-    "causal_allowed",
-    "attention_flops",
-    "kv_bytes_read",
-    "decode_costs",
-    "decode_step_time",
     "fp8_pack_latent",
     "fp8_unpack_latent",
     "MLAStack",
@@ -48,153 +44,93 @@ MODES = ("absorbed", "naive")
 
 
 # --------------------------------------------------------------------------------------------- the latent cache
-class LatentCache:
-    """One layer's MLA cache: `kv_latent [B, S, kv_lora_rank]` (normalised c^KV) and `k_rope [B, S, rope]`
-    (already rotated). That is all MLA ever needs from past tokens.
+class LatentCache(LayerCache):
+    """One layer's MLA cache, chapter 1's container with new contents: `kv_latent [B, S, kv_lora_rank]`
+    (normalised c^KV) and `k_rope [B, S, rope]` (already rotated). That is all MLA ever needs from past tokens.
 
-    `append(kv_latent, k_rope)` adds T new tokens and returns the whole cache (views, no copy). Storage grows
-    by doubling (or is allocated once for `max_len` tokens); `nbytes` counts the bytes of the cached tokens.
+    `append(kv_latent, k_rope)` adds T new tokens and returns the whole cache (views, no copy); `nbytes` counts
+    the bytes of the cached tokens, B * S * (kv_lora_rank + qk_rope_head_dim) * element size.
     """
 
-    def __init__(self, max_len: int | None = None):
-        if max_len is not None and (not isinstance(max_len, int) or max_len <= 0):
-            raise ValueError(f"max_len must be a positive int or None, got {max_len!r}.")
-        self.max_len = max_len
-        self._latent: torch.Tensor | None = None  # [B, capacity, kv_lora_rank]
-        self._rope: torch.Tensor | None = None  # [B, capacity, rope]
-        self._len = 0
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __repr__(self) -> str:
-        if self._latent is None:
-            return f"LatentCache(empty, max_len={self.max_len})"
-        b, _, c = self._latent.shape
-        return f"LatentCache(batch={b}, tokens={self._len}, latent={c}, rope={self._rope.shape[-1]}, nbytes={self.nbytes})"
+    fields = ("kv_latent", "k_rope")
 
     @property
     def kv_latent(self) -> torch.Tensor:
         """`[B, S, kv_lora_rank]`, the normalised latents of the S cached tokens."""
-        self._require_data()
-        return self._latent[:, : self._len]
+        return self.buffers["kv_latent"].view()
 
     @property
     def k_rope(self) -> torch.Tensor:
         """`[B, S, qk_rope_head_dim]`, the rotated shared rope keys of the S cached tokens."""
-        self._require_data()
-        return self._rope[:, : self._len]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held for the cached tokens: B * S * (kv_lora_rank + qk_rope_head_dim) * element size."""
-        if self._latent is None:
-            return 0
-        b = self._latent.shape[0]
-        per_token = self._latent.shape[-1] * self._latent.element_size() + self._rope.shape[-1] * self._rope.element_size()
-        return b * self._len * per_token
-
-    def reset(self) -> None:
-        """Forget every token (keeps nothing allocated)."""
-        self._latent = self._rope = None
-        self._len = 0
-
-    def _require_data(self) -> None:
-        if self._latent is None:
-            raise RuntimeError("The cache is empty: append(kv_latent, k_rope) first (MLA.forward does it).")
-
-    def append(self, kv_latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add T tokens: kv_latent `[B, T, kv_lora_rank]`, k_rope `[B, T, rope]`.
-        Returns (all_latent `[B, S, kv_lora_rank]`, all_k_rope `[B, S, rope]`) with S = old length + T."""
-        if kv_latent.dim() != 3 or k_rope.dim() != 3 or kv_latent.shape[:2] != k_rope.shape[:2]:
-            raise ValueError(
-                f"append expects kv_latent [B, T, kv_lora_rank] and k_rope [B, T, rope] with the same B and T, got "
-                f"{tuple(kv_latent.shape)} and {tuple(k_rope.shape)}."
-            )
-        b, t = kv_latent.shape[:2]
-        if self._latent is not None:
-            expected = (self._latent.shape[0], self._latent.shape[2], self._rope.shape[2])
-            if (b, kv_latent.shape[2], k_rope.shape[2]) != expected:
-                raise ValueError(
-                    f"This cache holds batch {expected[0]}, latent {expected[1]}, rope {expected[2]}; got batch {b}, "
-                    f"latent {kv_latent.shape[2]}, rope {k_rope.shape[2]}. Use one LatentCache per layer and per batch."
-                )
-            if kv_latent.dtype != self._latent.dtype or kv_latent.device != self._latent.device:
-                raise ValueError(
-                    f"This cache holds {self._latent.dtype} on {self._latent.device}; got {kv_latent.dtype} on "
-                    f"{kv_latent.device}. Keep the model in one dtype/device while decoding."
-                )
-        new_len = self._len + t
-        if self.max_len is not None and new_len > self.max_len:
-            raise ValueError(
-                f"Appending {t} tokens to a cache of {self._len} exceeds max_len={self.max_len}. Create the cache "
-                f"with a larger max_len (or None to grow freely), or shorten the sequence."
-            )
-        self._reserve(new_len, kv_latent, k_rope)
-        self._latent[:, self._len : new_len] = kv_latent
-        self._rope[:, self._len : new_len] = k_rope
-        self._len = new_len
-        return self.kv_latent, self.k_rope
-
-    def _reserve(self, needed: int, kv_latent: torch.Tensor, k_rope: torch.Tensor) -> None:
-        capacity = 0 if self._latent is None else self._latent.shape[1]
-        if needed <= capacity:
-            return
-        # Pre-allocate (max_len) or double, so decoding T tokens costs O(T) copies, not O(T²).
-        new_cap = self.max_len if self.max_len is not None else max(needed, 2 * capacity, 16)
-        b = kv_latent.shape[0]
-        latent = kv_latent.new_empty(b, new_cap, kv_latent.shape[-1])
-        rope = k_rope.new_empty(b, new_cap, k_rope.shape[-1])
-        if self._latent is not None:
-            latent[:, : self._len] = self._latent[:, : self._len]
-            rope[:, : self._len] = self._rope[:, : self._len]
-        self._latent, self._rope = latent, rope
+        return self.buffers["k_rope"].view()
 
 
-# --------------------------------------------------------------------------------------------- masking
-def causal_allowed(q_positions: torch.Tensor, num_keys: int) -> torch.Tensor:
-    """Bool `[B or 1, T, S]`: key s (at position s) is visible to a query at position p iff s <= p."""
-    if q_positions.dim() == 1:
-        q_positions = q_positions[None]  # [1, T]
-    keys = torch.arange(num_keys, device=q_positions.device)
-    return keys[None, None, :] <= q_positions[..., None]
+# --------------------------------------------------------------------------------------------- attention maths
+def dense_masked_attention(
+    q_absorbed: torch.Tensor,
+    q_rope: torch.Tensor,
+    kv_latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    allowed: torch.Tensor,
+    softmax_scale: float,
+    *,
+    return_probs: bool = False,
+):
+    """MQA-mode (absorbed) attention over *all* S cached latents, with a mask. Costs O(T·S).
+
+        score[t,h,s] = (q_absorbed[t,h] · kv_latent[s] + q_rope[t,h] · k_rope[s]) · scale,  -inf where not allowed
+        x[t,h]       = Σ_s softmax_s(score[t,h,:]) · kv_latent[s]
+
+    q_absorbed `[B, T, H, C]` (= W_UK_hᵀ q_nope, C = kv_lora_rank), q_rope `[B, T, H, R]`,
+    kv_latent `[B, S, C]`, k_rope `[B, S, R]`, allowed bool `[B or 1, T, S]`. One 576-wide key and value per
+    token, shared by every head. Returns x `[B, T, H, C]` (latent space; W_UV comes after) and, if asked, the
+    probabilities `[B, T, H, S]`. (Chapter 3 uses it as the reference its gathering sparse path must equal.)
+    """
+    scores = torch.einsum("bthc,bsc->bths", q_absorbed, kv_latent)  # content part
+    scores = scores + torch.einsum("bthr,bsr->bths", q_rope, k_rope)  # position part
+    scores = (scores * softmax_scale).float().masked_fill(~allowed.unsqueeze(2), float("-inf"))
+    probs = scores.softmax(dim=-1).to(kv_latent.dtype)  # [B, T, H, S]
+    x = torch.einsum("bths,bsc->bthc", probs, kv_latent)
+    return (x, probs) if return_probs else x
 
 
 # --------------------------------------------------------------------------------------------- the module
 class MLA(nn.Module):
     """Multi-head Latent Attention of DeepSeek-V3.2 (REFERENCE.md §2), parameters named as in the checkpoint.
 
-    forward(h [B, T, d], positions=None, cache=None, mode="absorbed", mask=None) -> [B, T, d]
+    forward(h [B, T, d], positions=None, cache=None, *, mode="absorbed") -> [B, T, d]
     """
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
+    cache_type = LatentCache
+
+    def __init__(self, config: ModelConfig, layer_idx: int = 0):
         super().__init__()
-        self.cfg = cfg
+        self.config = config
         self.layer_idx = layer_idx
-        d, H = cfg.hidden_size, cfg.num_attention_heads
+        d, H = config.hidden_size, config.num_attention_heads
         self.num_heads = H
-        self.q_lora_rank = cfg.q_lora_rank
-        self.kv_lora_rank = cfg.kv_lora_rank
-        self.nope_dim = cfg.qk_nope_head_dim
-        self.rope_dim = cfg.qk_rope_head_dim
-        self.qk_head_dim = cfg.qk_head_dim
-        self.v_head_dim = cfg.v_head_dim
-        self.softmax_scale = softmax_scale(cfg)
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.qk_head_dim = config.qk_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.softmax_scale = softmax_scale(config)
 
         # Queries: down to a q_lora_rank latent (normalised), then up to H heads of [nope | rope].
-        # The norms use eps 1e-6 like DeepSeek's reference and transformers (not cfg.rms_norm_eps).
-        if cfg.q_lora_rank:
-            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * self.qk_head_dim, bias=False)
+        # The norms use eps 1e-6 like DeepSeek's reference and transformers (not config.rms_norm_eps).
+        if config.q_lora_rank:
+            self.q_a_proj = nn.Linear(d, config.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, H * self.qk_head_dim, bias=False)
         else:
             self.q_proj = nn.Linear(d, H * self.qk_head_dim, bias=False)
         # Keys/values: down to [latent | rope] (the only thing cached), then up to H heads of [k_nope | v].
-        self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_lora_rank + self.rope_dim, bias=False)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
-        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope_dim + self.v_head_dim), bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, config.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(config.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(config.kv_lora_rank, H * (self.nope_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_head_dim, d, bias=False)
-        self.rotary = RotaryEmbedding(cfg)
+        self.rotary = RotaryEmbedding(config)
 
     # ----------------------------------------------------------------------------------- weight views
     def w_uk(self) -> torch.Tensor:
@@ -234,6 +170,15 @@ class MLA(nn.Module):
         kv_latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         return self.kv_a_layernorm(kv_latent), apply_rope_interleaved(k_rope, cos, sin)
 
+    def _project(self, h: torch.Tensor, positions: torch.Tensor):
+        """Every projection of one call: h `[B, T, d]` at `positions` -> (q_latent, q_nope, q_rope, kv_latent,
+        k_rope, (cos, sin)), shapes as in `project_q` / `project_kv`; cos/sin are the positions' rotation angles
+        (the chapter-3 indexer rotates with the same ones)."""
+        cos, sin = self.rotary(positions)
+        q_latent, q_nope, q_rope = self.project_q(h, cos, sin)
+        kv_latent, k_rope = self.project_kv(h, cos, sin)
+        return q_latent, q_nope, q_rope, kv_latent, k_rope, (cos, sin)
+
     def expand_kv(self, kv_latent: torch.Tensor, k_rope: torch.Tensor):
         """Naive mode's up-projection: latents -> per-head keys `[B, S, H, nope + rope]` and values
         `[B, S, H, v_head_dim]`. k = [W_UK_i c | k_rope] (k_rope copied to every head), v = W_UV_i c."""
@@ -262,10 +207,10 @@ class MLA(nn.Module):
         q_nope `[B, T, H, nope]`, q_rope `[B, T, H, rope]` (rotated), kv_latent `[B, S, kv_lora_rank]`,
         k_rope `[B, S, rope]` (rotated), q_positions int64 `[T]` or `[B, T]`. Causal by position (key s visible to
         the query at position p iff s <= p), AND-ed with `mask` (bool `[B, T, S]`, True = may attend) if given.
-        mode "naive" (MHA: per-head K/V from `expand_kv`) or "absorbed" (MQA over the latents); same result.
-        With `return_probs=True` also returns the attention probabilities `[B, H, T, S]`.
-        `check_positions=False` skips the check that every query has its own key (it reads q_positions back from
-        the device, a sync per call); `forward` skips it when it made the positions itself.
+        mode "naive" (MHA: per-head K/V from `expand_kv`) or "absorbed" (MQA over the latents,
+        `dense_masked_attention`); same result. With `return_probs=True` also returns the attention probabilities
+        `[B, T, H, S]`. `check_positions=False` skips the check that every query has its own key (it reads
+        q_positions back from the device, a sync per call); `forward` skips it when it made the positions itself.
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
@@ -281,7 +226,7 @@ class MLA(nn.Module):
                 f"A query sits at position {int(q_positions.max())} but only {S} keys (positions 0..{S - 1}) were "
                 "given: append the new tokens' latents to the cache before attending (MLA.forward does it)."
             )
-        allowed = causal_allowed(q_positions, S)  # [B or 1, T, S]
+        allowed = causal_mask(q_positions, S)  # [B or 1, T, S]
         if mask is not None:
             if mask.dtype != torch.bool or mask.shape[-2:] != (T, S):
                 raise ValueError(
@@ -289,80 +234,64 @@ class MLA(nn.Module):
                     f"{tuple(mask.shape)}."
                 )
             allowed = allowed & mask
-        if mode == "naive":
-            scores, v = self._naive_scores(q_nope, q_rope, kv_latent, k_rope)
-        else:
-            scores = self._absorbed_scores(q_nope, q_rope, kv_latent, k_rope)
-        scores = scores.float().masked_fill(~allowed[:, None], float("-inf"))  # [B, H, T, S]
-        probs = F.softmax(scores, dim=-1).to(q_nope.dtype)
-        if mode == "naive":
-            out = torch.einsum("bhts,bshv->bthv", probs, v)  # [B, T, H, v_head_dim]
-        else:
-            # Weighted sum of the shared latents per head, then W_UV lifts each head's 512-d result to v_head_dim.
-            latent_out = torch.einsum("bhts,bsc->bthc", probs, kv_latent)  # [B, T, H, kv_lora_rank]
-            out = torch.einsum("bthc,hvc->bthv", latent_out, self.w_uv())  # [B, T, H, v_head_dim]
+        if mode == "naive":  # MHA mode: materialise per-head keys and values, then ordinary attention
+            k, v = self.expand_kv(kv_latent, k_rope)  # [B, S, H, nope + rope], [B, S, H, v_head_dim]
+            q = torch.cat([q_nope, q_rope], dim=-1)  # [B, T, H, nope + rope]
+            scores = torch.einsum("bthd,bshd->bths", q, k) * self.softmax_scale
+            scores = scores.float().masked_fill(~allowed.unsqueeze(2), float("-inf"))
+            probs = F.softmax(scores, dim=-1).to(q_nope.dtype)  # [B, T, H, S]
+            out = torch.einsum("bths,bshv->bthv", probs, v)  # [B, T, H, v_head_dim]
+        else:  # MQA mode: W_UK folded into the query, attention over the shared latents, W_UV lifts the result
+            q_absorbed = torch.einsum("bthd,hdc->bthc", q_nope, self.w_uk())  # [B, T, H, kv_lora_rank]
+            x, probs = dense_masked_attention(q_absorbed, q_rope, kv_latent, k_rope, allowed, self.softmax_scale,
+                                              return_probs=True)
+            out = torch.einsum("bthc,hvc->bthv", x, self.w_uv())  # [B, T, H, v_head_dim]
         return (out, probs) if return_probs else out
 
-    def _naive_scores(self, q_nope, q_rope, kv_latent, k_rope):
-        """MHA mode: materialise per-head keys/values, then q·k. scores `[B, H, T, S]`, v `[B, S, H, v]`."""
-        k, v = self.expand_kv(kv_latent, k_rope)  # [B, S, H, nope + rope], [B, S, H, v_head_dim]
-        q = torch.cat([q_nope, q_rope], dim=-1)  # [B, T, H, nope + rope]
-        return torch.einsum("bthd,bshd->bhts", q, k) * self.softmax_scale, v
-
-    def _absorbed_scores(self, q_nope, q_rope, kv_latent, k_rope):
-        """MQA mode: q_absorbed = W_UKᵀ q_nope per head, then one shared 576-d key [c^KV | k_rope] for all heads."""
-        q_absorbed = torch.einsum("bthd,hdc->bthc", q_nope, self.w_uk())  # [B, T, H, kv_lora_rank]
-        scores = torch.einsum("bthc,bsc->bhts", q_absorbed, kv_latent)  # content part
-        scores = scores + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)  # position part
-        return scores * self.softmax_scale
-
-    def check_input(self, h: torch.Tensor, start: int, positions: torch.Tensor | None):
-        """Check h `[B, T, d]`; default positions to start + arange(T); reject positions past the context.
+    def check_input(self, h: torch.Tensor, cache, positions: torch.Tensor | None):
+        """Check h `[B, T, d]` and the cache's type; default positions to len(cache) + arange(T); reject positions
+        past the context.
 
         Returns (positions, given): `given` says whether the caller passed positions (reading them back to check
         them costs a device sync, so `attend` re-checks only those)."""
-        if h.dim() != 3 or h.shape[-1] != self.cfg.hidden_size:
-            raise ValueError(f"h must be [B, T, hidden_size={self.cfg.hidden_size}], got {tuple(h.shape)}.")
-        T = h.shape[1]
+        cfg = self.config
+        if h.dim() != 3 or h.shape[-1] != cfg.hidden_size:
+            raise ValueError(f"h must be [B, T, hidden_size={cfg.hidden_size}], got {tuple(h.shape)}.")
+        if cache is not None and not isinstance(cache, self.cache_type):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.cache_type.__name__} (one per layer), got "
+                f"{type(cache).__name__}. Create it with {self.cache_type.__module__}.{self.cache_type.__name__}()."
+            )
+        start, T = (len(cache) if cache is not None else 0), h.shape[1]
         given = positions is not None
         last = int(positions.max()) if given else start + T - 1
-        if last >= self.cfg.max_position_embeddings:
+        if last >= cfg.max_position_embeddings:
             raise ValueError(
-                f"position {last} is beyond max_position_embeddings={self.cfg.max_position_embeddings}. Shorten the "
+                f"position {last} is beyond max_position_embeddings={cfg.max_position_embeddings}. Shorten the "
                 "sequence or use a config with a longer context."
             )
         if not given:
             positions = torch.arange(start, start + T, device=h.device)
         return positions, given
 
-    def forward(
-        self,
-        h: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        cache: LatentCache | None = None,
-        mode: str = "absorbed",
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, positions: torch.Tensor | None = None, cache: LatentCache | None = None, *,
+                mode: str = "absorbed", recorder=None) -> torch.Tensor:
         """h `[B, T, d]` -> `[B, T, d]`. positions default to len(cache) + arange(T); the new tokens' latents are
-        appended to `cache` when one is given (decode token by token or prefill in chunks)."""
-        positions, given = self.check_input(h, len(cache) if cache is not None else 0, positions)
+        appended to `cache` when one is given (decode token by token or prefill in chunks). (`recorder`: MLA
+        attends to every earlier token, it selects nothing to record.)"""
+        positions, given = self.check_input(h, cache, positions)
         B, T, _ = h.shape
-        cos, sin = self.rotary(positions)
-        _, q_nope, q_rope = self.project_q(h, cos, sin)
-        kv_latent, k_rope = self.project_kv(h, cos, sin)
+        _, q_nope, q_rope, kv_latent, k_rope, _ = self._project(h, positions)
         if cache is not None:
             kv_latent, k_rope = cache.append(kv_latent, k_rope)  # [B, S, kv_lora_rank], [B, S, rope]
-        out = self.attend(q_nope, q_rope, kv_latent, k_rope, positions, mode=mode, mask=mask, check_positions=given)
+        out = self.attend(q_nope, q_rope, kv_latent, k_rope, positions, mode=mode, check_positions=given)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.v_head_dim))
 
     def attention_probs(self, h: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Attention probabilities `[B, H, T, T]` of a prefill of h `[B, T, d]` (for pictures; no cache)."""
-        B, T, _ = h.shape
-        positions = torch.arange(T, device=h.device) if positions is None else positions
-        cos, sin = self.rotary(positions)
-        _, q_nope, q_rope = self.project_q(h, cos, sin)
-        kv_latent, k_rope = self.project_kv(h, cos, sin)
-        return self.attend(q_nope, q_rope, kv_latent, k_rope, positions, return_probs=True)[1]
+        positions, _ = self.check_input(h, None, positions)
+        _, q_nope, q_rope, kv_latent, k_rope, _ = self._project(h, positions)
+        return self.attend(q_nope, q_rope, kv_latent, k_rope, positions, return_probs=True)[1].transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------------- loading weights
@@ -400,16 +329,18 @@ def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, p
             problems.append(f"{key!r} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
     if problems:
         what = type(module).__name__
-        cfg = getattr(module, "cfg", None)
+        cfg = getattr(module, "config", None)
         check = (
             "Check that the checkpoint was made for this architecture and that the config the module was built "
             "from matches the checkpoint's config.json (hidden_size, num_attention_heads, q_lora_rank, "
             "kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, ...), and that `prefix` is right."
         )
         if cfg is not None:
-            check += f" The module was built with {type(cfg).__name__}(hidden_size={getattr(cfg, 'hidden_size', '?')}, ...)."
+            size = getattr(cfg, "hidden_size", "?")
+            check += f" The module was built with {type(cfg).__name__}(hidden_size={size}, ...)."
         raise WeightLoadError(
-            f"Cannot load weights into {what}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems) + "\n" + check
+            f"Cannot load weights into {what}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems)
+            + "\n" + check
         )
     params = dict(module.named_parameters())
     params.update(dict(module.named_buffers()))
@@ -419,138 +350,19 @@ def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, p
     return module
 
 
-# --------------------------------------------------------------------------------------------- accounting
-def attention_flops(cfg: ModelConfig, num_queries: int, num_keys: int, mode: str) -> dict[str, int]:
-    """Matmul FLOPs (2 per multiply-add) of `MLA.attend` for one sequence, per term; "total" sums them.
-
-    naive: up-project S latents (2·S·c·H·(nope+v)), q·k (2·H·T·S·(nope+rope)), p·v (2·H·T·S·v).
-    absorbed: fold W_UK into q (2·T·H·nope·c), q·[c | k_rope] (2·H·T·S·(c+rope)), p·c (2·H·T·S·c),
-    W_UV after attention (2·T·H·c·v). c = kv_lora_rank. Softmax and masking are not matmuls and are not counted.
-    """
-    H, c, nope, rope, v = (cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim,
-                           cfg.qk_rope_head_dim, cfg.v_head_dim)
-    T, S = num_queries, num_keys
-    if mode == "naive":
-        terms = {
-            "expand_kv": 2 * S * c * H * (nope + v),
-            "scores": 2 * H * T * S * (nope + rope),
-            "weighted_sum": 2 * H * T * S * v,
-        }
-    elif mode == "absorbed":
-        terms = {
-            "absorb_q": 2 * T * H * nope * c,
-            "scores": 2 * H * T * S * (c + rope),
-            "weighted_sum": 2 * H * T * S * c,
-            "absorb_out": 2 * T * H * c * v,
-        }
-    else:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-    terms["total"] = sum(terms.values())
-    return terms
-
-
-def kv_bytes_read(cfg: ModelConfig, num_keys: int, mode: str, *, dtype_bytes: int = 2) -> int:
-    """Bytes of keys and values one decode step's attention reads per layer.
-
-    absorbed: the latent cache itself, S·(kv_lora_rank + rope)·bytes (1,152 B per token in bf16 for the 671B).
-    naive: per-head keys and values, S·H·(nope + rope + v)·bytes (81,920 B per token): what an MHA-mode engine
-    would have to cache, or rebuild from the latents at every step.
-    """
-    if mode == "absorbed":
-        return num_keys * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dtype_bytes
-    if mode == "naive":
-        return num_keys * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * dtype_bytes
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-
-
-def decode_costs(cfg: ModelConfig, context_len: int, *, gqa_groups: int = 8, dtype_bytes: int = 2) -> dict[str, dict]:
-    """Cache and compute of decoding one token at `context_len`, whole model, per attention scheme.
-
-    For each of MHA (every head caches K and V), GQA with `gqa_groups` K/V heads of v_head_dim, MLA (bf16 latent
-    cache, absorbed mode) and MLA with FlashMLA's FP8 cache: bytes per token per layer, cache bytes of one sequence
-    (all layers), attention FLOPs per decoded token (all layers; MHA/GQA: 2·H·S·(d_k + d_v)), and the cache ratio
-    against MHA and GQA. Pure arithmetic on `cfg` (the chapter's calculator).
-    """
-    H, S, L = cfg.num_attention_heads, context_len, cfg.num_hidden_layers
-    mla_flops = attention_flops(cfg, 1, S, "absorbed")["total"]
-    rows = {
-        "MHA": (cfg.kv_bytes_per_token_per_layer("mha", dtype_bytes=dtype_bytes), 2 * H * S * (cfg.qk_head_dim + cfg.v_head_dim)),
-        f"GQA-{gqa_groups}": (
-            cfg.kv_bytes_per_token_per_layer("gqa", dtype_bytes=dtype_bytes, kv_heads=gqa_groups),
-            2 * H * S * 2 * cfg.v_head_dim,
-        ),
-        "MLA": (cfg.kv_bytes_per_token_per_layer("mla", dtype_bytes=dtype_bytes), mla_flops),
-        "MLA FP8": (cfg.kv_bytes_per_token_per_layer("mla_fp8"), mla_flops),
-    }
-    mha_bytes, gqa_bytes = rows["MHA"][0], rows[f"GQA-{gqa_groups}"][0]
-    return {
-        name: {
-            "bytes_per_token_per_layer": per_token,
-            "cache_bytes": per_token * L * S,
-            "flops_per_token": flops * L,
-            "vs_mha": mha_bytes / per_token,
-            "vs_gqa": gqa_bytes / per_token,
-        }
-        for name, (per_token, flops) in rows.items()
-    }
-
-
-@torch.no_grad()
-def decode_step_time(mla: MLA, num_keys: int, mode: str, *, batch: int = 1, repeats: int = 5,
-                     reduce: str = "median", threads: int | None = None) -> float:
-    """Wall time (s) of `mla.attend` for one new token over `num_keys` cached latents (random data).
-
-    `reduce`: "median" of `repeats` runs, or "min" (best of `repeats`: on a shared machine the least disturbed).
-    `threads`: run with this many intra-op threads (restored afterwards); one thread avoids waiting on a busy core.
-    """
-    if reduce not in ("median", "min"):
-        raise ValueError(f"reduce must be 'median' or 'min', got {reduce!r}.")
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        return _time_attend(mla, num_keys, mode, batch, repeats, reduce)
-    finally:
-        torch.set_num_threads(before)
-
-
-def _time_attend(mla: MLA, num_keys: int, mode: str, batch: int, repeats: int, reduce: str) -> float:
-    p = next(mla.parameters())
-    cfg = mla.cfg
-    H = cfg.num_attention_heads
-    q_nope = torch.randn(batch, 1, H, cfg.qk_nope_head_dim, dtype=p.dtype, device=p.device)
-    q_rope = torch.randn(batch, 1, H, cfg.qk_rope_head_dim, dtype=p.dtype, device=p.device)
-    kv_latent = torch.randn(batch, num_keys, cfg.kv_lora_rank, dtype=p.dtype, device=p.device)
-    k_rope = torch.randn(batch, num_keys, cfg.qk_rope_head_dim, dtype=p.dtype, device=p.device)
-    pos = torch.tensor([num_keys - 1], device=p.device)
-    mla.attend(q_nope, q_rope, kv_latent, k_rope, pos, mode=mode)  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mla.attend(q_nope, q_rope, kv_latent, k_rope, pos, mode=mode)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) if reduce == "median" else min(times)
-
-
 # --------------------------------------------------------------------------------------------- FP8 cache format
-FP8_TILE = 128  # one fp32 scale per 128 latent values (FlashMLA)
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
-
 def fp8_pack_latent(kv_latent: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
     """FlashMLA's FP8 cache entry (docs/references.md): bytes `[B, S, c + 4·⌈c/128⌉ + 2·rope]` (656 for the 671B).
 
     Per token: c e4m3 latent values | one fp32 scale per 128-value tile | the rope key in bf16 (kept precise).
-    scale = 2^⌈log2(amax / 448)⌉ (a power of two, "ue8m0"), stored value = x / scale.
+    scale = 2^⌈log2(amax / 448)⌉ (a power of two, "ue8m0"), stored value = x / scale (`dslib.fp8.act_quant`).
     """
     B, S, c = kv_latent.shape
-    tiles = -(-c // FP8_TILE)
-    x = F.pad(kv_latent.float(), (0, tiles * FP8_TILE - c)).view(B, S, tiles, FP8_TILE)
-    amax = x.abs().amax(-1, keepdim=True).clamp_min(1e-4)  # [B, S, tiles, 1]
-    scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
-    q = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(B, S, -1)[..., :c]
+    tiles = -(-c // FP8_BLOCK)
+    x = F.pad(kv_latent.float(), (0, tiles * FP8_BLOCK - c)).view(B, S, tiles, FP8_BLOCK)
+    q, scale = act_quant(x)  # [B, S, tiles, 128] e4m3, [B, S, tiles, 1]
     parts = [
-        q.contiguous().view(torch.uint8),  # [B, S, c]
+        q.view(B, S, -1)[..., :c].contiguous().view(torch.uint8),  # [B, S, c]
         scale.view(B, S, tiles).contiguous().view(torch.uint8),  # [B, S, 4 * tiles]
         k_rope.to(torch.bfloat16).contiguous().view(torch.uint8),  # [B, S, 2 * rope]
     ]
@@ -559,18 +371,17 @@ def fp8_pack_latent(kv_latent: torch.Tensor, k_rope: torch.Tensor) -> torch.Tens
 
 def fp8_unpack_latent(packed: torch.Tensor, kv_lora_rank: int, rope_dim: int, dtype=torch.float32):
     """Inverse of `fp8_pack_latent`: bytes `[B, S, 656]` -> (kv_latent `[B, S, c]`, k_rope `[B, S, rope]`) in dtype."""
-    c, tiles = kv_lora_rank, -(-kv_lora_rank // FP8_TILE)
+    c, tiles = kv_lora_rank, -(-kv_lora_rank // FP8_BLOCK)
     expected = c + 4 * tiles + 2 * rope_dim
     if packed.dtype != torch.uint8 or packed.shape[-1] != expected:
         raise ValueError(
             f"packed must be uint8 [B, S, {expected}] for kv_lora_rank={c}, rope={rope_dim}; got {packed.dtype} "
             f"{tuple(packed.shape)}."
         )
-    B, S, _ = packed.shape
-    q = packed[..., :c].contiguous().view(torch.float8_e4m3fn).float()  # [B, S, c]
+    q = packed[..., :c].contiguous().view(FP8_DTYPE).float()  # [B, S, c]
     scale = packed[..., c : c + 4 * tiles].contiguous().view(torch.float32)  # [B, S, tiles]
     k_rope = packed[..., c + 4 * tiles :].contiguous().view(torch.bfloat16)
-    scale = scale.repeat_interleave(FP8_TILE, dim=-1)[..., :c]
+    scale = scale.repeat_interleave(FP8_BLOCK, dim=-1)[..., :c]
     return (q * scale).to(dtype), k_rope.to(dtype)
 
 
@@ -585,7 +396,7 @@ class MLAStack(nn.Module):
 
     def __init__(self, cfg: ModelConfig, num_layers: int | None = None, init_std: float | None = None):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         n = num_layers or cfg.num_hidden_layers
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(

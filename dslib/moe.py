@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,21 +33,11 @@ from dslib.attention import FeedForward
 from dslib.config import ConfigError, ModelConfig
 
 __all__ = [
-    "MLP", "Gate", "MoE", "Routing",
+    "Gate", "MoE", "Routing",
     "router_scores", "group_scores", "keep_top_groups", "limit_to_groups", "select_experts", "expert_weights",
     "dispatch", "moe_reference",
     "expert_load", "max_violation", "update_bias", "sequence_aux_loss", "groups_touched",
 ]
-
-
-# ---------------------------------------------------------------------------------------------------- experts
-class MLP(FeedForward):
-    """SwiGLU feed-forward: down_proj(silu(gate_proj(x)) * up_proj(x)) — chapter 1's `FeedForward`, by its
-    DeepSeek role.
-
-    The same module is the dense FFN of the first `first_k_dense_replace` layers, one routed expert, and the
-    shared expert (whose width is `moe_intermediate_size * n_shared_experts`). x [..., d] -> [..., d].
-    """
 
 
 # ---------------------------------------------------------------------------------------------------- the gate
@@ -124,17 +113,17 @@ class Gate(nn.Module):
     with N = number of tokens in x.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        check_moe_config(cfg)
-        self.n_routed_experts = cfg.n_routed_experts
-        self.top_k = cfg.num_experts_per_tok
-        self.n_group = cfg.n_group
-        self.topk_group = cfg.topk_group
-        self.routed_scaling_factor = cfg.routed_scaling_factor
-        self.norm_topk_prob = cfg.norm_topk_prob
-        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
-        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        check_moe_config(config)
+        self.n_routed_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.norm_topk_prob = config.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # as nn.Linear; checkpoints overwrite it
 
     def route(self, x: torch.Tensor, *, topk_group: int | None = None) -> Routing:
@@ -214,22 +203,22 @@ def moe_reference(moe: "MoE", x: torch.Tensor) -> torch.Tensor:
 class MoE(nn.Module):
     """The MoE feed-forward of layers >= first_k_dense_replace: gate + routed experts + shared expert(s).
 
-    forward(x [B, T, d], record=None) -> [B, T, d]. If `record` is given it is called with the `Routing` of the
-    B*T tokens (token n = b*T + t), e.g. to count expert load during training or in chapter 5's views.
+    Every expert is chapter 1's `FeedForward` (SwiGLU), of width `moe_intermediate_size`; the
+    `n_shared_experts` shared experts are stored as one FeedForward n times as wide (the checkpoint's layout).
+    forward(x [B, T, d], recorder=None) -> [B, T, d]. A recorder receives `recorder.on_routing(layer_idx=,
+    routing=)` with the `Routing` of the B*T tokens (token n = b*T + t), e.g. to count expert load during
+    training or in chapter 5's views.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, config: ModelConfig, layer_idx: int = 0):
         super().__init__()
-        self.gate = Gate(cfg)
-        self.experts = nn.ModuleList(
-            MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts)
-        )
-        # n_shared_experts shared experts are stored as one MLP n times as wide (the checkpoint's layout).
-        self.shared_experts = (
-            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
-        )
+        self.layer_idx = layer_idx
+        self.gate = Gate(config)
+        d, width = config.hidden_size, config.moe_intermediate_size
+        self.experts = nn.ModuleList(FeedForward(d, width) for _ in range(config.n_routed_experts))
+        self.shared_experts = FeedForward(d, width * config.n_shared_experts) if config.n_shared_experts else None
 
-    def forward(self, x: torch.Tensor, record: Callable[[Routing], None] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, recorder=None) -> torch.Tensor:
         if x.dim() != 3:
             raise ValueError(f"MoE expects hidden states [B, T, d], got shape {tuple(x.shape)}.")
         flat = x.reshape(-1, x.shape[-1])  # [B*T, d]
@@ -237,8 +226,8 @@ class MoE(nn.Module):
         y = dispatch(flat, routing.topk_idx, routing.topk_weight, self.experts)  # [B*T, d]
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)  # every token, weight 1
-        if record is not None:
-            record(routing)
+        if recorder is not None:
+            recorder.on_routing(layer_idx=self.layer_idx, routing=routing)
         return y.view_as(x)
 
 
@@ -259,7 +248,7 @@ def max_violation(load: torch.Tensor) -> float:
 
 @torch.no_grad()
 def update_bias(gate: Gate, load: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Auxiliary-loss-free balancing (DeepSeek-V3; docs/references.md): b_i += gamma * sign(mean load - load_i), in place.
+    """Auxiliary-loss-free balancing (DeepSeek-V3): b_i += gamma * sign(mean load - load_i), in place.
 
     Called after each optimiser step with the load the batch put on each expert. Overloaded experts become less
     attractive, underloaded ones more; no gradient and no loss term touch the model's quality. Returns the bias.

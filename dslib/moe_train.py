@@ -15,7 +15,8 @@ the loss counts only the answer tokens. A fixed evaluation set measures, every `
 expert and its MaxVio; at the end, quality (loss, accuracy per task), which experts each task uses, and how many
 expert groups ("nodes") tokens reach with and without the group limit.
 
-The model is a miniature DeepSeek: each layer is chapter 2's `dslib.mla.MLA` followed by `dslib.moe.MoE`, unchanged.
+The model is a miniature DeepSeek: each layer is chapter 1's `DecoderLayer` with chapter 2's `dslib.mla.MLA` and
+`dslib.moe.MoE`, unchanged.
 One addition: a learned absolute position embedding (DeepSeek has none), because MLA's RoPE sees only relative
 offsets and tasks like "reverse" need to know where the answer starts.
 """
@@ -33,10 +34,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dslib.attention import RMSNorm
+from dslib.attention import DecoderLayer, RMSNorm
 from dslib.config import ModelConfig
 from dslib.mla import MLA
-from dslib.moe import MoE, Routing, expert_load, groups_touched, max_violation, select_experts, sequence_aux_loss, update_bias
+from dslib.moe import (
+    MoE,
+    Routing,
+    expert_load,
+    groups_touched,
+    max_violation,
+    select_experts,
+    sequence_aux_loss,
+    update_bias,
+)
 
 IGNORE = -100  # targets that carry no loss (cross_entropy's ignore_index)
 
@@ -156,49 +166,40 @@ def model_config(**overrides) -> ModelConfig:
     return ModelConfig.tiny(**base)
 
 
-class Block(nn.Module):
-    """Pre-norm decoder layer with DeepSeek's names: input_layernorm, self_attn (MLA), post_attention_layernorm, mlp (MoE)."""
-
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg)
-
-    def forward(self, x: torch.Tensor, record=None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), mode="naive")  # MHA mode: the cheaper one for training
-        on_routing = None if record is None else (lambda routing: record(self.layer_idx, routing))
-        return x + self.mlp(self.post_attention_layernorm(x), record=on_routing)
-
-
 class MoELM(nn.Module):
-    """Token + position embedding, `num_hidden_layers` blocks (MLA + MoE), final norm, LM head.
+    """Token + position embedding, `num_hidden_layers` decoder layers (chapter 1's `DecoderLayer` with MLA and MoE),
+    final norm, LM head.
 
-    forward(tokens [B, T], record=None) -> logits [B, T, vocab]; record(layer_idx, Routing) per MoE layer.
+    forward(tokens [B, T], recorder=None) -> logits [B, T, vocab]; `recorder.on_routing(layer_idx=, routing=)` per
+    MoE layer (e.g. a `RoutingLog`).
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.config = config
+        d = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, d)
         # Learned absolute positions, also with MLA: its RoPE sees only relative offsets, and tasks such as
         # "reverse" need to know where the answer is (DeepSeek itself has no position embedding).
-        self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, d)
+        self.layers = nn.ModuleList(
+            DecoderLayer(MLA(config, i), MoE(config, i), d, config.rms_norm_eps)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(d, config.rms_norm_eps)
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
         for emb in (self.embed_tokens, self.embed_positions):
             nn.init.normal_(emb.weight, std=0.02)
 
-    def forward(self, tokens: torch.Tensor, record=None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, recorder=None) -> torch.Tensor:
         T = tokens.shape[1]
-        if T > self.cfg.max_position_embeddings:
-            raise ValueError(f"sequence of {T} tokens is longer than max_position_embeddings={self.cfg.max_position_embeddings}.")
-        x = self.embed_tokens(tokens) + self.embed_positions(torch.arange(T, device=tokens.device))
+        if T > self.config.max_position_embeddings:
+            limit = self.config.max_position_embeddings
+            raise ValueError(f"sequence of {T} tokens is longer than max_position_embeddings={limit}.")
+        positions = torch.arange(T, device=tokens.device)
+        x = self.embed_tokens(tokens) + self.embed_positions(positions)
         for layer in self.layers:
-            x = layer(x, record)
+            x = layer(x, positions, mode="naive", recorder=recorder)  # MHA mode: the cheaper one for training
         return self.lm_head(self.norm(x))
 
     def gates(self):
@@ -242,12 +243,12 @@ def eval_set(per_task: int, seed: int = 1234) -> tuple[torch.Tensor, torch.Tenso
 
 
 class RoutingLog:
-    """A recorder for `MoELM.forward(record=...)`: keeps each layer's Routing of the last forward pass."""
+    """A recorder for `MoELM.forward(recorder=...)`: keeps each layer's Routing of the last forward pass."""
 
     def __init__(self):
         self.by_layer: dict[int, Routing] = {}
 
-    def __call__(self, layer_idx: int, routing: Routing) -> None:
+    def on_routing(self, *, layer_idx: int, routing: Routing) -> None:
         self.by_layer[layer_idx] = routing
 
 
@@ -256,10 +257,10 @@ def evaluate(model: MoELM, seqs: torch.Tensor, tasks: torch.Tensor, *, full: boo
     """Loss, accuracy and expert load on a fixed set. `full` adds per-task numbers, routing by task, node counts."""
     was_training = model.training
     model.eval()
-    cfg = model.cfg
+    cfg = model.config
     inputs, targets = inputs_and_targets(seqs)
     log = RoutingLog()
-    logits = model(inputs, record=log)
+    logits = model(inputs, recorder=log)
     answer = targets != IGNORE
     loss = F.cross_entropy(logits[answer], targets[answer]).item()
     correct = (logits.argmax(-1) == targets) & answer
@@ -268,7 +269,7 @@ def evaluate(model: MoELM, seqs: torch.Tensor, tasks: torch.Tensor, *, full: boo
         "accuracy": correct.sum().item() / answer.sum().item(),
         "load": [expert_load(log.by_layer[i].topk_idx, cfg.n_routed_experts).tolist() for i in sorted(log.by_layer)],
     }
-    out["maxvio"] = [max_violation(torch.tensor(l)) for l in out["load"]]
+    out["maxvio"] = [max_violation(torch.tensor(load)) for load in out["load"]]
     if full:
         n_tasks = len(TASKS)
         out["task_accuracy"] = [
@@ -282,7 +283,8 @@ def evaluate(model: MoELM, seqs: torch.Tensor, tasks: torch.Tensor, *, full: boo
         for i in sorted(log.by_layer):
             r = log.by_layer[i]
             counts = torch.zeros(n_tasks, cfg.n_routed_experts, dtype=torch.long)
-            counts.index_put_((task_of_token[:, None].expand_as(r.topk_idx), r.topk_idx), torch.ones_like(r.topk_idx), accumulate=True)
+            counts.index_put_((task_of_token[:, None].expand_as(r.topk_idx), r.topk_idx), torch.ones_like(r.topk_idx),
+                              accumulate=True)
             out["task_expert"].append(counts.tolist())
             bias = model.layers[i].mlp.gate.e_score_correction_bias
             free = select_experts(r.scores + bias, cfg.num_experts_per_tok)  # the same scores, no group limit
@@ -367,7 +369,7 @@ def train(tcfg: TrainConfig, *, progress: bool = True) -> tuple[MoELM, dict]:
         seqs, _ = make_batch(tcfg.batch_size, g)
         inputs, targets = inputs_and_targets(seqs)
         routing = RoutingLog()
-        logits = model(inputs, record=routing)
+        logits = model(inputs, recorder=routing)
         loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), targets.reshape(-1), ignore_index=IGNORE)
         total = loss
         if tcfg.setting == "aux":
@@ -422,7 +424,8 @@ def load(out: str | Path = "data") -> tuple[dict[str, MoELM], dict[str, dict]]:
     path = log_path(out)
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} is missing. Regenerate it with `python -m dslib.moe_train --out {out}` (about 5 minutes on 2 CPU cores)."
+            f"{path} is missing. Regenerate it with `python -m dslib.moe_train --out {out}` (about 5 minutes on "
+            "2 CPU cores)."
         )
     logs = json.loads(path.read_text())
     models = {}
@@ -467,7 +470,8 @@ def _report(setting: str, log: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data", help="folder for moe/ (checkpoints and log); default data")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)

@@ -13,6 +13,9 @@ from collections import defaultdict
 
 import torch
 
+from dslib.moe import Routing, expert_load
+from dslib.sparse import selection_mask
+
 
 class Recorder:
     """Per-layer statistics of one or more forward passes (batch element `batch` of each call).
@@ -27,27 +30,19 @@ class Recorder:
         self.routing: dict[int, list[torch.Tensor]] = defaultdict(list)
         self.n_experts: int | None = None
 
-    def reset(self) -> None:
-        self.selections.clear()
-        self.routing.clear()
-
     # ----------------------------------------------------------------------------- what the layers call
     def on_selection(self, *, layer_idx: int, selected: torch.Tensor, positions: torch.Tensor) -> None:
-        """DSAttention's `record`: selected `[B, T, k]` key indices for the queries at `positions` `[T]`/`[B, T]`."""
+        """DSAttention's report: selected `[B, T, k]` key indices for the queries at `positions` `[T]`/`[B, T]`."""
         if not self.keep_selections:
             return
         pos = positions if positions.dim() == 1 else positions[self.batch]
         self.selections[layer_idx].append((pos.detach().cpu(), selected[self.batch].detach().cpu()))
 
-    def routing_hook(self, layer_idx: int, n_experts: int):
-        """MoE's `record` for layer `layer_idx`: receives the gate's `Routing` (its `topk_idx [N, k]`)."""
-        self.n_experts = n_experts
-
-        def record(routing) -> None:
-            if self.keep_routing:
-                self.routing[layer_idx].append(routing.topk_idx.detach().cpu())
-
-        return record
+    def on_routing(self, *, layer_idx: int, routing: Routing) -> None:
+        """MoE's report for layer `layer_idx`: the gate's `Routing` (its `topk_idx [N, k]` is kept)."""
+        self.n_experts = routing.scores.shape[-1]
+        if self.keep_routing:
+            self.routing[layer_idx].append(routing.topk_idx.detach().cpu())
 
     # ----------------------------------------------------------------------------- views
     @property
@@ -78,24 +73,18 @@ class Recorder:
         """bool `[Q, S]`: row q = the q-th recorded query position (ascending), True at its selected keys."""
         rows = {}
         for pos, sel in self.selections[layer]:
-            for p, s in zip(pos.tolist(), sel):
-                rows[p] = s
+            rows.update(zip(pos.tolist(), sel))  # a later record of the same position wins
         if not rows:
             raise KeyError(f"no selection recorded for layer {layer} (dense attention records none).")
         positions = sorted(rows)
-        S = max(positions) + 1
-        mat = torch.zeros(len(positions), S + 1, dtype=torch.bool)
-        for i, p in enumerate(positions):
-            s = rows[p]
-            mat[i, torch.where(s < 0, S, s)] = True
-        return mat[:, :S]
+        return selection_mask(torch.stack([rows[p] for p in positions])[None], max(positions) + 1)[0]
 
     def expert_load(self, layer: int) -> torch.Tensor:
         """Tokens routed to each expert of `layer`, summed over the recorded calls: `[n_routed_experts]` int64."""
         if layer not in self.routing:
             raise KeyError(f"no routing recorded for layer {layer}; MoE layers recorded: {self.moe_layers}.")
         idx = torch.cat([r.reshape(-1) for r in self.routing[layer]])
-        return torch.bincount(idx, minlength=self.n_experts or int(idx.max()) + 1)
+        return expert_load(idx, self.n_experts or int(idx.max()) + 1)
 
     def expert_load_matrix(self) -> tuple[list[int], torch.Tensor]:
         """(MoE layer indices, load `[n_layers, n_routed_experts]` int64) for a per-layer heatmap."""

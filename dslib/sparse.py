@@ -7,39 +7,32 @@ k keys its indexer scored highest (`index_topk`, one set per query shared by all
   content-blind baseline with the same budget), both `[B, T, k]` int64 key indices with -1 for "none";
 - `sparse_attention`: MQA-mode (absorbed) attention that *gathers* the selected latents, chunk by chunk of
   queries, so it costs O(T·k) and never builds a `T × S` tensor;
-- `dense_masked_attention`: the same numbers computed the obvious O(T·S) way (scores for every key, the
+- `dslib.mla.dense_masked_attention` computes the same numbers the obvious O(T·S) way (scores for every key, the
   unselected ones masked to -inf) — the reference the tests compare against;
 - `attention_recall`: the share of the dense attention mass a selection keeps;
-- `DSAttention`, the attention module of the whole model (MLA + `indexer`), and its cache `DSACache`.
+- `DSAttention`, the attention module of the whole model (MLA + `indexer`), with one forward for inference,
+  decoding and training (`AttentionStats`), and its cache `DSACache`.
 """
 from __future__ import annotations
 
+import importlib
+import os
+import warnings
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from dslib.attention import batched_positions, causal_mask
 from dslib.config import ModelConfig
-from dslib.indexer import IndexerKeyCache, LightningIndexer, index_scores
-from dslib.mla import MLA, LatentCache
+from dslib.cost import wall_seconds
+from dslib.indexer import PRECISIONS, IndexerKeyCache, LightningIndexer, index_scores, take_rows
+from dslib.kv_cache import LayerCache
+from dslib.mla import MLA, MODES, LatentCache, dense_masked_attention
 
 
 # ----------------------------------------------------------------------------------------------- selections
-def _as_batched_positions(q_positions: torch.Tensor) -> torch.Tensor:
-    if q_positions.dim() == 1:
-        return q_positions.unsqueeze(0)  # [1, T]
-    if q_positions.dim() != 2:
-        raise ValueError(f"q_positions must be [T] or [B, T], got shape {tuple(q_positions.shape)}.")
-    return q_positions
-
-
-def causal_mask(q_positions: torch.Tensor, num_keys: int) -> torch.Tensor:
-    """bool `[B, T, S]` (or `[1, T, S]` for 1-D positions): key s is visible to the query at position p iff s <= p."""
-    pos = _as_batched_positions(q_positions)
-    keys = torch.arange(num_keys, device=pos.device)
-    return keys.view(1, 1, -1) <= pos.unsqueeze(-1)
-
-
 def topk_selection(index_scores: torch.Tensor, k: int, q_positions: torch.Tensor | None = None) -> torch.Tensor:
     """The k keys with the highest index score for every query: `[B, T, k]` int64, -1 where there is none.
 
@@ -62,7 +55,7 @@ def topk_selection(index_scores: torch.Tensor, k: int, q_positions: torch.Tensor
     top_scores, selected = top_scores[..., :kk], selected[..., :kk]  # [B, T, kk]
     invalid = top_scores == float("-inf")
     if q_positions is not None:
-        pos = _as_batched_positions(q_positions).to(selected.device)
+        pos = batched_positions(q_positions).to(selected.device)
         invalid |= selected > pos.unsqueeze(-1)
     selected = selected.masked_fill(invalid, -1)
     if kk < k:  # fewer keys than the budget: pad with "none"
@@ -75,7 +68,7 @@ def window_selection(q_positions: torch.Tensor, window: int) -> torch.Tensor:
     positions before the start of the sequence. q_positions `[T]` (gives B = 1) or `[B, T]`."""
     if not isinstance(window, int) or window <= 0:
         raise ValueError(f"window must be a positive integer, got {window!r}.")
-    pos = _as_batched_positions(q_positions)
+    pos = batched_positions(q_positions)
     offsets = torch.arange(window, device=pos.device)
     selected = pos.unsqueeze(-1) - offsets  # [B, T, window]: p, p-1, ..., p-window+1
     return selected.masked_fill(selected < 0, -1)
@@ -91,41 +84,6 @@ def selection_mask(selected: torch.Tensor, num_keys: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ attention maths
-def dense_masked_attention(
-    q_absorbed: torch.Tensor,
-    q_rope: torch.Tensor,
-    kv_latent: torch.Tensor,
-    k_rope: torch.Tensor,
-    allowed: torch.Tensor,
-    softmax_scale: float,
-    *,
-    return_probs: bool = False,
-):
-    """Reference MQA-mode (absorbed) attention over *all* S keys with a mask. Costs O(T·S).
-
-        score[t,h,s] = (q_absorbed[t,h] · kv_latent[s] + q_rope[t,h] · k_rope[s]) · scale,  -inf where not allowed
-        x[t,h]       = Σ_s softmax_s(score[t,h,:]) · kv_latent[s]
-
-    q_absorbed `[B, T, H, C]` (= W_UK_hᵀ q_nope, C = kv_lora_rank), q_rope `[B, T, H, R]`,
-    kv_latent `[B, S, C]`, k_rope `[B, S, R]`, allowed bool `[B, T, S]`.
-    Returns x `[B, T, H, C]` (latent space; W_UV comes after) and, if asked, the probabilities `[B, T, H, S]`.
-    """
-    scores = torch.einsum("bthc,bsc->bths", q_absorbed, kv_latent)
-    scores = scores + torch.einsum("bthr,bsr->bths", q_rope, k_rope)
-    scores = (scores * softmax_scale).float().masked_fill(~allowed.unsqueeze(2), float("-inf"))
-    probs = scores.softmax(dim=-1).to(kv_latent.dtype)  # [B, T, H, S]
-    x = torch.einsum("bths,bsc->bthc", probs, kv_latent)
-    return (x, probs) if return_probs else x
-
-
-def gather_keys(kv_latent: torch.Tensor, k_rope: torch.Tensor, selected: torch.Tensor):
-    """The selected latents and rope keys: `[B, T, k, C]`, `[B, T, k, R]` (index -1 reads key 0; mask it later)."""
-    B = kv_latent.shape[0]
-    idx = selected.clamp(min=0)
-    batch = torch.arange(B, device=selected.device).view(B, 1, 1)
-    return kv_latent[batch, idx], k_rope[batch, idx]
-
-
 def sparse_attention(
     q_absorbed: torch.Tensor,
     q_rope: torch.Tensor,
@@ -152,10 +110,12 @@ def sparse_attention(
             "pass one row of key indices per query."
         )
     out, all_probs = [], []
+    batch = torch.arange(B, device=selected.device).view(B, 1, 1)
     for start in range(0, T, chunk):
         sl = slice(start, start + chunk)
         sel = selected[:, sl]  # [B, c, k]
-        lat, rope = gather_keys(kv_latent, k_rope, sel)  # [B, c, k, C], [B, c, k, R]
+        idx = sel.clamp(min=0)  # an empty slot (-1) reads key 0, masked to -inf below
+        lat, rope = kv_latent[batch, idx], k_rope[batch, idx]  # gathered: [B, c, k, C], [B, c, k, R]
         scores = torch.einsum("bthc,btkc->bthk", q_absorbed[:, sl], lat)
         scores = scores + torch.einsum("bthr,btkr->bthk", q_rope[:, sl], rope)
         scores = (scores * softmax_scale).float().masked_fill((sel < 0).unsqueeze(2), float("-inf"))
@@ -180,294 +140,184 @@ def attention_recall(probs: torch.Tensor, selected: torch.Tensor) -> torch.Tenso
 
 # ------------------------------------------------------------------------------------- the attention module
 ATTENTIONS = ("sparse", "dense", "window")
+BACKENDS = ("torch", "triton")
 
 
-class DSACache:
-    """One layer's DSA cache: MLA's latent cache (`latent`: kv_latent + k_rope) and the indexer's key cache
-    (`index_keys`). Both always hold the same tokens; a mismatch means the caches were mixed up."""
+class DSACache(LayerCache):
+    """One layer's DSA cache, chapter 1's container once more: MLA's latent and rope key (`LatentCache`'s fields)
+    and the indexer's key (`IndexerKeyCache`'s), appended together so they always hold the same tokens."""
 
-    def __init__(self, max_len: int | None = None):
-        self.latent = LatentCache(max_len=max_len)
-        self.index_keys = IndexerKeyCache(max_len=max_len)
-
-    def __len__(self) -> int:
-        n, m = len(self.latent), len(self.index_keys)
-        if n != m:
-            raise RuntimeError(
-                f"DSACache is inconsistent: the latent cache holds {n} tokens but the indexer key cache {m}. "
-                "Both must be filled by the same DSAttention forward calls; start a fresh DSACache."
-            )
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.latent.nbytes + self.index_keys.nbytes
+    fields = LatentCache.fields + IndexerKeyCache.fields
+    kv_latent, k_rope, index_keys = LatentCache.kv_latent, LatentCache.k_rope, IndexerKeyCache.index_keys
 
 
 @dataclass
 class AttentionStats:
-    """What `DSAttention.forward_train` exposes besides the output (all for one layer)."""
+    """What one `DSAttention.forward` call reports besides its output: set the request, pass it as `stats=`.
 
-    out: torch.Tensor  # [B, T, d]
-    selected: torch.Tensor | None  # [B, T, k] key indices (-1 = none); None for dense attention
-    index_scores: torch.Tensor | None  # [B, T, S] fp32, -inf at future keys (None if not asked)
-    probs: torch.Tensor | None  # [B, T, H, S] dense or [B, T, H, k] over the selection (None if not asked)
+    Request: `need_probs`, `need_index_scores`, `rows` (`[B, P]` indices of the queries the two are needed for, =
+    their positions in a prefill from 0; None: all T). Filled by forward: `selected` `[B, T, k]` int64 (-1 = none;
+    None for dense attention), `index_scores` `[B, T or P, S]` fp32 (-inf at future keys; gradient flows only into
+    the indexer: its inputs are detached), `probs` `[B, T or P, H, S]` (dense) or `[B, T or P, H, k]` (over the
+    selection).
+    """
+
+    need_probs: bool = False
+    need_index_scores: bool = False
+    rows: torch.Tensor | None = None
+    selected: torch.Tensor | None = None
+    index_scores: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
+
+
+_WARNED: set[str] = set()
+
+
+def _kernels(backend: str, device: torch.device):
+    """`dslib.kernels` (chapter 6) for backend="triton" when it can run here; None means the PyTorch path.
+
+    The kernels plug in here, imported only when asked for (a later chapter, so by name at run time). When they
+    cannot run (not installed, no CUDA device, no Triton / FP8 support), warn once with the reason and use PyTorch:
+    the same numbers, computed by this module's own code."""
+    if backend == "torch":
+        return None
+    try:
+        kernels = importlib.import_module("dslib.kernels")
+    except ImportError as err:
+        reason = f"dslib.kernels is not importable ({err})"
+    else:
+        if not kernels.available():
+            reason = "dslib.kernels.available() is False (no CUDA device, or Triton / FP8 support missing)"
+        elif device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
+            reason = f"the tensors are on {device}, the kernels run on CUDA devices"
+        else:
+            return kernels
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f'backend="triton": {reason}; using the PyTorch path (same results).', stacklevel=3)
+    return None
 
 
 class DSAttention(MLA):
     """DeepSeek Sparse Attention = MLA (chapter 2) + a lightning indexer + top-k selection.
 
-    state_dict: MLA's tensors + `indexer.{wq_b, wk, k_norm, weights_proj}` (checkpoint names).
-    attention: "sparse" (indexer top-k, k = index_topk: the real model), "dense" (plain MLA),
-    "window" (the last `window` tokens, default index_topk: the content-blind baseline with the same budget).
-    mode: "absorbed" runs the selection with the gather-based MQA-mode path (`sparse_attention`, O(T·k));
-    "naive" runs it as MHA-mode MLA with the selection as a mask (O(T·S), the reference).
+    state_dict: MLA's tensors + `indexer.{wq_b, wk, k_norm, weights_proj}` (checkpoint names). One forward for
+    inference, decoding with a `DSACache` and training (what training needs comes back in an `AttentionStats`).
     """
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
-        super().__init__(cfg, layer_idx)
-        self.indexer = LightningIndexer(cfg)
-        self.index_topk = cfg.index_topk
+    cache_type = DSACache
 
-    def _check_cache(self, cache) -> int:
-        if cache is None:
-            return 0
-        if not isinstance(cache, DSACache):
-            raise TypeError(
-                f"DSAttention needs a DSACache (latent + indexer keys), got {type(cache).__name__}. "
-                "Create one per layer with dslib.sparse.DSACache()."
-            )
-        return len(cache)  # raises if the two halves disagree
-
-    def select(self, h, q_latent, cos, sin, positions, cache, attention, *, window=None, precision="fp32"):
-        """The selected key indices `[B, T, k]` for "sparse" / "window" (None for "dense"), and the index scores
-        (None unless "sparse"). Always appends the new indexer keys to the cache, so it stays in step with MLA's."""
-        B, T, _ = h.shape
-        if attention == "sparse":
-            scores = self.indexer(h, q_latent, cos, sin, positions, cache.index_keys if cache is not None else None, precision=precision)
-            return topk_selection(scores, self.index_topk, positions), scores
-        if cache is not None:
-            cache.index_keys.append(self.indexer.project_k(h, cos, sin))
-        if attention == "dense":
-            return None, None
-        pos = positions if positions.dim() == 2 else positions.unsqueeze(0)
-        return window_selection(pos, window or self.index_topk).expand(B, -1, -1), None
-
-    def attend_selected(self, q_nope, q_rope, kv_latent, k_rope, positions, selected, *, mode="absorbed", return_probs=False):
-        """Attention of the queries over their selected keys -> `[B, T, H, v_head_dim]` (+ probs `[B, T, H, k]`
-        in absorbed mode). absorbed: gather + MQA mode; naive: MHA mode with the selection as a mask."""
-        if mode == "absorbed":
-            q_absorbed = torch.einsum("bthd,hdc->bthc", q_nope, self.w_uk())  # [B, T, H, kv_lora_rank]
-            x = sparse_attention(q_absorbed, q_rope, kv_latent, k_rope, selected, self.softmax_scale, return_probs=return_probs)
-            x, probs = x if return_probs else (x, None)
-            out = torch.einsum("bthc,hvc->bthv", x, self.w_uv())  # [B, T, H, v_head_dim]
-            return (out, probs) if return_probs else out
-        if return_probs:
-            raise ValueError("return_probs needs mode='absorbed'.")
-        mask = selection_mask(selected, kv_latent.shape[1])
-        return self.attend(q_nope, q_rope, kv_latent, k_rope, positions, mode=mode, mask=mask)
+    def __init__(self, config: ModelConfig, layer_idx: int = 0):
+        super().__init__(config, layer_idx)
+        self.indexer = LightningIndexer(config)
+        self.index_topk = config.index_topk
 
     def forward(
         self,
         h: torch.Tensor,
         positions: torch.Tensor | None = None,
         cache: DSACache | None = None,
-        mode: str = "absorbed",
-        attention: str = "sparse",
-        record=None,
         *,
+        attention: str = "sparse",
+        mode: str = "absorbed",
         window: int | None = None,
         precision: str = "fp32",
+        backend: str = "torch",
+        stats: AttentionStats | None = None,
+        recorder=None,
     ) -> torch.Tensor:
-        """h `[B, T, d]` -> `[B, T, d]`. positions default to len(cache) + arange(T); new tokens are appended to
-        `cache` (a `DSACache`). `record`, if given, is called as `record(layer_idx=..., selected=[B, T, k],
-        positions=[T] or [B, T])` whenever a selection was made (sparse / window)."""
-        if attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}.")
-        positions, given = self.check_input(h, self._check_cache(cache), positions)
-        B, T, _ = h.shape
-        cos, sin = self.rotary(positions)
-        q_latent, q_nope, q_rope = self.project_q(h, cos, sin)
-        kv_latent, k_rope = self.project_kv(h, cos, sin)
-        if cache is not None:
-            kv_latent, k_rope = cache.latent.append(kv_latent, k_rope)  # [B, S, kv_lora_rank], [B, S, rope]
-        selected, _ = self.select(h, q_latent, cos, sin, positions, cache, attention, window=window, precision=precision)
-        if cache is not None:
-            len(cache)  # both halves must now hold S tokens
-        if selected is None:
-            out = self.attend(q_nope, q_rope, kv_latent, k_rope, positions, mode=mode, check_positions=given)
-        else:
-            if record is not None:
-                record(layer_idx=self.layer_idx, selected=selected, positions=positions)
-            out = self.attend_selected(q_nope, q_rope, kv_latent, k_rope, positions, selected, mode=mode)
-        return self.o_proj(out.reshape(B, T, self.num_heads * self.v_head_dim))
+        """h `[B, T, d]` -> `[B, T, d]`. positions default to len(cache) + arange(T); the new tokens' latents, rope
+        keys and indexer keys are appended to `cache` (a `DSACache`).
 
-    def forward_train(
-        self,
-        h: torch.Tensor,
-        attention: str = "dense",
-        *,
-        window: int | None = None,
-        need_probs: bool = False,
-        need_index_scores: bool = False,
-        impl: str = "gather",
-        rows: torch.Tensor | None = None,
-    ) -> AttentionStats:
-        """A prefill (positions 0..T-1, no cache) that also returns what the indexer's training needs.
-
-        The indexer always sees *detached* inputs (h and c^Q): its loss never moves the main model, and the
-        language-model loss never moves the indexer (REFERENCE.md §5). The top-k itself is chosen without
-        gradient (an index has none).
-        need_probs: the main attention's probabilities, `[B, T, H, S]` for dense attention, `[B, T, H, k]` over
-        the selection otherwise. need_index_scores: the index scores `[B, T, S]` (with gradient for the indexer).
-        rows: `[B, P]` query positions; probabilities and index scores are then returned only for those rows
-        (`[B, P, ...]`) — all a loss over P positions needs, and much cheaper for the indexer.
-        impl: how a selection is computed, "gather" (`sparse_attention`, O(T·k)) or "masked"
-        (`dense_masked_attention`, O(T·S), but fewer and larger matmuls: faster on a CPU for short sequences).
+        attention: "sparse" (indexer top-k, k = index_topk: the real model), "dense" (plain MLA), "window" (the
+        last `window` tokens, default index_topk: the content-blind baseline with the same budget).
+        mode: "absorbed" attends to a selection by gathering the selected latents in MQA mode (`sparse_attention`,
+        O(T·k)); "naive" runs MHA-mode MLA with the selection as a mask (O(T·S), the reference).
+        precision: the indexer's arithmetic, "fp32" or "fp8" (the deployed path, simulated).
+        backend: "torch", or "triton" for `dslib.kernels` (CUDA; otherwise one warning and the torch path).
+        stats: an `AttentionStats` request, filled in place. recorder: `recorder.on_selection(layer_idx=,
+        selected=[B, T, k], positions=)` whenever a selection was made (sparse / window).
         """
-        if attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}.")
-        if impl not in ("gather", "masked"):
-            raise ValueError(f"impl must be 'gather' or 'masked', got {impl!r}.")
+        for name, value, allowed in (("attention", attention, ATTENTIONS), ("mode", mode, MODES),
+                                     ("precision", precision, PRECISIONS), ("backend", backend, BACKENDS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
+        positions, given = self.check_input(h, cache, positions)
         B, T, _ = h.shape
-        positions = torch.arange(T, device=h.device)
-        cos, sin = self.rotary(positions)
-        q_latent, q_nope, q_rope = self.project_q(h, cos, sin)
-        kv_latent, k_rope = self.project_kv(h, cos, sin)
-        h_i, q_i = h.detach(), q_latent.detach()  # the indexer's inputs: no gradient flows back into the model
-
-        def all_scores():
-            return self.indexer(h_i, q_i, cos, sin, positions)  # [B, T, T]
-
-        scores, selected = None, None
+        q_latent, q_nope, q_rope, kv_latent, k_rope, (cos, sin) = self._project(h, positions)
+        # The indexer sees detached inputs: its loss never moves the main model, the LM loss never the indexer.
+        h_i, q_i, ix = h.detach(), q_latent.detach(), self.indexer
+        index_k = ix.project_k(h_i, cos, sin)  # [B, T, D_I], cached even when unused, so the cache stays whole
+        if cache is not None:
+            kv_latent, k_rope, index_k = cache.append(kv_latent, k_rope, index_k)  # [B, S, ...]: old + new tokens
+        kernels = _kernels(backend, h.device)
+        want = stats or AttentionStats()
+        scores = selected = None
+        if want.need_index_scores:  # for the indexer's loss, with gradient; only at `rows` if given
+            scores = ix(h_i, q_i, cos, sin, positions, index_k, rows=want.rows, precision=precision)
         if attention == "sparse":
-            if need_index_scores and rows is None:
-                scores = all_scores()
-                selected = topk_selection(scores.detach(), self.index_topk, positions)
-            else:
-                with torch.no_grad():
-                    selected = topk_selection(all_scores(), self.index_topk, positions)
+            with torch.no_grad():  # an index has no gradient
+                if kernels is not None:
+                    selected = kernels.indexer.index_topk(ix.project_q(q_i, cos, sin), ix.head_weights(h_i), index_k,
+                                                          positions, self.index_topk, fp8=precision == "fp8")
+                else:
+                    every = scores if scores is not None and want.rows is None else \
+                        ix(h_i, q_i, cos, sin, positions, index_k, precision=precision)  # [B, T, S]
+                    selected = topk_selection(every, self.index_topk, positions)
         elif attention == "window":
             selected = window_selection(positions, window or self.index_topk).expand(B, -1, -1)
-        if need_index_scores and rows is not None:  # the indexer's queries only at `rows`, its keys everywhere
-            ix, take = self.indexer, rows.unsqueeze(-1)
-            cos_r, sin_r = self.rotary(rows)  # [B, P, rope/2]
-            q_rows = ix.project_q(q_i.gather(1, take.expand(-1, -1, q_i.shape[-1])), cos_r, sin_r)
-            w_rows = ix.head_weights(h_i.gather(1, take.expand(-1, -1, h_i.shape[-1])))
-            scores = index_scores(q_rows, w_rows, ix.project_k(h_i, cos, sin), rows)  # [B, P, T]
-        elif need_index_scores and scores is None:
-            scores = all_scores()
+        if selected is not None and recorder is not None:
+            recorder.on_selection(layer_idx=self.layer_idx, selected=selected, positions=positions)
 
-        q_absorbed = torch.einsum("bthd,hdc->bthc", q_nope, self.w_uk())  # [B, T, H, kv_lora_rank]
-        if selected is not None and impl == "gather":
-            x, probs = sparse_attention(q_absorbed, q_rope, kv_latent, k_rope, selected, self.softmax_scale,
-                                        return_probs=True)  # probs [B, T, H, k]
-        else:
-            allowed = causal_mask(positions, T)
-            if selected is not None:
-                allowed = allowed & selection_mask(selected, T)
-            x, probs = dense_masked_attention(q_absorbed, q_rope, kv_latent, k_rope, allowed, self.softmax_scale,
-                                              return_probs=True)  # probs [B, T, H, S]
-            if selected is not None and need_probs:  # the probabilities of the selected keys, [B, T, H, k]
-                idx = selected.clamp(min=0).unsqueeze(2).expand(-1, -1, probs.shape[2], -1)
-                probs = probs.gather(-1, idx).masked_fill((selected < 0).unsqueeze(2), 0.0)
-        if rows is not None and need_probs:
-            probs = probs.gather(1, rows.view(B, -1, 1, 1).expand(-1, -1, *probs.shape[2:]))  # [B, P, H, ...]
-        out = torch.einsum("bthc,hvc->bthv", x, self.w_uv())  # [B, T, H, v_head_dim]
-        out = self.o_proj(out.reshape(B, T, self.num_heads * self.v_head_dim))
-        return AttentionStats(out, selected, scores, probs if need_probs else None)
-
-
-# ------------------------------------------------------------------------------------------------ accounting
-def core_attention_flops(cfg: ModelConfig, seq_len: int, attention: str = "dense", *, k: int | None = None,
-                         mode: str = "absorbed", skip_masked: bool = True) -> int:
-    """Matmul FLOPs (2 per multiply-add) of the core attention of a causal prefill of `seq_len` tokens, one layer.
-
-    The query at position t attends n_t = t + 1 keys (dense) or min(t + 1, k) keys (sparse / window). Per
-    (query, key) pair and head: absorbed (MQA mode) 2·(C + R) for the score + 2·C for the weighted sum
-    (C = kv_lora_rank, R = qk_rope_head_dim; 2·1,088 at the 671B dims); naive (MHA mode) 2·(nope + R) + 2·v.
-    Projections are not included (they are the same for every attention).
-    skip_masked=False counts what the simple implementations here compute: `dense_masked_attention` scores all
-    L² pairs (half of them are masked afterwards) and `sparse_attention` computes all k slots of every query.
-    """
-    H, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    per_pair = 2 * H * (2 * C + R) if mode == "absorbed" else 2 * H * (cfg.qk_nope_head_dim + R + cfg.v_head_dim)
-    L = seq_len
-    k = k or cfg.index_topk
-    if attention == "dense":
-        pairs = L * (L + 1) // 2 if skip_masked else L * L
-    elif skip_masked:
-        m = min(k, L)
-        pairs = m * (m + 1) // 2 + (L - m) * k  # rows 0..k-1 see t+1 keys, later rows exactly k
-    else:
-        pairs = L * k
-    return per_pair * pairs
+        need, probs = want.need_probs, None  # probabilities only when asked (a 128K-token prefill: 68 GB in bf16)
+        if selected is None or mode == "naive":  # MLA (chapter 2); naive: MHA mode, the selection as a mask, O(T·S)
+            mask = None if selected is None else selection_mask(selected, kv_latent.shape[1])
+            out = self.attend(q_nope, q_rope, kv_latent, k_rope, positions, mode=mode, mask=mask, return_probs=need,
+                              check_positions=given)
+            if need:
+                out, probs = out  # probs [B, T, H, S]
+                if selected is not None:  # the probabilities of the selected keys, [B, T, H, k]
+                    idx = selected.clamp(min=0).unsqueeze(2).expand(-1, -1, self.num_heads, -1)
+                    probs = probs.gather(-1, idx).masked_fill((selected < 0).unsqueeze(2), 0.0)
+        else:  # gather the k selected latents per query and attend in MQA mode: O(T·k)
+            q_absorbed = torch.einsum("bthd,hdc->bthc", q_nope, self.w_uk())  # [B, T, H, kv_lora_rank]
+            if kernels is not None and not need:
+                x = kernels.sparse_mla.sparse_mla(q_absorbed, q_rope, kv_latent, k_rope, selected, self.softmax_scale)
+            else:
+                x = sparse_attention(q_absorbed, q_rope, kv_latent, k_rope, selected, self.softmax_scale,
+                                     return_probs=need)
+                if need:
+                    x, probs = x  # probs [B, T, H, k]
+            out = torch.einsum("bthc,hvc->bthv", x, self.w_uv())  # [B, T, H, v_head_dim]
+        if stats is not None:
+            stats.selected, stats.index_scores = selected, scores
+            stats.probs = probs if probs is None or want.rows is None else take_rows(probs, want.rows)
+        return self.o_proj(out.reshape(B, T, self.num_heads * self.v_head_dim))
 
 
-def indexer_flops(cfg: ModelConfig, seq_len: int, *, skip_masked: bool = True) -> int:
-    """Matmul FLOPs of the lightning indexer's scores for a causal prefill of `seq_len` tokens, one layer:
-    per (query, key) pair 2·index_n_heads·index_head_dim (q·k for every indexer head) + 2·index_n_heads (the
-    weighted head sum). Still O(L²), but 8,192 MACs per pair at the 671B dims instead of MLA's 139,264."""
-    pairs = seq_len * (seq_len + 1) // 2 if skip_masked else seq_len * seq_len
-    return pairs * (2 * cfg.index_n_heads * cfg.index_head_dim + 2 * cfg.index_n_heads)
-
-
-def attention_flops_per_token(cfg: ModelConfig, position: int, attention: str = "dense", *, phase: str = "decode",
-                              fp8_indexer: bool = True) -> dict[str, float]:
-    """Attention FLOPs for ONE token at `position` (it sees position + 1 keys), per layer, in bf16-equivalent
-    FLOPs: {"core": ..., "indexer": ..., "total": ...}.
-
-    phase "decode": MQA (absorbed) mode, as deployed; "prefill": MHA (naive) mode for dense attention (what
-    prefill uses), MQA mode for DSA (FlashMLA's sparse prefill kernel). The indexer runs in FP8, at twice the bf16
-    rate on Hopper: with `fp8_indexer` its FLOPs count half. Projections and MoE are not included.
-    """
-    n = position + 1
-    H, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    mqa = 2 * H * (2 * C + R)
-    mha = 2 * H * (cfg.qk_nope_head_dim + R + cfg.v_head_dim)
-    if attention == "dense":
-        core = n * (mha if phase == "prefill" else mqa)
-        idx = 0.0
-    elif attention == "sparse":
-        core = min(n, cfg.index_topk) * mqa
-        idx = n * (2 * cfg.index_n_heads * cfg.index_head_dim + 2 * cfg.index_n_heads) * (0.5 if fp8_indexer else 1.0)
-    else:
-        raise ValueError(f"attention must be 'dense' or 'sparse', got {attention!r}.")
-    return {"core": float(core), "indexer": float(idx), "total": float(core + idx)}
-
-
+# ------------------------------------------------------------------------------------------------ timing
 def time_attention(lengths, *, heads: int = 4, latent: int = 64, rope: int = 16, k: int = 64, index_heads: int = 4,
                    index_dim: int = 32, repeats: int = 3, seed: int = 0, chunk: int = 256) -> dict[str, list[float]]:
     """Median CPU seconds of one layer's core attention for a prefill of each length (batch 1, random tensors):
     "dense" (`dense_masked_attention`, causal mask: O(L²)), "sparse" (`sparse_attention` over k selected keys:
     O(L·k)) and "indexer" (`index_scores`: O(L²) with a small constant). The selection is a window, so that
     only attention is timed, not the top-k."""
-    import statistics
-    import time
-
-    from dslib.indexer import index_scores
-
     g = torch.Generator().manual_seed(seed)
     out = {"dense": [], "sparse": [], "indexer": []}
     for L in lengths:
         qa, qr = torch.randn(1, L, heads, latent, generator=g), torch.randn(1, L, heads, rope, generator=g)
         lat, kr = torch.randn(1, L, latent, generator=g), torch.randn(1, L, rope, generator=g)
-        qi, wi, ki = torch.randn(1, L, index_heads, index_dim, generator=g), torch.randn(1, L, index_heads, generator=g), torch.randn(1, L, index_dim, generator=g)
+        qi, wi = torch.randn(1, L, index_heads, index_dim, generator=g), torch.randn(1, L, index_heads, generator=g)
+        ki = torch.randn(1, L, index_dim, generator=g)
         pos = torch.arange(L)
         allowed = causal_mask(pos, L)
         sel = window_selection(pos, k)
         runs = {
-            "dense": lambda: dense_masked_attention(qa, qr, lat, kr, allowed, 0.1),
-            "sparse": lambda: sparse_attention(qa, qr, lat, kr, sel, 0.1, chunk=chunk),
-            "indexer": lambda: index_scores(qi, wi, ki, pos, chunk=chunk),
+            "dense": partial(dense_masked_attention, qa, qr, lat, kr, allowed, 0.1),
+            "sparse": partial(sparse_attention, qa, qr, lat, kr, sel, 0.1, chunk=chunk),
+            "indexer": partial(index_scores, qi, wi, ki, pos, chunk=chunk),
         }
         with torch.no_grad():
             for name, fn in runs.items():
-                fn()  # warm-up
-                times = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    fn()
-                    times.append(time.perf_counter() - t0)
-                out[name].append(statistics.median(times))
+                out[name].append(wall_seconds(fn, repeats=repeats))
     return out

@@ -155,7 +155,8 @@ def bucket_label(bucket: tuple[int, int]) -> str:
     return f"≤{hi}" if lo <= 1 else f"{lo}–{hi}"
 
 
-def accuracy_by_distance(correct: torch.Tensor, distance: torch.Tensor, buckets=DISTANCE_BUCKETS) -> dict[str, tuple[float, int]]:
+def accuracy_by_distance(correct: torch.Tensor, distance: torch.Tensor,
+                         buckets=DISTANCE_BUCKETS) -> dict[str, tuple[float, int]]:
     """{bucket label: (accuracy, count)} over the query positions; `correct` and `distance` are 1-D over queries.
     Buckets without queries are left out."""
     which = bucket_of(distance, buckets)

@@ -31,19 +31,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dslib.attention import FeedForward, RMSNorm
+from dslib.attention import DecoderLayer, FeedForward, RMSNorm
 from dslib.config import ModelConfig
-from dslib.sparse import DSAttention, attention_recall, selection_mask, topk_selection, window_selection
-from dslib.indexer import attention_target, indexer_kl_loss
+from dslib.indexer import attention_target, indexer_kl_loss, take_rows
+from dslib.sparse import AttentionStats, DSAttention, attention_recall, topk_selection, window_selection
 from dslib.tasks import IGNORE, RecallBatch, RecallTask, accuracy_by_distance, eval_set, make_batch
 
 ARTIFACT = "ch3_recall"  # data/ch3_recall_{stage}.safetensors and data/ch3_recall.json
 STAGES = ("dense", "warmup", "sparse")
 
 
-def experiment_config(task: RecallTask = RecallTask(), **overrides) -> ModelConfig:
+def experiment_config(task: RecallTask | None = None, **overrides) -> ModelConfig:
     """The experiment's model: 2 layers, d = 64, 2 MLA heads (latent 64, nope 32 + rope 16, v 32), SwiGLU 128,
-    4 indexer heads x 32 dims, index_topk 32, plain RoPE (~200k parameters)."""
+    4 indexer heads x 32 dims, index_topk 32, plain RoPE (~200k parameters). task: default `RecallTask()`."""
+    task = task or RecallTask()
     base = dict(
         vocab_size=task.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         first_k_dense_replace=2, num_nextn_predict_layers=0, num_attention_heads=2, num_key_value_heads=2,
@@ -56,64 +57,48 @@ def experiment_config(task: RecallTask = RecallTask(), **overrides) -> ModelConf
 
 
 # -------------------------------------------------------------------------------------------------- the model
-class Block(nn.Module):
-    """Pre-norm decoder layer with DeepSeek's names: x + self_attn(input_layernorm(x)), then x + mlp(...)."""
-
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = DSAttention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = FeedForward(cfg.hidden_size, cfg.intermediate_size)
-
-
 class RecallModel(nn.Module):
-    """A tiny causal LM: token-shift embeddings -> `num_hidden_layers` DSA blocks -> RMSNorm -> lm_head."""
+    """A tiny causal LM: token-shift embeddings -> `num_hidden_layers` decoder layers (chapter 1's `DecoderLayer`
+    with `DSAttention` and a SwiGLU `FeedForward`) -> RMSNorm -> lm_head."""
 
-    def __init__(self, cfg: ModelConfig, *, token_shift: bool = True):
+    def __init__(self, config: ModelConfig, *, token_shift: bool = True):
         super().__init__()
-        self.cfg = cfg
+        self.config = config
         self.token_shift = token_shift
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        d = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, d)
         # E'[x_{t-1}]: a width-2 causal convolution over the embeddings (see the module docstring)
-        self.embed_previous = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if token_shift else None
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.embed_previous = nn.Embedding(config.vocab_size, d) if token_shift else None
+        self.layers = nn.ModuleList(
+            DecoderLayer(DSAttention(config, i), FeedForward(d, config.intermediate_size), d, config.rms_norm_eps)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(d, config.rms_norm_eps)
         # PyTorch's default initialisation (unit-variance embeddings, fan-in-scaled linears): with GPT-style
         # std 0.02 the stacked MLA projections start with near-zero scores and the task takes far longer to learn.
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(tokens)  # [B, T, d]
         if self.embed_previous is not None:
-            prev = F.pad(tokens[:, :-1], (1, 0), value=self.cfg.bos_token_id or 0)  # x_{t-1}, BOS before the start
+            prev = F.pad(tokens[:, :-1], (1, 0), value=self.config.bos_token_id or 0)  # x_{t-1}, BOS before the start
             x = x + self.embed_previous(prev)
         return x
 
-    def forward(self, tokens: torch.Tensor, attention: str = "dense", *, window: int | None = None, record=None):
-        """tokens `[B, T]` -> logits `[B, T, vocab]`, through `DSAttention.forward` (gather path for selections)."""
+    def forward(self, tokens: torch.Tensor, attention: str = "dense", *, mode: str = "absorbed",
+                window: int | None = None, stats: list[AttentionStats] | None = None, recorder=None) -> torch.Tensor:
+        """tokens `[B, T]` -> logits `[B, T, vocab]`; every layer runs `DSAttention.forward` with these options.
+        `stats`: one `AttentionStats` per layer (what the indexer's training and the analyses read)."""
         x = self.embed(tokens)
-        for layer in self.layers:
-            x = x + layer.self_attn(layer.input_layernorm(x), attention=attention, window=window, record=record)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, attention=attention, mode=mode, window=window, recorder=recorder,
+                      stats=stats[i] if stats is not None else None)
         return self.lm_head(self.norm(x))
 
-    def forward_train(self, tokens: torch.Tensor, attention: str = "dense", *, window: int | None = None,
-                      need_probs: bool = False, need_index_scores: bool = False, impl: str = "masked",
-                      rows: torch.Tensor | None = None):
-        """Like forward, also returning each layer's `AttentionStats` (selection, index scores, probabilities;
-        for dense attention with `rows` [B, P] only at those query positions).
-        impl="masked" by default: at L = 256 on a CPU the dense-masked path is faster than gathering (same numbers)."""
-        x = self.embed(tokens)
-        stats = []
-        for layer in self.layers:
-            s = layer.self_attn.forward_train(layer.input_layernorm(x), attention, window=window,
-                                              need_probs=need_probs, need_index_scores=need_index_scores,
-                                              impl=impl, rows=rows)
-            stats.append(s)
-            x = x + s.out
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.lm_head(self.norm(x)), stats
+    def stats(self, **request) -> list[AttentionStats]:
+        """One `AttentionStats(**request)` per layer, for `forward(..., stats=)`."""
+        return [AttentionStats(**request) for _ in self.layers]
 
     def indexer_parameters(self):
         return [p for n, p in self.named_parameters() if ".indexer." in n]
@@ -223,15 +208,15 @@ def train_stage(
         batch = make_batch(task, batch_size, gen)
         # the task's KL only needs the query rows: score just those (each sequence has n_pairs of them)
         rows = query_rows(batch) if train_index and kl_positions == "task" else None
-        logits, stats = model.forward_train(batch.tokens, attention, window=window, rows=rows,
-                                            need_probs=train_index, need_index_scores=train_index)
+        stats = model.stats(need_probs=train_index, need_index_scores=train_index, rows=rows)
+        logits = model(batch.tokens, attention, window=window, stats=stats)
         loss = lm_loss(logits, batch.targets)
         kl = torch.zeros(())
         for s in stats if train_index else ():
             if stage == "warmup":  # dense: KL over all causal keys
                 kl = kl + indexer_kl_loss(attention_target(s.probs), s.index_scores)
             else:  # sparse: KL over the selected set only
-                sel = s.selected if rows is None else s.selected.gather(1, rows.unsqueeze(-1).expand(-1, -1, s.selected.shape[-1]))
+                sel = s.selected if rows is None else take_rows(s.selected, rows)  # [B, T or P, k]
                 scores_sel = s.index_scores.gather(-1, sel.clamp(min=0)).masked_fill(sel < 0, float("-inf"))
                 kl = kl + indexer_kl_loss(attention_target(s.probs), scores_sel)
         total = (loss if train_main else 0) + (kl if train_index else 0)
@@ -247,7 +232,8 @@ def train_stage(
             log.kl.append(round(kl.item(), 5))
         log.steps = step + 1
         if not progress and step % 50 == 0:
-            print(f"  {stage} step {step:5d}  loss {loss.item():.4f}  acc {acc:.3f} (avg {avg_acc:.3f})  kl {kl.item():.4f}"
+            print(f"  {stage} step {step:5d}  loss {loss.item():.4f}  acc {acc:.3f} (avg {avg_acc:.3f})  "
+                  f"kl {kl.item():.4f}"
                   f"  {time.perf_counter() - t0:6.1f} s", flush=True)
         if target_acc is not None and step >= warmup and avg_acc >= target_acc:
             break
@@ -268,7 +254,8 @@ def evaluate(model: RecallModel, batch: RecallBatch, attention: str, *, window: 
     correct, dist, hits = [], [], [[] for _ in model.layers]
     for start in range(0, len(batch), batch_size):
         b = batch.slice(start, start + batch_size)
-        logits, stats = model.forward_train(b.tokens, attention, window=window)
+        stats = model.stats()
+        logits = model(b.tokens, attention, window=window, stats=stats)
         correct.append(query_correct(logits, b.targets))
         qm = b.query_mask
         dist.append(b.distance[qm])
@@ -279,7 +266,7 @@ def evaluate(model: RecallModel, batch: RecallBatch, attention: str, *, window: 
     correct, dist = torch.cat(correct), torch.cat(dist)
     out = {
         "attention": attention,
-        "k": (window or model.cfg.index_topk) if attention != "dense" else None,
+        "k": (window or model.config.index_topk) if attention != "dense" else None,
         "accuracy": float(correct.float().mean()),
         "queries": int(correct.numel()),
         "by_distance": accuracy_by_distance(correct, dist),
@@ -295,7 +282,7 @@ def attention_analysis(model: RecallModel, batch: RecallBatch, *, k: int | None 
     """Per layer, at the query positions of a *dense* run: the share of the dense attention mass kept by the
     indexer's top-k and by the window (attention recall), the dense mass on the token to recall, and how often
     each selection contains that token."""
-    k = k or model.cfg.index_topk
+    k = k or model.config.index_topk
     window = window or k
     L = len(model.layers)
     acc = {name: [[] for _ in range(L)] for name in ("recall_indexer", "recall_window", "mass_on_source",
@@ -303,7 +290,8 @@ def attention_analysis(model: RecallModel, batch: RecallBatch, *, k: int | None 
     for start in range(0, len(batch), batch_size):
         b = batch.slice(start, start + batch_size)
         rows = query_rows(b)  # [B, P]: only the query rows are analysed
-        _, stats = model.forward_train(b.tokens, "dense", need_probs=True, need_index_scores=True, rows=rows)
+        stats = model.stats(need_probs=True, need_index_scores=True, rows=rows)
+        model(b.tokens, "dense", stats=stats)
         src = b.source.gather(1, rows).unsqueeze(-1)  # [B, P, 1]
         win = window_selection(rows, window)  # [B, P, window]
         for layer, s in enumerate(stats):
@@ -322,7 +310,8 @@ def inspect_sequence(model: RecallModel, tokens: torch.Tensor) -> dict:
     """For one sequence `[T]` (or `[1, T]`): per layer the dense attention (head average) `[T, S]` and the index
     scores `[T, S]`, for the interactive views."""
     tokens = tokens.view(1, -1)
-    _, stats = model.forward_train(tokens, "dense", need_probs=True, need_index_scores=True)
+    stats = model.stats(need_probs=True, need_index_scores=True)
+    model(tokens, "dense", stats=stats)
     return {
         "probs": [s.probs[0].float().mean(dim=1) for s in stats],  # [T, S] per layer
         "index_scores": [s.index_scores[0] for s in stats],
@@ -335,7 +324,7 @@ def save_model(model: RecallModel, path: str | Path) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"config": json.dumps(model.cfg.to_dict()), "token_shift": str(model.token_shift)}
+    meta = {"config": json.dumps(model.config.to_dict()), "token_shift": str(model.token_shift)}
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
     return path
 
@@ -368,10 +357,11 @@ def artifact_paths(out: str | Path) -> dict[str, Path]:
 
 
 # ---------------------------------------------------------------------------------------------- experiment
-def run_experiment(out: str | Path, *, seed: int = 0, task: RecallTask = RecallTask(), dense_steps: int = 2000,
+def run_experiment(out: str | Path, *, seed: int = 0, task: RecallTask | None = None, dense_steps: int = 2000,
                    warmup_steps: int = 300, sparse_steps: int = 300, kl_positions: str = "task",
                    eval_size: int = 512, progress: bool = True) -> dict:
     """The whole pipeline: dense training, indexer warm-up, sparse training, evaluation; writes into `out`."""
+    task = task or RecallTask()
     torch.manual_seed(seed)
     paths = artifact_paths(out)
     cfg = experiment_config(task)

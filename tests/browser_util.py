@@ -1,13 +1,13 @@
 """Drive JupyterLab in headless Chromium the way a learner does: open a notebook, Run All, look at the page.
 
     with LabServer([nb_path, ...], repo_root) as lab, LabBrowser(lab) as browser:
-        report = browser.run_notebook("01_kv_cache.ipynb", expected)   # expected: dslib.export_html.Inventory
+        report = browser.run_notebook("01_kv_cache.ipynb", expected)   # expected: tools.export_html.Inventory
         assert report.ok, report.describe()
 
 What "looks right" means (checked by `LabBrowser.run_notebook`):
 - every code cell ran (an execution count, no `[*]`), no cell holds an error output, no widget output area shows a
   traceback;
-- as many plotly plots are drawn as the kernel produced (`expected.plots`, counted by `dslib.export_html.inventory`
+- as many plotly plots are drawn as the kernel produced (`expected.plots`, counted by `tools.export_html.inventory`
   from an nbclient run of the same notebook): a drawn plot is an element with plotly.js's class `js-plotly-plot`,
   which sits on the output node itself for `fig.show()` (jupyterlab-plotly's MIME renderer) and on a descendant for
   a FigureWidget (anywidget) or a figure inside an `interact` output; both are counted;

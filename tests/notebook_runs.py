@@ -1,12 +1,12 @@
 """Notebooks executed once per test session (nbclient, DSLIB_FAST=1, widget state kept), shared by the HTML page
-tests and the real-browser test: what the kernel displayed (`dslib.export_html.inventory`) is what the page and
+tests and the real-browser test: what the kernel displayed (`tools.export_html.inventory`) is what the page and
 the browser must show."""
 from __future__ import annotations
 
 import functools
 from pathlib import Path
 
-from dslib.export_html import Inventory, execute, inventory
+from tools.export_html import Inventory, execute, inventory
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))

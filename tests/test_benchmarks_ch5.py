@@ -38,4 +38,14 @@ def test_gpu_layer_script_tiny_on_cpu(tmp_path):
         ("decode", "sparse"), ("decode", "dense_absorbed"), ("decode", "dense_naive")}
     assert all(float(r["median_ms"]) > 0 for r in attention + moe)
     assert {r["block"] for r in moe} == {"moe", "dense_mlp"}
-    assert torch.get_num_threads() >= 1
+    # every case of the tiny plan ran (none skipped) with 3..50 repetitions; MHA-mode decode only while it fits
+    script = _script("gpu_layer")
+    sizes = script.TINY
+    cases = {(r["phase"], r["variant"], int(r["context"]), int(r["batch"])) for r in attention}
+    for L in sizes["prefill"]:
+        assert {("prefill", v, L, 1) for v in ("sparse", "indexer", "dense_sdpa")} <= cases
+    for B in sizes["decode_batch"]:
+        for L in sizes["decode"]:
+            naive = ("decode", "dense_naive", L, B) in cases
+            assert naive == (B * L <= sizes["naive_decode_max"]) and ("decode", "sparse", L, B) in cases
+    assert all(3 <= int(r["reps"]) <= 50 and not r["note"] for r in attention + moe)

@@ -11,7 +11,6 @@ locally, a failure under CI=true.
 from __future__ import annotations
 
 import pytest
-
 from browser_util import LabBrowser, LabServer, need_browser
 from notebook_runs import FAST_ENV, FIXTURES, NOTEBOOKS, ROOT, expected
 

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import browser_util as bu
+import pytest
 
 
 def test_missing_chromium_skips_locally_and_fails_in_ci(monkeypatch, tmp_path):

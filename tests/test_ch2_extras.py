@@ -5,15 +5,9 @@ import torch
 
 import dslib.viz as viz
 from dslib.config import ModelConfig
+from dslib.cost import decode_costs, decode_step_time
 from dslib.exercises import ch2
-from dslib.mla import (
-    MLA,
-    MLAStack,
-    decode_costs,
-    decode_step_time,
-    fp8_pack_latent,
-    fp8_unpack_latent,
-)
+from dslib.mla import MLA, MLAStack, fp8_pack_latent, fp8_unpack_latent
 from dslib.rope import rope_inv_freq, yarn_correction_range
 
 
@@ -58,7 +52,8 @@ def test_figures():
     cfg = ModelConfig.deepseek_v32()
     assert isinstance(viz.low_rank_figure([3.0, 2.0, 1.0, 0.1], {"r": 2}), go.Figure)
     plain = rope_inv_freq(cfg.replace(rope_scaling=None)).tolist()
-    assert isinstance(viz.rope_frequencies_figure(plain, rope_inv_freq(cfg).tolist(), *yarn_correction_range(cfg)), go.Figure)
+    fig = viz.rope_frequencies_figure(plain, rope_inv_freq(cfg).tolist(), *yarn_correction_range(cfg))
+    assert isinstance(fig, go.Figure)
     assert isinstance(viz.decode_time_figure([16, 32], {"naive": [1e-3, 2e-3], "absorbed": [1e-4, 1e-4]}), go.Figure)
     fig = viz.mla_costs_figure(decode_costs(cfg, 4096))
     assert len(fig.data) == 2 and list(fig.data[0].x) == ["MHA", "GQA-8", "MLA", "MLA FP8"]
@@ -92,5 +87,5 @@ def test_exercise_3():
     assert ch2.check_merged_output_weight(ch2.solution_merged_output_weight)
     wrong_shape = lambda mla: mla.o_proj.weight  # noqa: E731
     assert "shape" in ch2.check_merged_output_weight(wrong_shape).message
-    wrong = lambda mla: torch.zeros(mla.cfg.hidden_size, mla.num_heads * mla.kv_lora_rank)  # noqa: E731
+    wrong = lambda mla: torch.zeros(mla.config.hidden_size, mla.num_heads * mla.kv_lora_rank)  # noqa: E731
     assert not ch2.check_merged_output_weight(wrong)

@@ -58,6 +58,16 @@ def test_dequantize_exercise():
 
 def test_scale_bytes_exercise():
     want = ch5.solution_scale_bytes()
+    # by hand, 671B dims: ceil(out/128) * ceil(in/128) fp32 scales per FP8 linear (kv_a_proj_with_mqa: 576 rows -> 5)
+    def scales(out, inp):
+        return math.ceil(out / 128) * math.ceil(inp / 128) * 4
+
+    d, q, c = 7168, 1536, 512
+    attention = scales(q, d) + scales(128 * 192, q) + scales(c + 64, d) + scales(128 * 256, c) + scales(d, 128 * 128)
+    indexer = scales(64 * 128, q) + scales(128, d)
+    expert = 2 * scales(2048, d) + scales(d, 2048)
+    dense_ffn = 2 * scales(18432, d) + scales(d, 18432)
+    assert want == 61 * (attention + indexer) + 3 * dense_ffn + 58 * 257 * expert == 163_553_984
     assert ch5.check_scale_bytes(want)
     assert "4 bytes" in repr(ch5.check_scale_bytes(want // 2))
     assert "MTP" in repr(ch5.check_scale_bytes(sum(

@@ -12,8 +12,15 @@ from safetensors.torch import load_file, save_file
 
 import dslib
 from dslib.checkpoint import (
-    INDEX_FILE, CheckpointError, RandomSource, SafetensorsSource, StateDictSource, checkpoint_tensors,
-    load_pretrained, write_checkpoint, write_synthetic_checkpoint,
+    INDEX_FILE,
+    CheckpointError,
+    RandomSource,
+    SafetensorsSource,
+    StateDictSource,
+    checkpoint_tensors,
+    load_pretrained,
+    write_checkpoint,
+    write_synthetic_checkpoint,
 )
 from dslib.config import ConfigError, ModelConfig
 from dslib.devices import plan_devices
@@ -42,7 +49,8 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- names
-@pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": None}, {"first_k_dense_replace": 0}, {"n_shared_experts": 2}])
+@pytest.mark.parametrize("overrides",
+                         [{}, {"q_lora_rank": None}, {"first_k_dense_replace": 0}, {"n_shared_experts": 2}])
 def test_state_dict_names_are_the_checkpoint_names(overrides):
     cfg = CFG.replace(**overrides)
     with torch.device("meta"):
@@ -201,7 +209,8 @@ def test_keep_fp8_storage_gives_the_same_logits(sharded_fp8):
     sd = fp8.state_dict()
     for name, spec in stored.specs().items():
         if spec.dtype == torch.float8_e4m3fn and "kv_b_proj" not in name:
-            assert sd[name].dtype == torch.float8_e4m3fn and torch.equal(sd[name + "_scale_inv"], stored.read(name + "_scale_inv"))
+            assert sd[name].dtype == torch.float8_e4m3fn
+            assert torch.equal(sd[name + "_scale_inv"], stored.read(name + "_scale_inv"))
     ids = torch.randint(0, CFG.vocab_size, (2, 12))
     with torch.no_grad():
         assert torch.equal(fp8(ids), plain(ids))
@@ -213,3 +222,23 @@ def test_keep_fp8_needs_an_fp8_checkpoint(tmp_path):
     path = write_checkpoint(RandomSource(CFG, seed=0, dtype=torch.float32), tmp_path / "fp32", progress=False)
     with pytest.raises(CheckpointError, match="holds none"):
         load_pretrained(path, keep_fp8=True, progress=False)
+
+
+@pytest.mark.parametrize("cfg", [ModelConfig.deepseek_v32(), ModelConfig.small(), ModelConfig.tiny(q_lora_rank=None),
+                                 ModelConfig.tiny(first_k_dense_replace=3)],
+                                 ids=["671B", "small", "no-q-lora", "all-dense"])
+def test_config_accounting_equals_the_modules(cfg):
+    """Chapter 1's closed-form parameter counts (the estimate) equal the tensors of the modules themselves, which
+    the checkpoint table reads off a meta-device build (the measurement): per component, total, with MTP."""
+    table = checkpoint_tensors(cfg)
+    assert sum(s.numel for s in table.values()) == cfg.total_params()
+    assert sum(s.numel for s in checkpoint_tensors(cfg, mtp=True).values()) == cfg.total_params(mtp=True)
+    c, last = cfg.param_counts(), f"model.layers.{cfg.num_hidden_layers - 1}."
+
+    def numel(prefix, exclude="\0"):
+        return sum(s.numel for n, s in table.items() if n.startswith(prefix) and exclude not in n)
+
+    assert numel(last + "self_attn.", exclude=".indexer.") == c["attention"]
+    assert numel(last + "self_attn.indexer.") == c["indexer"]
+    assert numel(last + "mlp.") == (c["moe_mlp"] if cfg.is_moe_layer(cfg.num_hidden_layers - 1) else c["dense_mlp"])
+    assert numel("model.layers.0.mlp.") == (c["moe_mlp"] if cfg.is_moe_layer(0) else c["dense_mlp"])

@@ -32,7 +32,7 @@ def test_each_attention_method_has_its_own_colour_in_the_accuracy_figure():
 def test_absorbed_decode_is_above_the_h200_ridge():
     """Chapter 2's roofline claim: MLA decode with 128 heads does 242 FLOP/B, above the bf16 ridge of ~206."""
     from dslib.config import H200_BF16_FLOPS, H200_HBM_BYTES_PER_S, ModelConfig
-    from dslib.mla import attention_flops, kv_bytes_read
+    from dslib.cost import attention_flops, kv_bytes_read
 
     big, n = ModelConfig.deepseek_v32(), 131_072
     intensity = attention_flops(big, 1, n, "absorbed")["total"] / kv_bytes_read(big, n, "absorbed")

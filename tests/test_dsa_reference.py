@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dslib.config import ModelConfig
-from dslib.sparse import DSAttention
+from dslib.sparse import AttentionStats, DSAttention
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.deepseek_v32 import modeling_deepseek_v32 as hf  # noqa: E402
@@ -60,11 +60,11 @@ def test_same_selection_and_output_as_transformers(rope_scaling):
     B, T = 2, 19
     h = torch.randn(B, T, SIZES["hidden_size"])
     out_ref, idx_ref = _run_hf(ref, rotary, h)
-    records = []
+    stats = AttentionStats()
     with torch.no_grad():
-        out = ours(h, attention="sparse", record=lambda **kw: records.append(kw))
+        out = ours(h, attention="sparse", stats=stats)
         out_naive = ours(h, attention="sparse", mode="naive")
-    sel = records[0]["selected"]
+    sel = stats.selected
     k = SIZES["index_topk"]
     for b in range(B):
         for t in range(T):

@@ -263,8 +263,8 @@ import pytest  # noqa: E402
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 ANSWERS = {  # what each notebook's build-it exercise asks the learner to write: never listed before the check passes
     "01_kv_cache.ipynb": ("check_cached_attention", ["causal_attention", "Attention.forward"]),
-    "02_mla.ipynb": ("check_absorbed_attention", ["MLA.attend", "MLA._absorbed_scores"]),
-    "03_sparse_attention.ipynb": ("check_select_and_gather", ["topk_selection"]),
+    "02_mla.ipynb": ("check_absorbed_attention", ["MLA.attend", "dense_masked_attention"]),
+    "03_sparse_attention.ipynb": ("check_select_and_gather", ["topk_selection", "sparse_attention"]),
     "04_moe_routing.ipynb": ("check_route", ["Gate.route", "group_scores", "keep_top_groups", "limit_to_groups",
                                              "expert_weights", "select_experts"]),
     "05_full_model.ipynb": ("check_dequantize", ["dequantize_fp8_blocks"]),

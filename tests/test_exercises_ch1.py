@@ -36,7 +36,10 @@ def test_generation_flops():
     assert "stub" in ch1.check_generation_flops(stub).message
     no_cache = ch1.check_generation_flops(lambda cfg, p, n, use_cache: ch1.solution_generation_flops(cfg, p, n, False))
     assert not no_cache and "cost without a cache" in no_cache.message
-    extra = ch1.check_generation_flops(lambda cfg, p, n, use_cache: ch1.solution_generation_flops(cfg, p, n + 1, use_cache))
+    def one_too_many(cfg, p, n, use_cache):
+        return ch1.solution_generation_flops(cfg, p, n + 1, use_cache)
+
+    extra = ch1.check_generation_flops(one_too_many)
     assert not extra and "one step too many" in extra.message
 
 

@@ -1,12 +1,12 @@
-"""`make html` (python -m dslib.export_html): executed notebooks as standalone pages whose plots work offline."""
+"""`make html` (python tools/export_html.py): executed notebooks as standalone pages whose plots work offline."""
 from __future__ import annotations
 
 import re
 
 import pytest
-
-import dslib.export_html as ex
 from notebook_runs import FIXTURES, NOTEBOOKS, executed
+
+import tools.export_html as ex
 
 GOOD = FIXTURES / "good.ipynb"
 MATHJAX = "mathjax"  # the one script a page may load from the web (maths typesetting; TeX shows without it)
@@ -17,7 +17,8 @@ def external_scripts(page: str) -> list[str]:
 
 
 def check_page(page: str, plots: int, name: str):
-    assert ex.count_plots_in_page(page) == plots, f"{name}: page draws {ex.count_plots_in_page(page)} plots, notebook showed {plots}"
+    drawn = ex.count_plots_in_page(page)
+    assert drawn == plots, f"{name}: page draws {drawn} plots, notebook showed {plots}"
     assert page.count("Plotly.newPlot(") >= plots, f"{name}: a plot div without its drawing script"
     assert external_scripts(page) == [], f"{name}: the page loads scripts from the web: {external_scripts(page)}"
     assert "plotly.js v" in page, f"{name}: plotly.js is not inlined"

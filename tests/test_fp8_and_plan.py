@@ -5,8 +5,14 @@ import pytest
 import torch
 
 from dslib.checkpoint import (
-    FP8_DTYPE, CheckpointError, RandomSource, checkpoint_tensors, dequantize_fp8_blocks, is_fp8_weight,
-    quantize_fp8_blocks, scale_shape,
+    FP8_DTYPE,
+    CheckpointError,
+    RandomSource,
+    checkpoint_tensors,
+    dequantize_fp8_blocks,
+    is_fp8_weight,
+    quantize_fp8_blocks,
+    scale_shape,
 )
 from dslib.config import ModelConfig
 from dslib.devices import DevicePlanError, gpus_needed, module_bytes, plan_devices

@@ -15,7 +15,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 # Which chapter each dslib module belongs to. A module may import only modules of its own or earlier chapters.
 CHAPTER = {
-    "config": 1, "kv_cache": 1, "attention": 1, "viz": 1, "show": 1, "export_html": 1, "paths": 1,
+    "config": 1, "fp8": 1, "kv_cache": 1, "attention": 1, "cost": 1, "viz": 1, "show": 1, "paths": 1,
     "rope": 2, "mla": 2,
     "indexer": 3, "sparse": 3, "tasks": 3, "train": 3,
     "moe": 4, "moe_train": 4,
@@ -54,7 +54,9 @@ def dslib_imports(source: str, package: str) -> set[str]:
                 mod = node.module or ""
             if mod.split(".")[0] == "dslib":
                 found.add(mod)
-                found |= {f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}".count(".") <= 2 and a.name[:1].islower() and chapter_known(f"{mod}.{a.name}")}
+                found |= {f"{mod}.{a.name}" for a in node.names
+                          if f"{mod}.{a.name}".count(".") <= 2 and a.name[:1].islower()
+                          and chapter_known(f"{mod}.{a.name}")}
     return found
 
 
@@ -79,7 +81,8 @@ def test_dslib_imports_follow_chapter_order(path, module):
         return
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     for imported in dslib_imports(path.read_text(), package):
-        assert chapter_of(imported) <= own, f"{module} (chapter {own}) imports {imported} (chapter {chapter_of(imported)})"
+        theirs = chapter_of(imported)
+        assert theirs <= own, f"{module} (chapter {own}) imports {imported} (chapter {theirs})"
 
 
 def notebook_chapter(path: Path) -> int:
@@ -106,7 +109,8 @@ def test_notebook_committed_clean(nb):
     result = subprocess.run(
         [sys.executable, "-m", "nbstripout", "--verify", "--keep-id", str(nb)], capture_output=True, text=True
     )
-    assert result.returncode == 0, f"{nb.name} carries outputs or metadata: run `make strip`.\n{result.stdout}{result.stderr}"
+    assert result.returncode == 0, (f"{nb.name} carries outputs or metadata: run `make strip`.\n"
+                                   f"{result.stdout}{result.stderr}")
 
 
 def test_every_notebook_has_parameters_cell_and_exercises():
@@ -120,7 +124,8 @@ def test_every_notebook_has_parameters_cell_and_exercises():
 
 
 def _requirement_names(specs):
-    return {re.split(r"[<>=!~ \[]", s.strip(), maxsplit=1)[0].lower().replace("_", "-"): s.replace(" ", "") for s in specs}
+    return {re.split(r"[<>=!~ \[]", s.strip(), maxsplit=1)[0].lower().replace("_", "-"): s.replace(" ", "")
+            for s in specs}
 
 
 def test_environment_yml_matches_pyproject():
@@ -133,14 +138,16 @@ def test_environment_yml_matches_pyproject():
     for extra in ("lab", "dev", "gpu"):
         declared += project["optional-dependencies"].get(extra, [])
     env_lines = (ROOT / "environment.yml").read_text().splitlines()
-    pip_specs = [l.strip()[2:].strip() for l in env_lines if l.startswith("      - ")]
+    pip_specs = [line.strip()[2:].strip() for line in env_lines if line.startswith("      - ")]
     pip_specs = [s for s in pip_specs if not s.startswith("-e")]
     assert _requirement_names(pip_specs) == _requirement_names(declared)
 
 
 # Calls and attributes whose result is a wall-clock time. A notebook may print and plot them, never assert on them:
 # on 2 busy cores a timing ratio can invert, and a flaky notebook blocks CI. Assert on counted work instead.
-TIMING_SOURCES = re.compile(r"perf_counter\(|time\.time\(|decode_step_time\(|time_attention\(|\.seconds\b|do_bench\(")
+TIMING_SOURCES = re.compile(
+    r"perf_counter\(|time\.time\(|wall_seconds\(|decode_step_time\(|time_attention\(|\.seconds\b|do_bench\("
+)
 
 
 def _timing_names(tree: ast.AST, source: str) -> set[str]:

@@ -1,14 +1,24 @@
 """Lightning indexer, DSA module, caches and losses on tiny configs (fp32)."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from dslib.attention import causal_mask
 from dslib.config import ConfigError, ModelConfig
+from dslib.fp8 import act_quant
 from dslib.indexer import (
-    IndexerKeyCache, LightningIndexer, act_quant, attention_target, fp8_index_scores, hadamard, index_scores,
+    IndexerKeyCache,
+    LightningIndexer,
+    attention_target,
+    fp8_index_scores,
+    hadamard,
+    index_scores,
     indexer_kl_loss,
 )
+from dslib.kv_cache import CacheFullError
 from dslib.mla import LatentCache
-from dslib.sparse import DSACache, DSAttention, causal_mask, dense_masked_attention, selection_mask
+from dslib.sparse import AttentionStats, DSACache, DSAttention
 
 # 8 indexer heads: with 2, ReLU often zeroes every head and exact ties (score 0) make top-k order arbitrary
 CFG = ModelConfig.tiny(index_topk=4, index_n_heads=8, max_position_embeddings=64)
@@ -82,7 +92,7 @@ def test_decode_with_cache_equals_prefill_sparse_and_window():
             parts = [attn(h[:, :5], cache=cache, attention=attention)]
             parts += [attn(h[:, t : t + 1], cache=cache, attention=attention) for t in range(5, 11)]
             torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-6)
-            assert len(cache) == 11 and len(cache.index_keys) == 11
+            assert len(cache) == 11 and cache.index_keys.shape == (2, 11, CFG.index_head_dim)
 
 
 def test_sparse_gather_equals_dense_masked_module():
@@ -98,31 +108,55 @@ def test_sparse_gather_equals_dense_masked_module():
                                    rtol=1e-5, atol=1e-6)
 
 
-def test_record_hook_and_forward_train_agree_with_forward():
+def test_recorder_and_stats_report_what_forward_did():
     attn = _attn()
     h = torch.randn(1, 10, CFG.hidden_size)
     seen = []
+    recorder = SimpleNamespace(on_selection=lambda **kw: seen.append(kw))
     with torch.no_grad():
-        out = attn(h, attention="sparse", record=lambda **kw: seen.append(kw))
-        stats = attn.forward_train(h, "sparse", need_probs=True)
-    assert seen[0]["layer_idx"] == 0 and seen[0]["selected"].shape == (1, 10, CFG.index_topk)
-    assert torch.equal(stats.selected, seen[0]["selected"])
-    torch.testing.assert_close(stats.out, out)
-    torch.testing.assert_close(stats.probs.sum(-1), torch.ones(1, 10, CFG.num_attention_heads))
-    dense = attn.forward_train(h, "dense", need_probs=True)
-    torch.testing.assert_close(dense.out, attn(h, attention="dense"), rtol=1e-5, atol=1e-6)
+        out = attn(h, attention="sparse", recorder=recorder)
+        absorbed = AttentionStats(need_probs=True)
+        attn(h, attention="sparse", stats=absorbed)
+        for mode in ("absorbed", "naive"):
+            stats = AttentionStats(need_probs=True)
+            torch.testing.assert_close(attn(h, attention="sparse", mode=mode, stats=stats), out, rtol=1e-5, atol=1e-6)
+            assert torch.equal(stats.selected, seen[0]["selected"]) and stats.index_scores is None
+            torch.testing.assert_close(stats.probs.sum(-1), torch.ones(1, 10, CFG.num_attention_heads))
+            # both modes: the same probabilities of the selected keys, in the selection's order
+            torch.testing.assert_close(stats.probs, absorbed.probs, rtol=1e-5, atol=1e-6)
+        dense = AttentionStats(need_probs=True, need_index_scores=True)
+        attn(h, attention="dense", stats=dense)
+    assert seen[0]["layer_idx"] == 0 and seen[0]["selected"].shape == (1, 10, CFG.index_topk) and len(seen) == 1
+    assert dense.selected is None and dense.probs.shape == (1, 10, CFG.num_attention_heads, 10)
+    assert torch.equal(torch.isinf(dense.index_scores), ~causal_mask(torch.arange(10), 10))
+
+
+def test_stats_rows_are_the_rows_of_the_full_stats():
+    attn = _attn()
+    h = torch.randn(2, 12, CFG.hidden_size)
+    rows = torch.tensor([[3, 7, 11], [0, 5, 6]])
+    with torch.no_grad():
+        for attention in ("sparse", "dense"):
+            full, part = AttentionStats(True, True), AttentionStats(True, True, rows=rows)
+            attn(h, attention=attention, stats=full)
+            attn(h, attention=attention, stats=part)
+            take = rows.unsqueeze(-1)
+            torch.testing.assert_close(part.index_scores, full.index_scores.gather(1, take.expand(-1, -1, 12)))
+            want = full.probs.gather(1, take[..., None].expand(-1, -1, *full.probs.shape[2:]))
+            torch.testing.assert_close(part.probs, want)
 
 
 def test_indexer_input_is_detached_in_training():
     attn = _attn()
     h = torch.randn(1, 10, CFG.hidden_size, requires_grad=True)
-    stats = attn.forward_train(h, "sparse", need_index_scores=True)
+    stats = AttentionStats(need_index_scores=True)
+    out = attn(h, attention="sparse", stats=stats)
     target = torch.rand(1, 10, 10) * causal_mask(torch.arange(10), 10)
     indexer_kl_loss(target / target.sum(-1, keepdim=True), stats.index_scores).backward()
     assert h.grad is None and attn.q_a_proj.weight.grad is None  # the KL moves only the indexer
     assert attn.indexer.wq_b.weight.grad is not None
     attn.zero_grad()
-    stats.out.sum().backward()
+    out.sum().backward()
     assert attn.indexer.wq_b.weight.grad is None  # the LM side never reaches the indexer
 
 
@@ -142,14 +176,16 @@ def test_errors():
     h = torch.randn(1, 4, CFG.hidden_size)
     with pytest.raises(TypeError, match="DSACache"):
         attn(h, cache=LatentCache())
-    cache = DSACache()
+    cache = DSACache(max_len=5)
     attn(h, cache=cache)
-    cache.index_keys.append(torch.randn(1, 1, CFG.index_head_dim))  # out of step with the latent cache
-    with pytest.raises(RuntimeError, match="inconsistent"):
-        attn(h[:, :1], cache=cache)
-    with pytest.raises(ValueError, match="attention must be"):
-        attn(h, attention="local")
-    with pytest.raises(ValueError, match="max_len"):
+    with pytest.raises(CacheFullError, match="max_len=5"):
+        attn(h[:, :2], cache=cache)
+    with pytest.raises(ValueError, match="one tensor per field"):  # the three fields are appended together
+        cache.append(torch.randn(1, 1, CFG.kv_lora_rank), torch.randn(1, 1, CFG.qk_rope_head_dim))
+    for option, value in (("attention", "local"), ("mode", "fast"), ("precision", "fp4"), ("backend", "cuda")):
+        with pytest.raises(ValueError, match=f"{option} must be one of"):
+            attn(h, **{option: value})
+    with pytest.raises(CacheFullError, match="max_len"):
         c = IndexerKeyCache(max_len=3)
         c.append(torch.randn(1, 4, 8))
     with pytest.raises(ConfigError, match="index_topk"):
@@ -167,3 +203,43 @@ def test_batched_positions_equal_default():
     with torch.no_grad():
         for attention in ("sparse", "window", "dense"):
             torch.testing.assert_close(attn(h, positions=pos, attention=attention), attn(h, attention=attention))
+
+
+def test_triton_backend_dispatch_and_fallback(monkeypatch):
+    """backend="triton" calls dslib.kernels with the contract's arguments; without usable kernels it warns once
+    (naming why) and computes the same numbers with PyTorch."""
+    import sys
+    import types
+    import warnings
+
+    from dslib import sparse
+
+    attn = _attn()
+    h = torch.randn(2, 9, CFG.hidden_size)
+    with torch.no_grad():
+        want = attn(h, attention="sparse")
+        monkeypatch.setattr(sparse, "_WARNED", set())
+        monkeypatch.setitem(sys.modules, "dslib.kernels", None)  # not importable
+        with pytest.warns(UserWarning, match="not importable.*PyTorch path"):
+            torch.testing.assert_close(attn(h, attention="sparse", backend="triton"), want)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the second call does not warn again
+            attn(h, attention="sparse", backend="triton")
+        calls = []
+
+        def index_topk(q, w, k, q_positions, topk, *, fp8=False):
+            calls.append(("index_topk", q.shape, w.shape, k.shape, topk, fp8))
+            return sparse.topk_selection(index_scores(q, w, k, q_positions), topk, q_positions)
+
+        def sparse_mla(q_absorbed, q_rope, kv_latent, k_rope, selected, scale):
+            calls.append(("sparse_mla", q_absorbed.shape, selected.shape))
+            return sparse.sparse_attention(q_absorbed, q_rope, kv_latent, k_rope, selected, scale)
+
+        fake = types.SimpleNamespace(available=lambda: True, indexer=types.SimpleNamespace(index_topk=index_topk),
+                                     sparse_mla=types.SimpleNamespace(sparse_mla=sparse_mla))
+        monkeypatch.setitem(sys.modules, "dslib.kernels", fake)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors are fine for the interpreter
+        torch.testing.assert_close(attn(h, attention="sparse", backend="triton"), want)
+    H_I, D_I, C = CFG.index_n_heads, CFG.index_head_dim, CFG.kv_lora_rank
+    assert calls == [("index_topk", (2, 9, H_I, D_I), (2, 9, H_I), (2, 9, D_I), CFG.index_topk, False),
+                     ("sparse_mla", (2, 9, CFG.num_attention_heads, C), (2, 9, CFG.index_topk))]

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from dslib.config import ModelConfig
-from dslib.mla import MLA, LatentCache, WeightLoadError, attention_flops, kv_bytes_read, load_weights
+from dslib.cost import attention_flops, kv_bytes_read
+from dslib.mla import MLA, LatentCache, WeightLoadError, load_weights
 
 EXPECTED_KEYS = {
     "q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight", "kv_a_proj_with_mqa.weight",
@@ -32,21 +33,23 @@ def test_parameter_names_and_shapes():
     assert sd["q_b_proj.weight"].shape == (H * cfg.qk_head_dim, cfg.q_lora_rank)
     assert sd["o_proj.weight"].shape == (cfg.hidden_size, H * cfg.v_head_dim)
     no_q_lora = set(MLA(cfg.replace(q_lora_rank=None)).state_dict())
-    assert no_q_lora == EXPECTED_KEYS - {"q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight"} | {"q_proj.weight"}
+    low_rank_q = {"q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight"}
+    assert no_q_lora == EXPECTED_KEYS - low_rank_q | {"q_proj.weight"}
     # parameter count agrees with the config's accounting (REFERENCE §1.2)
     assert sum(p.numel() for p in MLA(cfg).parameters()) == cfg.param_counts()["attention"]
 
 
 def test_weight_views():
     mla = make_mla()
-    cfg = mla.cfg
+    cfg = mla.config
     w = mla.kv_b_proj.weight.view(cfg.num_attention_heads, -1, cfg.kv_lora_rank)
     assert mla.w_uk().shape == (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank)
     assert mla.w_uv().shape == (cfg.num_attention_heads, cfg.v_head_dim, cfg.kv_lora_rank)
     torch.testing.assert_close(torch.cat([mla.w_uk(), mla.w_uv()], 1), w)
 
 
-@pytest.mark.parametrize("cfg", [ModelConfig.tiny(), ModelConfig.small(num_attention_heads=4), ModelConfig.tiny(q_lora_rank=None)],
+@pytest.mark.parametrize("cfg", [ModelConfig.tiny(), ModelConfig.small(num_attention_heads=4),
+                                 ModelConfig.tiny(q_lora_rank=None)],
                          ids=["tiny", "small-yarn", "no-q-lora"])
 def test_naive_equals_absorbed_prefill(cfg):
     mla = make_mla(cfg)
@@ -56,18 +59,22 @@ def test_naive_equals_absorbed_prefill(cfg):
 
 def test_naive_equals_absorbed_with_mask():
     mla = make_mla()
-    h = torch.randn(2, 10, mla.cfg.hidden_size)
+    h = torch.randn(2, 10, mla.config.hidden_size)
     mask = torch.rand(2, 10, 10) < 0.5
     mask[..., 0] = True  # keep one visible key per row
-    torch.testing.assert_close(mla(h, mask=mask), mla(h, mode="naive", mask=mask), rtol=1e-5, atol=1e-5)
+    pos = torch.arange(10)
+    _, q_nope, q_rope, lat, kr, _ = mla._project(h, pos)
+    absorbed = mla.attend(q_nope, q_rope, lat, kr, pos, mask=mask)
+    torch.testing.assert_close(absorbed, mla.attend(q_nope, q_rope, lat, kr, pos, mode="naive", mask=mask),
+                               rtol=1e-5, atol=1e-5)
     # the mask really changes the result
-    assert not torch.allclose(mla(h, mask=mask), mla(h))
+    assert not torch.allclose(absorbed, mla.attend(q_nope, q_rope, lat, kr, pos))
 
 
 def test_mask_equals_dropping_keys():
     """Masking out all keys but a subset == attending only over that subset of latents."""
     mla = make_mla()
-    h = torch.randn(1, 9, mla.cfg.hidden_size)
+    h = torch.randn(1, 9, mla.config.hidden_size)
     pos = torch.arange(9)
     cos, sin = mla.rotary(pos)
     _, q_nope, q_rope = mla.project_q(h, cos, sin)
@@ -97,7 +104,7 @@ def test_incremental_decode_equals_full_forward(mode):
 
 def test_cached_latent_is_what_project_kv_gives():
     mla = make_mla()
-    h = torch.randn(1, 6, mla.cfg.hidden_size)
+    h = torch.randn(1, 6, mla.config.hidden_size)
     cache = LatentCache()
     mla(h, cache=cache)
     cos, sin = mla.rotary(torch.arange(6))
@@ -133,13 +140,13 @@ def test_cache_growth_and_limits():
     for c in chunks:
         lat, _ = free.append(c, c[..., :2])
     torch.testing.assert_close(lat, torch.cat(chunks, 1))
-    with pytest.raises(RuntimeError, match="empty"):
-        LatentCache().kv_latent
+    with pytest.raises(ValueError, match="empty"):
+        _ = LatentCache().kv_latent
 
 
 def test_attend_errors():
     mla = make_mla()
-    h = torch.randn(1, 4, mla.cfg.hidden_size)
+    h = torch.randn(1, 4, mla.config.hidden_size)
     with pytest.raises(ValueError, match="mode"):
         mla(h, mode="fast")
     with pytest.raises(ValueError, match="hidden_size"):
@@ -148,8 +155,9 @@ def test_attend_errors():
         mla(h, positions=torch.arange(10, 14))  # positions beyond the keys without a cache
     with pytest.raises(ValueError, match="max_position_embeddings"):
         mla(h, positions=torch.arange(1000, 1004))
+    _, q_nope, q_rope, lat, kr, _ = mla._project(h, torch.arange(4))
     with pytest.raises(ValueError, match="bool"):
-        mla(h, mask=torch.ones(1, 4, 4))
+        mla.attend(q_nope, q_rope, lat, kr, torch.arange(4), mask=torch.ones(1, 4, 4))
 
 
 def test_load_weights_roundtrip_and_errors():
@@ -157,7 +165,7 @@ def test_load_weights_roundtrip_and_errors():
     sd = {f"model.layers.0.self_attn.{k}": v.clone() for k, v in src.state_dict().items()}
     before = {k: v.clone() for k, v in sd.items()}
     load_weights(dst, sd, prefix="model.layers.0.self_attn.")
-    h = torch.randn(1, 5, src.cfg.hidden_size)
+    h = torch.randn(1, 5, src.config.hidden_size)
     torch.testing.assert_close(dst(h), src(h))
     assert all(torch.equal(sd[k], before[k]) for k in sd)  # the caller's dict is untouched
 

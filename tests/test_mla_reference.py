@@ -110,7 +110,8 @@ def test_cached_decode_matches_deepseek_v3(name):
     with torch.no_grad():
         for start, end in [(0, T0)] + [(t, t + 1) for t in range(T0, T0 + n)]:
             pos = torch.arange(start, end)[None].expand(B, -1)
-            outs_hf.append(attn(h[:, start:end], rot(h, pos), causal_additive(end - start, end, start), cache=hf_cache)[0])
+            mask = causal_additive(end - start, end, start)
+            outs_hf.append(attn(h[:, start:end], rot(h, pos), mask, cache=hf_cache)[0])
             outs.append(ours(h[:, start:end], cache=cache))
     torch.testing.assert_close(torch.cat(outs, 1), torch.cat(outs_hf, 1), rtol=1e-5, atol=1e-5)
     # HF's cache: "keys" = latent [B, 1, S, c], "values" = k_rope in [even | odd] order (REFERENCE §9.2 item 7)

@@ -8,7 +8,6 @@ import torch
 
 import dslib
 from dslib.checkpoint import SafetensorsSource, dequantize_fp8_blocks, write_checkpoint
-from dslib.config import ModelConfig
 
 transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV32Config, DeepseekV32ForCausalLM  # noqa: E402

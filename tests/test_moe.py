@@ -1,13 +1,28 @@
 """Chapter 4: gate, experts, MoE block and balancing — against transformers' deepseek_v3 and simple references."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from dslib.attention import FeedForward
 from dslib.config import ConfigError, ModelConfig
 from dslib.moe import (
-    MLP, Gate, MoE, Routing, dispatch, expert_load, expert_weights, group_scores, groups_touched, max_violation,
-    moe_reference, router_scores, select_experts, sequence_aux_loss, update_bias,
+    Gate,
+    MoE,
+    Routing,
+    dispatch,
+    expert_load,
+    expert_weights,
+    group_scores,
+    groups_touched,
+    max_violation,
+    moe_reference,
+    router_scores,
+    select_experts,
+    sequence_aux_loss,
+    update_bias,
 )
 
 
@@ -35,13 +50,15 @@ def hf_config(cfg: ModelConfig):
     return DeepseekV3Config(
         hidden_size=cfg.hidden_size, moe_intermediate_size=cfg.moe_intermediate_size, intermediate_size=64,
         n_routed_experts=cfg.n_routed_experts, num_experts_per_tok=cfg.num_experts_per_tok, n_group=cfg.n_group,
-        topk_group=cfg.topk_group, routed_scaling_factor=cfg.routed_scaling_factor, n_shared_experts=cfg.n_shared_experts,
+        topk_group=cfg.topk_group, routed_scaling_factor=cfg.routed_scaling_factor,
+        n_shared_experts=cfg.n_shared_experts,
         norm_topk_prob=True, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, vocab_size=64,
     )
 
 
 def to_hf_state_dict(sd: dict, n_experts: int) -> dict:
-    """dslib's per-expert names -> transformers' fused experts (gate_up_proj [E, 2I, d] = [gate; up], down_proj [E, d, I])."""
+    """dslib's per-expert names -> transformers' fused experts (gate_up_proj [E, 2I, d] = [gate; up],
+    down_proj [E, d, I])."""
     out = {k: v for k, v in sd.items() if not k.startswith("experts.")}
     out["experts.gate_up_proj"] = torch.stack(
         [torch.cat([sd[f"experts.{e}.gate_proj.weight"], sd[f"experts.{e}.up_proj.weight"]]) for e in range(n_experts)]
@@ -76,7 +93,7 @@ def test_mlp_equals_transformers():
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MLP
 
     cfg = cfg_()
-    ours = MLP(32, 16)
+    ours = FeedForward(32, 16)
     theirs = DeepseekV3MLP(hf_config(cfg), intermediate_size=16)
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(3, 5, 32)
@@ -160,7 +177,8 @@ def test_group_limit_is_respected_and_group_score_is_top2_sum():
     r = gate.route(x)
     assert (groups_touched(r.topk_idx, 8, 32) <= 3).all()
     biased = r.scores + gate.e_score_correction_bias
-    manual = torch.stack([biased[:, 4 * g: 4 * g + 4].sort(-1, descending=True).values[:, :2].sum(-1) for g in range(8)], -1)
+    top2 = [biased[:, 4 * g : 4 * g + 4].sort(-1, descending=True).values[:, :2].sum(-1) for g in range(8)]
+    manual = torch.stack(top2, -1)
     torch.testing.assert_close(group_scores(biased, 8), manual)
     chosen_groups = r.topk_idx // 4
     assert r.group_kept.gather(1, chosen_groups).all()
@@ -222,11 +240,12 @@ def test_dispatch_handles_idle_experts_and_gradients():
     assert moe.experts[5].up_proj.weight.grad is None
 
 
-def test_record_receives_routing():
-    moe = randomise(MoE(cfg_()))
+def test_recorder_receives_routing():
+    moe = randomise(MoE(cfg_(), layer_idx=7))
     seen = []
-    moe(torch.randn(2, 3, 32), record=seen.append)
-    assert len(seen) == 1 and isinstance(seen[0], Routing)
+    moe(torch.randn(2, 3, 32), recorder=SimpleNamespace(on_routing=lambda **kw: seen.append(kw)))
+    assert len(seen) == 1 and seen[0]["layer_idx"] == 7 and isinstance(seen[0]["routing"], Routing)
+    seen = [seen[0]["routing"]]
     assert seen[0].topk_idx.shape == (6, 4) and seen[0].scores.shape == (6, 16)
 
 

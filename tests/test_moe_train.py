@@ -54,7 +54,7 @@ def test_model_uses_dslib_moe_and_records_routing():
     assert all(isinstance(layer.mlp, MoE) and isinstance(layer.self_attn, MLA) for layer in model.layers)
     assert cfg.n_routed_experts // cfg.n_group == 4 and cfg.topk_group * 2 == cfg.n_group  # V3.2's shape / 8
     log = mt.RoutingLog()
-    logits = model(torch.randint(0, mt.VOCAB, (2, 31)), record=log)
+    logits = model(torch.randint(0, mt.VOCAB, (2, 31)), recorder=log)
     assert logits.shape == (2, 31, mt.VOCAB)
     assert sorted(log.by_layer) == [0, 1] and log.by_layer[1].topk_idx.shape == (62, cfg.num_experts_per_tok)
     with pytest.raises(ValueError, match="max_position_embeddings"):

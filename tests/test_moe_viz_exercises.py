@@ -16,7 +16,8 @@ def test_every_figure_function_returns_a_figure():
     r = gate.route(torch.randn(3, 16))
     figs = [
         vm.params_bars(["671B"], [671.9], [38.4]),
-        vm.token_routing(r.scores[0], gate.e_score_correction_bias, r.group_kept[0], r.topk_idx[0], r.topk_weight[0], 4),
+        vm.token_routing(r.scores[0], gate.e_score_correction_bias, r.group_kept[0], r.topk_idx[0],
+                         r.topk_weight[0], 4),
         vm.token_routing(r.scores[0], gate.e_score_correction_bias, None, r.topk_idx[0], r.topk_weight[0], 1),
         vm.maxvio_curves([0, 10], {"none": [1.0, 0.5]}, colors=vm.SETTING_COLORS),
         vm.expert_load_heatmap(torch.rand(2, 16), ["L0", "L1"], 4),
@@ -52,11 +53,11 @@ def test_group_scores_exercise():
 
 def test_bias_update_exercise():
     assert ch4.check_bias_update(ch4.solution_bias_update)
-    v = ch4.check_bias_update(lambda b, l, g: b - g * torch.sign(l.float().mean() - l.float()))
+    v = ch4.check_bias_update(lambda b, load, g: b - g * torch.sign(load.float().mean() - load.float()))
     assert not v and "reversed" in v.message
-    v = ch4.check_bias_update(lambda b, l, g: b + g * (l.float().mean() - l.float()))
+    v = ch4.check_bias_update(lambda b, load, g: b + g * (load.float().mean() - load.float()))
     assert not v and "sign" in v.message
-    v = ch4.check_bias_update(lambda b, l, g: g * torch.sign(l.float().mean() - l.float()))
+    v = ch4.check_bias_update(lambda b, load, g: g * torch.sign(load.float().mean() - load.float()))
     assert not v and "only the change" in v.message
 
 

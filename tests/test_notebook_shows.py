@@ -6,10 +6,10 @@ from __future__ import annotations
 import ast
 
 import pytest
-
-from dslib.show import SHOW_CLASS, show
 from notebook_runs import NOTEBOOKS, executed
 from test_links import NOT_IN_REPO
+
+from dslib.show import SHOW_CLASS, show
 
 
 def show_calls(source: str) -> int:

@@ -1,5 +1,4 @@
 """RoPE layouts and YaRN (dslib.rope) against the formulas of REFERENCE.md §2.3-2.5 and against transformers."""
-import math
 
 import pytest
 import torch
@@ -90,7 +89,8 @@ def test_interleaved_matches_complex_rotation():
     x = torch.randn(2, 5, 3, 8)
     angles = torch.randn(5, 4).double()
     out = apply_rope_interleaved(x, angles.cos().float(), angles.sin().float())
-    torch.testing.assert_close(out.double(), _reference_interleaved_complex(x, angles[None, :, None]), rtol=1e-5, atol=1e-6)
+    reference = _reference_interleaved_complex(x, angles[None, :, None])
+    torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-6)
     # no dims between T and rope_dim (the shared k_rope) and per-batch cos/sin
     k = torch.randn(2, 5, 8)
     ab = torch.randn(2, 5, 4)
@@ -103,7 +103,8 @@ def test_half_split_complex_vs_rotate_half():
     x = torch.randn(2, 5, 3, 8)
     angles = torch.randn(5, 4)
     out = apply_rope_half(x, angles.cos(), angles.sin())
-    z = torch.complex(x[..., :4].double(), x[..., 4:].double()) * torch.polar(torch.ones(5, 4).double(), angles.double())[:, None]
+    rotation = torch.polar(torch.ones(5, 4).double(), angles.double())[:, None]
+    z = torch.complex(x[..., :4].double(), x[..., 4:].double()) * rotation
     torch.testing.assert_close(out.double(), torch.cat([z.real, z.imag], -1), rtol=1e-5, atol=1e-6)
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import apply_rotary_pos_emb
 

@@ -3,7 +3,12 @@ import pytest
 import torch
 
 from dslib.sparse import (
-    attention_recall, causal_mask, dense_masked_attention, selection_mask, sparse_attention, topk_selection,
+    attention_recall,
+    causal_mask,
+    dense_masked_attention,
+    selection_mask,
+    sparse_attention,
+    topk_selection,
     window_selection,
 )
 

@@ -3,12 +3,12 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from dslib import viz
+from dslib import train, viz
 from dslib.config import ModelConfig
+from dslib.cost import attention_flops_per_token, core_attention_flops, indexer_flops
 from dslib.exercises import ch3 as ex
-from dslib.sparse import attention_flops_per_token, core_attention_flops, indexer_flops, time_attention
+from dslib.sparse import time_attention
 from dslib.tasks import RecallTask, eval_set, window_accuracy_bound
-from dslib import train
 
 TASK = RecallTask(seq_len=48, n_pairs=4)
 
@@ -40,11 +40,11 @@ def test_model_forward_paths_agree(tmp_path):
     tokens = eval_set(TASK, 3).tokens
     with torch.no_grad():
         for attention in ("dense", "sparse", "window"):
-            a = m(tokens, attention)
-            b, _ = m.forward_train(tokens, attention, impl="gather")
-            c, _ = m.forward_train(tokens, attention, impl="masked")
+            a = m(tokens, attention)  # absorbed: a selection gathers its latents
+            stats = m.stats(need_probs=True)
+            b = m(tokens, attention, mode="naive", stats=stats)  # MHA mode, a selection as a mask
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5)
+            assert (stats[0].selected is None) == (attention == "dense")
     path = train.save_model(m, tmp_path / "m.safetensors")
     m2 = train.load_model(path)
     with torch.no_grad():
@@ -84,14 +84,16 @@ def test_figures():
         assert callable(getattr(viz, name))
     figs = [
         viz.selection_matrix_figure(torch.eye(4, dtype=torch.bool)),
-        viz.selection_row_figure(torch.softmax(torch.randn(10), 0), query=7, indexer=[1, 3, -1], window=[7, 6], source=3),
+        viz.selection_row_figure(torch.softmax(torch.randn(10), 0), query=7, indexer=[1, 3, -1], window=[7, 6],
+                                 source=3),
         viz.indexer_terms_figure(torch.rand(2, 5), torch.tensor([0.5, -0.2]), torch.rand(5)),
         viz.accuracy_by_distance_figure({"dense": {"≤16": 1.0}, "window": {"≤16": 0.5}}, chance=1 / 64),
         viz.recall_by_layer_figure({k: [0.5, 0.2] for k in ("recall_indexer", "recall_window", "mass_on_source",
                                                            "hit_indexer", "hit_window")}),
         viz.training_curves_figure({"dense": {"every": 10, "acc": [0.1, 0.5], "kl": [0, 0], "steps": 20}}),
         viz.cost_vs_length_figure([1, 2], {"dense (measured)": [1, 4]}, y="s", title="t"),
-        viz.paper_cost_figure({"V3.1-Terminus": ([0, 1024], [1, 2])}, {"V3.2 (DSA)": ([0, 1024], [1, 1.5])}, phase="decode"),
+        viz.paper_cost_figure({"V3.1-Terminus": ([0, 1024], [1, 2])}, {"V3.2 (DSA)": ([0, 1024], [1, 1.5])},
+                              phase="decode"),
     ]
     assert all(isinstance(f, go.Figure) and f.data for f in figs)
 
@@ -108,7 +110,10 @@ def test_exercise_checks():
     assert not v and "-1" in v.message
     p = ex.solution_crossover()
     cfg = ModelConfig.deepseek_v32()
-    flops = lambda pos, a: attention_flops_per_token(cfg, pos, a)["total"]
+
+    def flops(pos, a):
+        return attention_flops_per_token(cfg, pos, a)["total"]
+
     assert flops(p, "sparse") < flops(p, "dense") and flops(p - 1, "sparse") >= flops(p - 1, "dense")
     assert 2048 < p < 2200
     assert ex.check_crossover(p)
@@ -122,9 +127,12 @@ def test_rows_give_the_same_numbers_as_full():
     b = eval_set(TASK, 3)
     rows = train.query_rows(b)
     with torch.no_grad():
-        _, full = m.forward_train(b.tokens, "dense", need_probs=True, need_index_scores=True)
-        _, part = m.forward_train(b.tokens, "dense", need_probs=True, need_index_scores=True, rows=rows)
+        full = m.stats(need_probs=True, need_index_scores=True)
+        part = m.stats(need_probs=True, need_index_scores=True, rows=rows)
+        m(b.tokens, "dense", stats=full)
+        m(b.tokens, "dense", stats=part)
     for f, p in zip(full, part):
         idx = rows.unsqueeze(-1).expand(-1, -1, f.index_scores.shape[-1])
         torch.testing.assert_close(p.index_scores, f.index_scores.gather(1, idx), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(p.probs, f.probs.gather(1, rows.view(3, -1, 1, 1).expand(-1, -1, *f.probs.shape[2:])))
+        at_rows = rows.view(3, -1, 1, 1).expand(-1, -1, *f.probs.shape[2:])
+        torch.testing.assert_close(p.probs, f.probs.gather(1, at_rows))

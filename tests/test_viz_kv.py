@@ -22,7 +22,8 @@ def test_step_time_figure():
 
 def test_memory_vs_compute_figure():
     lens = [1, 2, 4]
-    fig = kv.memory_vs_compute_figure(lens, [10, 20, 40], [1, 4, 16], cache_formula=[10, 20, 40], flops_formula=[1, 4, 16])
+    fig = kv.memory_vs_compute_figure(lens, [10, 20, 40], [1, 4, 16], cache_formula=[10, 20, 40],
+                                      flops_formula=[1, 4, 16])
     assert len(fig.data) == 4 and fig.data[1].xaxis == "x" and fig.data[3].xaxis == "x2"
     assert len(kv.memory_vs_compute_figure(lens, [1, 2, 3], [1, 2, 3]).data) == 2
     with pytest.raises(ValueError, match="sequence lengths"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from notebook_runs import NOTEBOOKS, executed
 
 CHECK_CALL = re.compile(r"\b(?:\w+\.)*check_\w+\s*\(")
@@ -33,7 +32,9 @@ def exercise_cells(nb):
 def test_exercises_are_checked_through_dslib(path):
     nb = executed(path)
     sources = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
-    assert re.search(r"\bdslib\.exercises\b", sources), f"{path.name}: the exercise checks must come from dslib.exercises"
+    assert re.search(r"\bdslib\.exercises\b", sources), (
+        f"{path.name}: the exercise checks must come from dslib.exercises"
+    )
     cells = exercise_cells(nb)
     assert 2 <= len(cells) <= 3, f"{path.name}: {len(cells)} exercise cells call a check_* function (2-3 expected)"
     for cell in cells:

@@ -12,8 +12,13 @@ import math
 import torch
 
 from dslib.attention import BaselineConfig, BaselineDecoder
-from dslib.config import (GQA_REFERENCE, H200_MEMORY_BYTES, H200_MEMORY_MARKETED, ModelConfig,
-                          dense_kv_bytes_per_token_per_layer)
+from dslib.config import (
+    GQA_REFERENCE,
+    H200_MEMORY_BYTES,
+    H200_MEMORY_MARKETED,
+    ModelConfig,
+    dense_kv_bytes_per_token_per_layer,
+)
 from dslib.exercises import Verdict, attempt, attempt_own, correct, fresh_generator, not_yet, same
 from dslib.kv_cache import generate
 
@@ -101,7 +106,8 @@ def check_max_context(gqa_tokens, dsa_tokens) -> Verdict:
     marketed = 141e9  # the datasheet's "141 GB", recognised as a slip
     mla_fp8 = v32.kv_cache_bytes("mla_fp8", 1)
     mla_bf16 = v32.kv_cache_bytes("mla", 1)
-    for name, got, want, per_token in (("GQA", gqa_tokens, want_gqa, gqa_bytes), ("DSA", dsa_tokens, want_dsa, dsa_bytes)):
+    answers = (("GQA", gqa_tokens, want_gqa, gqa_bytes), ("DSA", dsa_tokens, want_dsa, dsa_bytes))
+    for name, got, want, per_token in answers:
         if got == want:
             continue
         if not isinstance(got, (int, float)):
@@ -112,7 +118,8 @@ def check_max_context(gqa_tokens, dsa_tokens) -> Verdict:
             (int(marketed // (SERVING_BATCH * per_token)),
              f"it uses the marketed {H200_MEMORY_MARKETED}; the series uses what the GPU reports, "
              f"H200_MEMORY_BYTES = {H200_MEMORY_BYTES:,} bytes (143,771 MiB)."),
-            (int(H200_MEMORY_BYTES // per_token), f"that is the context of ONE request; {SERVING_BATCH} share the memory."),
+            (int(H200_MEMORY_BYTES // per_token),
+             f"that is the context of ONE request; {SERVING_BATCH} share the memory."),
         ]
         if name == "DSA":
             slips += [
@@ -133,7 +140,8 @@ def check_max_context(gqa_tokens, dsa_tokens) -> Verdict:
 
 # ---------------------------------------------------------------------------------------------- exercise 3
 def solution_generation_flops(cfg: BaselineConfig, prompt_len: int, new_tokens: int, use_cache: bool) -> int:
-    """FLOPs of `generate(model, prompt, new_tokens, use_cache=...)` for one sequence (see BaselineConfig.forward_flops).
+    """FLOPs of `generate(model, prompt, new_tokens, use_cache=...)` for one sequence
+    (see BaselineConfig.forward_flops).
 
     With a cache: one prefill of the prompt, then one single-token step per further new token, attending over
     all tokens so far. Without: every step runs the whole sequence so far (the last new token is never fed in).

@@ -119,10 +119,10 @@ def check_merged_output_weight(fn) -> Verdict:
         return problem
     if not isinstance(got, torch.Tensor):
         return not_yet(f"it should return a tensor, got {type(got).__name__}.")
-    want_shape = (mla.cfg.hidden_size, H * c)
+    want_shape = (mla.config.hidden_size, H * c)
     if tuple(got.shape) != want_shape:
         return not_yet(f"the merged weight has shape {tuple(got.shape)}; it maps H·kv_lora_rank = {H * c} inputs to "
-                       f"hidden_size = {mla.cfg.hidden_size} outputs, so shape {want_shape}.")
+                       f"hidden_size = {mla.config.hidden_size} outputs, so shape {want_shape}.")
     out = x.reshape(5, -1) @ got.detach().T
     if torch.allclose(out, expected, atol=1e-5):
         return correct("W_UV can live inside o_proj: decode never needs per-head values at all.")
@@ -171,6 +171,7 @@ def check_absorbed_attention(fn) -> Verdict:
     (a prefill and a decode step). Per-head keys and values must never be built (kv_b_proj must not run)."""
     from dslib import mla as mla_module
     from dslib.config import ModelConfig
+    from dslib.mla import dense_masked_attention
 
     g = fresh_generator()
     with torch.random.fork_rng():
@@ -229,7 +230,7 @@ def check_absorbed_attention(fn) -> Verdict:
     finally:
         hook.remove()
     return correct("the per-head keys and values never existed: one 576-wide latent per token served all heads. "
-                   "Compare with dslib's version below.", compare=(MLA.attend, MLA._absorbed_scores))
+                   "Compare with dslib's version below.", compare=(MLA.attend, dense_masked_attention))
 
 
 # --------------------------------------------------------------------------------- exercise: heads at the ridge
@@ -237,7 +238,7 @@ def solution_heads_at_ridge(context: int = 131_072) -> int:
     """The fewest query heads at which one absorbed decode step at `context` cached tokens does more FLOPs per byte
     of (bf16) latent cache than the H200's bf16 ridge (datasheet peaks): then it is compute-bound."""
     from dslib.config import H200_BF16_FLOPS, H200_HBM_BYTES_PER_S, ModelConfig
-    from dslib.mla import attention_flops, kv_bytes_read
+    from dslib.cost import attention_flops, kv_bytes_read
 
     big = ModelConfig.deepseek_v32()
     ridge = H200_BF16_FLOPS / H200_HBM_BYTES_PER_S

@@ -10,20 +10,23 @@ from __future__ import annotations
 import torch
 
 from dslib.config import ModelConfig
+from dslib.cost import attention_flops_per_token
 from dslib.exercises import Verdict, attempt, attempt_own, correct, fresh_generator, not_yet  # noqa: F401
-from dslib.sparse import attention_flops_per_token, attention_recall
+from dslib.sparse import attention_recall
 
 
 # ------------------------------------------------------------------------------------------------ exercise 1
 def solution_index_score(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> float:
-    """I = Σ_j w[j] · ReLU(q[j] · k) for one query (q `[H_I, D]`, w `[H_I]`, scales already in w) and one key k `[D]`."""
+    """I = Σ_j w[j] · ReLU(q[j] · k) for one query (q `[H_I, D]`, w `[H_I]`, scales already in w) and one
+    key k `[D]`."""
     return float((w * torch.relu(q @ k)).sum())
 
 
 def check_index_score(fn) -> Verdict:
     """fn(q [H_I, D], w [H_I], k [D]) -> float, the index score of one (query, key) pair."""
     g = torch.Generator().manual_seed(3)
-    cases = [(torch.randn(4, 8, generator=g), torch.randn(4, generator=g), torch.randn(8, generator=g)) for _ in range(5)]
+    cases = [(torch.randn(4, 8, generator=g), torch.randn(4, generator=g), torch.randn(8, generator=g))
+             for _ in range(5)]
     for q, w, k in cases:
         got, err = attempt(fn, q.clone(), w.clone(), k.clone())
         if err is not None:

@@ -106,7 +106,8 @@ def check_active_params(answer) -> Verdict:
     want = solution_active_params()
     if abs(value - want) <= 0.005 * want:
         return correct(f"{want / 1e9:.2f}B: each extra expert per token adds 3·7168·2048 parameters in each of the "
-                       f"{cfg.num_moe_layers} MoE layers, while the stored total stays {cfg.total_params() / 1e9:.1f}B.")
+                       f"{cfg.num_moe_layers} MoE layers, while the stored total stays "
+                       f"{cfg.total_params() / 1e9:.1f}B.")
     base = cfg.active_params()
     expert = cfg.param_counts()["expert"]
     if abs(value - want / 1e9) <= 0.005 * want / 1e9:

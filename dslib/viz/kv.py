@@ -63,7 +63,8 @@ def memory_vs_compute_figure(seq_lens: Sequence[int], cache_bytes: Sequence[floa
     fig.update_yaxes(title_text="FLOPs", row=1, col=2)
     fig.update_xaxes(title_text="sequence length (tokens)")
     fig = styled(fig, "What grows with context length", "", "", height=460)
-    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.22, xanchor="left", x=0), margin=dict(t=80, b=110))
+    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.22, xanchor="left", x=0),
+                      margin=dict(t=80, b=110))
     return fig
 
 

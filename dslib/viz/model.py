@@ -117,7 +117,8 @@ def gpu_ffn_figure(rows: Sequence[Mapping]) -> go.Figure:
                         line=dict(color=color), hovertemplate=f"{block}<br>%{{x}} tokens: %{{y:.3f}} ms<extra></extra>")
     fig.update_xaxes(type="log")
     fig.update_yaxes(type="log")
-    return styled(fig, "One full-size FFN layer: MoE (256+1 experts) vs the dense FFN", "tokens in the batch", "time (ms)")
+    return styled(fig, "One full-size FFN layer: MoE (256+1 experts) vs the dense FFN", "tokens in the batch",
+                  "time (ms)")
 
 
 def load_memory_figure(rows: Sequence[Mapping]) -> go.Figure:

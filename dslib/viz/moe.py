@@ -34,7 +34,8 @@ def params_bars(labels: Sequence[str], total: Sequence[float], active: Sequence[
     fig.update_layout(barmode="group")
     if log:
         fig.update_yaxes(type="log")
-    return styled(fig, "Parameters stored vs parameters each token uses", "", f"parameters ({unit}{', log scale' if log else ''})")
+    axis = f"parameters ({unit}{', log scale' if log else ''})"
+    return styled(fig, "Parameters stored vs parameters each token uses", "", axis)
 
 
 def token_routing(scores, bias, group_kept, topk_idx, topk_weight, n_group: int, *, title: str = "") -> go.Figure:
@@ -120,12 +121,14 @@ def quality_bars(task_names: Sequence[str], accuracy: dict[str, Sequence[float]]
     return styled(fig, "Quality after training (evaluation set)", "task", "answer-token accuracy")
 
 
-def nodes_touched_bars(histograms: dict[str, Sequence[float]], *, title: str = "Nodes each token must reach") -> go.Figure:
+def nodes_touched_bars(histograms: dict[str, Sequence[float]], *,
+                       title: str = "Nodes each token must reach") -> go.Figure:
     """Share of tokens whose experts live on 0, 1, 2, ... nodes. histograms: label -> counts indexed by node count."""
     fig = go.Figure()
     for label, h in histograms.items():
         h = _np(h)
-        fig.add_bar(x=np.arange(len(h)), y=h / h.sum(), name=f"{label} (mean {np.dot(np.arange(len(h)), h) / h.sum():.2f})")
+        mean = np.dot(np.arange(len(h)), h) / h.sum()
+        fig.add_bar(x=np.arange(len(h)), y=h / h.sum(), name=f"{label} (mean {mean:.2f})")
     fig.update_layout(barmode="group")
     fig.update_yaxes(tickformat=".0%")
     return styled(fig, title, "nodes (expert groups) reached by one token", "share of tokens")

@@ -103,7 +103,8 @@ def recall_by_layer_figure(analysis: Mapping[str, Sequence[float]]) -> go.Figure
     often each selection contains it (`dslib.train.attention_analysis` output)."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("attention recall (dense mass kept)", "needed token kept"))
     layers = [f"layer {i}" for i in range(len(analysis["recall_indexer"]))]
-    fig.add_bar(x=layers, y=analysis["recall_indexer"], name="indexer top-k", marker_color=_color("sparse"), row=1, col=1)
+    fig.add_bar(x=layers, y=analysis["recall_indexer"], name="indexer top-k", marker_color=_color("sparse"),
+                row=1, col=1)
     fig.add_bar(x=layers, y=analysis["recall_window"], name="window", marker_color=_color("window"), row=1, col=1)
     fig.add_scatter(x=layers, y=analysis["mass_on_source"], name="dense mass on the needed token",
                     mode="markers", marker=dict(color="black", size=10, symbol="diamond"), row=1, col=1)
@@ -120,7 +121,8 @@ def training_curves_figure(stages: Mapping[str, Mapping]) -> go.Figure:
     """Accuracy (and KL for the indexer stages) vs step, one colour per stage; stages as in the JSON log."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("query accuracy", "indexer KL"))
     offset = 0
-    palette = {"dense": COLORS["dense"], "warmup": COLORS["indexer"], "sparse": COLORS["sparse"], "window": COLORS["window"]}
+    palette = {"dense": COLORS["dense"], "warmup": COLORS["indexer"], "sparse": COLORS["sparse"],
+               "window": COLORS["window"]}
     for name, log in stages.items():
         steps = [offset + i * log["every"] for i in range(len(log["acc"]))]
         fig.add_scatter(x=steps, y=log["acc"], name=name, line=dict(color=palette.get(name)), row=1, col=1)

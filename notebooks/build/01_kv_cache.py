@@ -409,8 +409,9 @@ md(r"""
 - `dslib.attention`: `BaselineConfig` (MHA / GQA / MQA by `num_key_value_heads`, with the cache-bytes and FLOP
   formulas), `causal_attention` (grouped KV heads, causal by position), `Attention`, `DecoderLayer` and
   `BaselineDecoder` (learned positions, KV-cache aware forward), plus `RMSNorm`, which every later chapter uses.
-- `dslib.kv_cache`: `KVCache` / `LayerKVCache` on a growing `SequenceBuffer`; `prefill` (chunked) and `generate`
-  (greedy, with or without cache — same tokens); `kv_cache_sizes` and `memory_calculator` for real configurations.
+- `dslib.kv_cache`: `KVCache` / `LayerKVCache` on a growing `SequenceBuffer` (the container every later cache
+  reuses); `prefill` (chunked) and `generate` (greedy, with or without cache — same tokens); `kv_cache_sizes` and
+  `memory_calculator` for real configurations.
 - `dslib.viz.kv`: the figures of this chapter.
 
 You measured that the cache gives identical tokens, that its bytes match the formula and grow linearly, and that

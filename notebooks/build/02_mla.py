@@ -42,8 +42,8 @@ import dslib
 from dslib import ModelConfig, show, viz
 from dslib.config import GQA_REFERENCE, H200_BF16_FLOPS, H200_HBM_BYTES_PER_S
 from dslib.exercises import ch2 as exercises
-from dslib.mla import (MLA, LatentCache, MLAStack, attention_flops, decode_costs, decode_step_time,
-                       fp8_pack_latent, fp8_unpack_latent, kv_bytes_read)
+from dslib.cost import attention_flops, decode_costs, decode_step_time, kv_bytes_read
+from dslib.mla import MLA, LatentCache, MLAStack, dense_masked_attention, fp8_pack_latent, fp8_unpack_latent
 from dslib.rope import (RotaryEmbedding, apply_rope_interleaved, rope_inv_freq, softmax_scale,
                         yarn_correction_range)
 
@@ -291,15 +291,11 @@ code(r"""
 show(MLA.expand_kv)
 """)
 
-code(r"""
-show(MLA._naive_scores)
-""")
-
 md(r"""
 The absorbed path you will write yourself in **Exercise 1**, from the four formulas above:
 $\tilde q_i = W_{UK,i}^\top q^C_i$; score $= (\tilde q_i \cdot c_s + q^R_i \cdot k^R_s)\cdot$scale, causal;
 $x_i = \sum_s p_s c_s$; $o_i = W_{UV,i} x_i$, then `o_proj`. Its check compares your function with the naive path
-and then shows dslib's `MLA.attend`. Here, `mla(..., mode=...)` runs both:
+and then shows dslib's `MLA.attend` and `dense_masked_attention`. Here, `mla(..., mode=...)` runs both:
 """)
 
 md(r"""
@@ -569,7 +565,7 @@ md(r"""
   `deepseek_v32` attention with the same weights), and `LatentCache`, which holds only
   `kv_lora_rank + qk_rope_head_dim` values per token and layer.
 - `dslib.mla.load_weights`: strict loading that names every missing, unexpected or mis-shaped tensor.
-- Accounting: `attention_flops`, `kv_bytes_read`, `decode_costs`; the FP8 cache layout `fp8_pack_latent`.
+- Accounting in `dslib.cost`: `attention_flops`, `kv_bytes_read`, `decode_costs`; the FP8 cache layout `fp8_pack_latent`.
 
 Chapter 3 adds the lightning indexer and lets each query attend to only 2048 of these cached latents.
 

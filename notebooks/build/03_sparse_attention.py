@@ -49,12 +49,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dslib
 from dslib import ModelConfig, show, viz
+from dslib.attention import causal_mask
+from dslib.cost import attention_flops_per_token, core_attention_flops, indexer_flops
 from dslib.exercises import ch3 as exercises
-from dslib.paths import find_data
 from dslib.indexer import LightningIndexer, fp8_index_scores, index_scores, indexer_kl_loss
-from dslib.sparse import (DSACache, DSAttention, causal_mask, core_attention_flops, dense_masked_attention,
-                          indexer_flops, attention_flops_per_token, selection_mask, sparse_attention, time_attention,
-                          topk_selection, window_selection)
+from dslib.mla import dense_masked_attention
+from dslib.paths import find_data
+from dslib.sparse import (DSACache, DSAttention, selection_mask, sparse_attention, time_attention, topk_selection,
+                          window_selection)
 from dslib.tasks import RecallTask, eval_set, make_batch, window_accuracy_bound, window_reach
 from dslib import train
 
@@ -285,11 +287,9 @@ md(r"""
 Now the point of it all: attention that **gathers** the k selected latents for every query (chunk by chunk of
 queries) and attends over them in MQA mode. Nothing of size L × L is ever built; the work is L·k pairs. The
 reference path computes scores for every key and masks the unselected ones with −∞ — the same numbers at O(L²)
-cost (that is what transformers' eager implementation does).
-""")
-
-code(r"""
-show(sparse_attention)
+cost (that is what transformers' eager implementation does). `sparse_attention` does the gather you will write in
+Exercise 1 and then chapter 2's absorbed attention over the `[k, C]` gathered latents of each query; its listing
+comes with that exercise's check. Here we check that it computes the same numbers as the masked reference:
 """)
 
 code(r"""
@@ -368,7 +368,7 @@ if RETRAIN or not paths["log"].exists():
     train.run_experiment(DATA, seed=SEED)
 log = json.loads(paths["log"].read_text())
 models = {stage: train.load_model(paths[stage]) for stage in train.STAGES}
-cfg = models["sparse"].cfg
+cfg = models["sparse"].config
 K = cfg.index_topk
 print(f"recorded command: {log['command']}")
 for name, st in log["stages"].items():
@@ -751,9 +751,9 @@ saving.
 - `dslib.indexer.LightningIndexer` — the lightning indexer with the checkpoint's names (`wq_b`, `wk`, `k_norm`,
   `weights_proj`), half-split RoPE on its first dims, chunked scores; `IndexerKeyCache`; `fp8_index_scores`
   (Hadamard + FP8 simulation); `indexer_kl_loss` and `attention_target` for the two training stages.
-- `dslib.sparse` — `topk_selection` and `window_selection`; `sparse_attention` (gather, MQA mode, O(L·k)) and
-  `dense_masked_attention` (the O(L²) reference); `attention_recall`; `DSAttention` (= MLA + indexer, used by the
-  whole model in chapter 5) with `DSACache`; FLOP accounting and timing helpers.
+- `dslib.sparse` — `topk_selection` and `window_selection`; `sparse_attention` (gather, MQA mode, O(L·k)), equal
+  to chapter 2's `dense_masked_attention` (the O(L²) reference); `attention_recall`; `DSAttention` (= MLA + indexer,
+  used by the whole model in chapter 5) with `DSACache`; the FLOP formulas in `dslib.cost`.
 - `dslib.tasks` — the multi-query associative recall task; `dslib.train` — the small DSA model, the three
   training stages and the evaluation, reproducible with `python -m dslib.train --out data`.
 

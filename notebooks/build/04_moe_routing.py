@@ -47,11 +47,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dslib
 from dslib import moe_train, show, viz
+from dslib.attention import FeedForward
 from dslib.config import ConfigError, ModelConfig
 from dslib.exercises import ch4
 from dslib.paths import find_data
 from dslib.moe import (
-    MLP, Gate, MoE, dispatch, expert_load, expert_weights, group_scores, groups_touched, keep_top_groups,
+    Gate, MoE, dispatch, expert_load, expert_weights, group_scores, groups_touched, keep_top_groups,
     limit_to_groups, max_violation, moe_reference, router_scores, select_experts, sequence_aux_loss, update_bias,
 )
 
@@ -85,15 +86,15 @@ md(r"""
 A transformer block is attention followed by a feed-forward network (FFN). DeepSeek's FFN is a **SwiGLU MLP**:
 `down_proj(silu(gate_proj(x)) * up_proj(x))`, three matrices of `hidden × intermediate`. Its first 3 layers keep one
 wide MLP (`intermediate_size` = 18432). Every later layer has a **MoE**: 256 routed experts and 1 shared expert, each
-the same SwiGLU but narrow (`moe_intermediate_size` = 2048), plus a gate. The same `MLP` class is all three:
+the same SwiGLU but narrow (`moe_intermediate_size` = 2048), plus a gate. Chapter 1's `FeedForward` is all three:
 """)
 
 code(r"""
-show(MLP)  # chapter 4's name for chapter 1's FeedForward
+show(FeedForward)
 """)
 
 code(r"""
-show(MLP.forward)
+show(FeedForward.forward)
 """)
 
 md(r"""
@@ -441,7 +442,7 @@ if RETRAIN:   # the same as `python -m dslib.moe_train`, without saving
 else:
     models, logs = moe_train.load(DATA)
 SETTINGS, LABEL = moe_train.SETTINGS, moe_train.SETTING_LABELS
-mcfg = models["bias"].cfg
+mcfg = models["bias"].config
 steps = logs["bias"]["eval_steps"]
 n_layers = mcfg.num_hidden_layers
 for s in SETTINGS:
@@ -575,7 +576,7 @@ recorded = {}
 with torch.no_grad():
     for s in SETTINGS:
         recorded[s] = moe_train.RoutingLog()
-        models[s](inspect_inputs, record=recorded[s])
+        models[s](inspect_inputs, recorder=recorded[s])
 
 
 def inspect(setting, task, position, layer):
@@ -667,7 +668,7 @@ little: a model trained with the limit has learned to live within it.
 
 ## What you built
 
-- `dslib.moe.MLP` — the SwiGLU feed-forward used as dense FFN, routed expert and shared expert.
+- Chapter 1's `FeedForward` (SwiGLU) as the dense FFN, each routed expert and the shared expert.
 - `dslib.moe.Gate` — DeepSeek's router, in the pure steps `router_scores`, `group_scores`, `keep_top_groups`,
   `limit_to_groups`, `select_experts`, `expert_weights`; parameters `gate.weight` and
   `gate.e_score_correction_bias`, exactly as in the checkpoint; checked against transformers' `deepseek_v3` router.

@@ -1,7 +1,7 @@
-"""Executed notebooks as standalone HTML pages, for sharing before a workshop (a chapter-1 helper, no model code).
+"""Executed notebooks as standalone HTML pages, for sharing before a workshop (tooling, not part of dslib).
 
-    python -m dslib.export_html notebooks html            # every notebooks/*.ipynb -> html/*.html
-    python -m dslib.export_html notebooks html --only 01  # the notebooks whose name starts with 01
+    python tools/export_html.py notebooks html            # every notebooks/*.ipynb -> html/*.html (`make html`)
+    python tools/export_html.py notebooks html --only 01  # the notebooks whose name starts with 01
 
 Each notebook is executed top to bottom in a fresh kernel (nbclient, widget state kept), then written with
 nbconvert's JupyterLab template. Every figure stays interactive (zoom, pan, hover) and works offline: plotly.js is
@@ -88,7 +88,8 @@ def _count_model(model_id: str, state: dict) -> Inventory:
     if model is None:
         return Inventory()
     s = model.get("state", {})
-    found = Inventory(plots=int(is_figure_widget(model)), sliders=int(model.get("model_name", "").endswith("SliderModel")))
+    slider = model.get("model_name", "").endswith("SliderModel")
+    found = Inventory(plots=int(is_figure_widget(model)), sliders=int(slider))
     for child in _model_ids(s.get("children")):
         found = found + _count_model(child, state)
     for out in s.get("outputs", []) if model.get("model_name") == "OutputModel" else []:
@@ -167,7 +168,8 @@ def execute(path: Path, *, timeout: int = 1800, env: dict[str, str] | None = Non
     kernel_env = dict(os.environ)
     kernel_env.update(env or {})
     here = str(Path(__file__).resolve().parents[1])
-    kernel_env["PYTHONPATH"] = os.pathsep.join([here] + ([kernel_env["PYTHONPATH"]] if kernel_env.get("PYTHONPATH") else []))
+    kernel_env["PYTHONPATH"] = os.pathsep.join([here] + ([kernel_env["PYTHONPATH"]] if kernel_env.get("PYTHONPATH")
+                                                         else []))
     # Kernel sockets as files beside the kernel's connection file (IPC), not TCP ports: on a machine where many
     # kernels start at once, picking "free" ports races with the others.
     with tempfile.TemporaryDirectory(prefix="dslib-kernel-") as sockets:
@@ -250,7 +252,8 @@ def widget_html(model_id: str, state: dict) -> str:
     if "children" in s:
         direction, align = ("row", "center") if name == "HBoxModel" else ("column", "stretch")
         inner = "".join(f"<div>{widget_html(c, state)}</div>" for c in _model_ids(s["children"]))
-        return f'<div class="dslib-widget" style="display:flex;flex-direction:{direction};align-items:{align};gap:4px">{inner}</div>'
+        style = f"display:flex;flex-direction:{direction};align-items:{align};gap:4px"
+        return f'<div class="dslib-widget" style="{style}">{inner}</div>'
     if name in ("HTMLModel", "HTMLMathModel"):
         return s.get("value", "")
     label = html.escape(str(s.get("description") or name.replace("Model", "")))
@@ -267,7 +270,6 @@ def widget_html(model_id: str, state: dict) -> str:
         return ""
     return (f'<div class="dslib-widget" title="interactive when the notebook runs in JupyterLab">'
             f"<b>{label}</b> = <code>{html.escape(str(value))}</code></div>")
-    return ""
 
 
 def to_static(nb):
@@ -318,7 +320,8 @@ def count_plots_in_page(page: str) -> int:
     return len(_PLOT_DIV.findall(page))
 
 
-def export(src: Path, dest_dir: Path, *, timeout: int = 1800, env: dict[str, str] | None = None) -> tuple[Path, Inventory]:
+def export(src: Path, dest_dir: Path, *, timeout: int = 1800,
+           env: dict[str, str] | None = None) -> tuple[Path, Inventory]:
     """Execute notebook `src` and write `dest_dir/<name>.html`; return the page's path and what it shows."""
     nb = execute(src, timeout=timeout, env=env)
     found = inventory(nb)
@@ -333,7 +336,7 @@ def export(src: Path, dest_dir: Path, *, timeout: int = 1800, env: dict[str, str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dslib.export_html", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python tools/export_html.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", type=Path, help="a folder of notebooks (or one .ipynb)")
     parser.add_argument("dest", type=Path, help="folder for the .html pages (created)")
     parser.add_argument("--only", default="", help="only notebooks whose file name starts with this")
@@ -348,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         out, found = export(nb, args.dest, timeout=args.timeout)
         size = out.stat().st_size / 2**20
-        print(f"{out}  {found.plots} plots, {found.widgets} widgets  ({size:.1f} MiB, {time.perf_counter() - start:.0f} s)")
+        seconds = time.perf_counter() - start
+        print(f"{out}  {found.plots} plots, {found.widgets} widgets  ({size:.1f} MiB, {seconds:.0f} s)")
     return 0
 
 
