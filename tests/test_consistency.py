@@ -22,11 +22,12 @@ def test_no_private_copy_of_the_h200_memory(path):
 
 
 def test_each_attention_method_has_its_own_colour_in_the_accuracy_figure():
-    results = {name: {"≤16": 1.0} for name in ("dense", "sparse", "window", "window 2k")}
+    results = {name: {"≤16": 1.0} for name in ("dense", "sparse", "window", "window 2k", "window trained")}
     fig = viz.accuracy_by_distance_figure(results, chance=1 / 64)
     colors = [bar.marker.color for bar in fig.data]
-    assert None not in colors and len(set(colors)) == 4, colors
-    assert [bar.name for bar in fig.data] == ["dense", "indexer top-k", "sliding window", "sliding window 2k"]
+    assert None not in colors and len(set(colors)) == 5, colors
+    assert [bar.name for bar in fig.data] == ["dense", "indexer top-k", "sliding window", "sliding window 2k",
+                                              "window-trained model, window k"]
 
 
 def test_absorbed_decode_is_above_the_h200_ridge():

@@ -16,6 +16,7 @@ COLORS = {
     "dense": "#636EFA",
     "window": "#00CC96",
     "window_2k": "#005F46",  # a window of twice the budget: same family as "window", clearly darker
+    "window_trained": "#9BD770",  # the model trained under its window (chapter 3's fair baseline)
     "sparse": "#EF553B",
     "cache": "#EF553B",
     "no_cache": "#636EFA",

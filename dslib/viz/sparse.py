@@ -21,7 +21,8 @@ __all__ = [
 ]
 
 _NAMES = {"dense": "dense", "window": "sliding window", "sparse": "indexer top-k", "indexer": "indexer top-k",
-          "window 2k": "sliding window 2k", "window_2k": "sliding window 2k"}
+          "window 2k": "sliding window 2k", "window_2k": "sliding window 2k",
+          "window trained": "window-trained model, window k", "window_trained": "window-trained model, window k"}
 
 
 def _color(name: str) -> str:
@@ -118,19 +119,25 @@ def recall_by_layer_figure(analysis: Mapping[str, Sequence[float]]) -> go.Figure
 
 
 def training_curves_figure(stages: Mapping[str, Mapping]) -> go.Figure:
-    """Accuracy (and KL for the indexer stages) vs step, one colour per stage; stages as in the JSON log."""
+    """Accuracy (and KL for the indexer stages) vs step, one colour per stage; stages as in the JSON log. Stages
+    follow each other, except "window", the baseline that branches off after "dense" (it starts where dense ends)."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("query accuracy", "indexer KL"))
-    offset = 0
+    offset, dense_end = 0, None
     palette = {"dense": COLORS["dense"], "warmup": COLORS["indexer"], "sparse": COLORS["sparse"],
-               "window": COLORS["window"]}
+               "window": COLORS["window_trained"]}
     for name, log in stages.items():
-        steps = [offset + i * log["every"] for i in range(len(log["acc"]))]
-        fig.add_scatter(x=steps, y=log["acc"], name=name, line=dict(color=palette.get(name)), row=1, col=1)
+        start = dense_end if name == "window" and dense_end is not None else offset
+        steps = [start + i * log["every"] for i in range(len(log["acc"]))]
+        label = "window (branch after dense)" if name == "window" else name
+        fig.add_scatter(x=steps, y=log["acc"], name=label, line=dict(color=palette.get(name)), row=1, col=1)
         if any(log["kl"]):
             fig.add_scatter(x=steps, y=log["kl"], name=f"{name} KL", line=dict(color=palette.get(name), dash="dot"),
                             row=1, col=2)
-        offset += log["steps"]
-    return styled(fig, "Training: dense model, indexer warm-up, sparse stage", "step", "")
+        if name != "window":
+            offset += log["steps"]
+        if name == "dense":
+            dense_end = offset
+    return styled(fig, "Training: dense model, indexer warm-up, sparse stage (and the window baseline)", "step", "")
 
 
 def cost_vs_length_figure(lengths: Sequence[int], series: Mapping[str, Sequence[float]], *, y: str,
