@@ -19,7 +19,7 @@ CHAPTER = {
     "rope": 2, "mla": 2,
     "indexer": 3, "sparse": 3, "tasks": 3, "train": 3,
     "moe": 4, "moe_train": 4,
-    "model": 5, "checkpoint": 5, "devices": 5, "record": 5,
+    "model": 5, "checkpoint": 5, "devices": 5, "record": 5, "lm_data": 5, "lm_train": 5,
 }
 EXERCISES = {f"exercises.ch{n}": n for n in range(1, 6)}
 

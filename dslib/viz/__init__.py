@@ -10,3 +10,4 @@ from dslib.viz.mla import *  # noqa: F401,F403
 from dslib.viz.model import *  # noqa: F401,F403
 from dslib.viz.moe import *  # noqa: F401,F403
 from dslib.viz.sparse import *  # noqa: F401,F403
+from dslib.viz.text import *  # noqa: F401,F403

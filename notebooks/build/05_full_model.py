@@ -567,6 +567,216 @@ if GPU:
 """)
 
 md(r"""
+## 8. The assembled model, trained on text
+
+The views of section 6 ran on random weights, so their patterns showed the mechanism, not language. Here is the
+same class, `DeepseekV32ForCausalLM`, at a small size with every mechanism of V3.2 (MLA with decoupled RoPE, the
+lightning indexer with top-k selection, MoE layers with a shared expert, sigmoid gate, group-limited routing and
+the auxiliary-loss-free bias; the first layer dense), **trained on real text**: the `.py` files of Python's
+standard library, which every machine with Python already has. About 5% of the files, picked by a hash of their
+path, were held out: the tokenizer (byte-level BPE from the `tokenizers` library) and the model never saw them.
+
+`python -m dslib.lm_train --out data/textlm --device cuda` trained it on one GPU, with the paper's recipe for the
+indexer (as chapter 3 did on its synthetic task): (a) dense training of the whole model; then, from the end of (a),
+three variants for the same number of steps on the same batches: **dense** attention continued, a **sliding window**
+of `index_topk` tokens, and **DSA**: (b) the indexer warm-up (main model frozen, each indexer learns the dense
+attention by a KL loss), then (c) sparse training over the indexer's top-k. The DSA model ships in `data/textlm` in
+the official layout (config.json, FP8 blocks, tokenizer.json) and loads with `dslib.load_pretrained`, the path the
+671B checkpoint takes.
+""")
+
+code(r"""
+import functools
+
+from dslib import lm_data
+from dslib.lm_train import TextInputError, inspect_text, load_textlm, summary_table
+
+TEXTLM = DATA / "textlm"
+HAVE_TEXTLM = (TEXTLM / "config.json").is_file()
+if HAVE_TEXTLM:
+    t0 = time.perf_counter()
+    lm, lm_tok, lm_log = load_textlm(TEXTLM)
+    t_load = time.perf_counter() - t0
+    lm_cfg = lm.config
+    stored = SafetensorsSource(TEXTLM).specs()
+    n_fp8 = sum(s.dtype == torch.float8_e4m3fn for s in stored.values())
+    on_disk = {p.name: p.stat().st_size for p in sorted(TEXTLM.iterdir()) if p.is_file()}
+    assert n_fp8 > 0 and lm_cfg.index_topk < lm_cfg.max_position_embeddings and sum(on_disk.values()) < 25e6
+    assert lm_cfg.topk_group < min(lm_cfg.n_group, lm_cfg.num_experts_per_tok)   # the group limit can bind
+    assert not lm_cfg.is_moe_layer(0) and lm_cfg.n_shared_experts >= 1
+    corpus, machine = lm_log["corpus"], lm_log["machine"]
+    print(f"loaded in {t_load:.1f} s: {sum(p.numel() for p in lm.parameters()) / 1e6:.1f}M parameters, "
+          f"{n_fp8} FP8 weights; {sum(on_disk.values()) / 1e6:.1f} MB on disk")
+    print(f"{lm_cfg.num_hidden_layers} layers, d = {lm_cfg.hidden_size}, context {lm_cfg.max_position_embeddings}, "
+          f"index_topk {lm_cfg.index_topk}, {lm_cfg.n_routed_experts} experts in {lm_cfg.n_group} groups, "
+          f"top-{lm_cfg.num_experts_per_tok} from <= {lm_cfg.topk_group} groups")
+    print(f"trained with `{lm_log['command']}` on {machine.get('gpu', machine['device'])} in "
+          f"{lm_log['wall_s'] / 60:.1f} min: Python {corpus['python']}'s standard library, "
+          f"{corpus['files_train']} files for training, {corpus['files_eval']} held out")
+else:
+    print("The trained text model is not in data/textlm yet. Make it on a GPU machine with\n"
+          "    python -m dslib.lm_train --out data/textlm --device cuda\n"
+          "(a few minutes on one GPU); the cells of this section then use it.")
+""")
+
+md(r"""
+**What the training log measured** on the held-out files (numbers from `data/textlm/textlm_log.json`, computed by
+the training command). Rows are the three trained models, columns the attention each is run with. The distance of a
+token is how far back the previous occurrence of the same token is in its held-out sequence: a token that
+occurred before can be copied from there, and a window of `index_topk` keys reaches that occurrence only if the
+distance is at most `index_topk`. Compare the variants bucket by bucket, in particular beyond the window.
+""")
+
+code(r"""
+if HAVE_TEXTLM:
+    res = lm_log["results"]
+    print(summary_table(lm_log))
+    by = res["by_variant"]
+    plan = lm_log["stages"]["variants"]
+    dense_stage = lm_log["stages"]["dense"]
+    print(f"\neach variant: {plan['steps']} steps after {dense_stage['steps']} dense steps "
+          f"(DSA: {plan['dsa_warmup_steps']} indexer warm-up + {plan['dsa_sparse_steps']} sparse)")
+    display(viz.lm_training_figure({"dense (a)": dense_stage["curve"], **plan["curves"]},
+                                   branch=dense_stage["steps"]))
+    display(viz.loss_by_distance_figure(
+        by["dsa"]["bucket_names"], {"dense": by["dense"]["bucket_loss"], "DSA top-k": by["dsa"]["bucket_loss"],
+                                    "window": by["window"]["bucket_loss"]},
+        by["dsa"]["bucket_counts"], window=lm_cfg.index_topk))
+""")
+
+md(r"""
+**The indexer.** Run the DSA model with dense attention and ask how much of each query's attention mass (head
+average) falls on the `index_topk` keys its indexer would pick, before the indexer was trained, after the warm-up,
+and after sparse training; a window of the same size keeps the mass on the nearest keys. The line plot shows
+where the selected keys lie: the window's are all within `index_topk` tokens, the indexer's need not be.
+""")
+
+code(r"""
+if HAVE_TEXTLM:
+    ana = res["attention_analysis"]
+    final = ana["after (c) sparse training"]
+    display(viz.recall_stages_figure({name.split(" ", 2)[-1]: a["recall_indexer"] for name, a in ana.items()},
+                                     final["recall_window"]))
+    edges = final["distance_edges"]
+    display(viz.selection_distance_figure(edges, {f"layer {i}": row for i, row in
+                                                  enumerate(final["selected_distance_share"])}))
+    beyond = [sum(row[j] for j in range(len(row)) if edges[j] >= lm_cfg.index_topk)
+              for row in final["selected_distance_share"]]
+    print("share of the selected keys farther back than the window reaches, per layer: "
+          + ", ".join(f"{b:.1%}" for b in beyond))
+""")
+
+md(r"""
+**The experts.** Every MoE layer's routing of the held-out tokens, by token class (Python's own `tokenize`:
+keyword, identifier, whitespace, string, number, operator, comment, other). Normalised mutual information 0 means
+the expert choice says nothing about the class, 1 that it reveals it; MaxVio is chapter 4's imbalance measure.
+""")
+
+code(r"""
+if HAVE_TEXTLM:
+    dsa_ev = by["dsa"]
+    moe_layers = dsa_ev["moe_layers"]
+    print("normalised MI(expert; token class) per MoE layer: "
+          + ", ".join(f"layer {l}: {v:.3f}" for l, v in zip(moe_layers, dsa_ev["nmi_class_expert"]))
+          + " | MaxVio: " + ", ".join(f"{v:.2f}" for v in dsa_ev["maxvio"]))
+    display(viz.expert_load_heatmap(torch.tensor(dsa_ev["load"]), [f"layer {l}" for l in moe_layers],
+                                    lm_cfg.n_group, title="Expert load on the held-out files"))
+
+
+def show_class_experts(layer=moe_layers[0] if HAVE_TEXTLM else 1):
+    counts = dsa_ev["class_expert"][moe_layers.index(layer)]
+    return viz.task_expert_heatmap(torch.tensor(counts), lm_data.TOKEN_CLASSES,
+                                   title=f"Which experts each token class uses (layer {layer})")
+
+
+if HAVE_TEXTLM:
+    widgets.interact(show_class_experts, layer=widgets.Dropdown(options=moe_layers, value=moe_layers[0]));
+""")
+
+md(r"""
+**Your own text.** Type or paste code or prose into the box (the model knows Python best). The text is tokenised,
+run through the model with sparse attention as deployed, and drawn as its tokens. Pick a token: the view colours, in
+the text itself, the keys the indexer selected for it in the chosen layer, against the last `index_topk` tokens a
+window would keep. Or colour every token by the expert that served it most in that layer, or by its token class.
+Hover a character to see its token's index. The default text is the start of a held-out file of *your* Python's
+standard library.
+""")
+
+code(r"""
+@functools.lru_cache(maxsize=4)
+def analyse_text(text):
+    return inspect_text(lm, lm_tok, text)   # moving a slider re-draws, it does not re-run the model
+
+
+if HAVE_TEXTLM:
+    held_out = [f for f in corpus["eval_files"] if (lm_data.stdlib_root() / f).is_file()]
+    pick = "json/encoder.py" if "json/encoder.py" in held_out else (held_out[0] if held_out else None)
+    source = lm_data.read_source(lm_data.stdlib_root() / pick) if pick else None
+    source = source or "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n"
+    lines = source.splitlines(keepends=True)
+    first = next((i for i, line in enumerate(lines) if line.startswith(("def ", "class "))), 0)
+    sample = ""
+    for line in lines[first:first + 36]:   # whole lines, as many as the context holds
+        if len(lm_tok.encode(sample + line).ids) > lm_cfg.max_position_embeddings:
+            break
+        sample += line
+    t0 = time.perf_counter()
+    sample_view = analyse_text(sample)
+    t_text = time.perf_counter() - t0
+    k = lm_cfg.index_topk
+    for layer, rows in sample_view.selected.items():   # causal, and exactly min(q + 1, k) keys per query
+        assert all(sum(s >= 0 for s in row) == min(q + 1, k) and max(row) <= q for q, row in enumerate(rows))
+    last = len(sample_view.ids) - 1
+    far = {layer: sum(s < last - k + 1 for s in sample_view.selected_keys(layer, last)) for layer in sample_view.selected}
+    print(f"{pick or 'a built-in snippet'}: {len(sample_view.ids)} tokens through the model in {t_text:.2f} s; the last "
+          f"token's selected keys outside the {k}-token window, per layer: {far}")
+""")
+
+code(r"""
+def show_text(text="", view="indexer selection", layer=0, token=0):
+    try:
+        analysis = analyse_text(text)
+    except TextInputError as err:
+        return viz.message_figure(str(err), title="this text cannot run")
+    return viz.text_view_figure(analysis, view, layer, token, n_experts=lm_cfg.n_routed_experts,
+                                n_group=lm_cfg.n_group, class_names=lm_data.TOKEN_CLASSES)
+
+
+if HAVE_TEXTLM:
+    widgets.interact(
+        show_text,
+        text=widgets.Textarea(value=sample, rows=6, continuous_update=False, layout=widgets.Layout(width="95%")),
+        view=widgets.ToggleButtons(options=["indexer selection", "experts", "token classes"]),
+        layer=widgets.IntSlider(min=0, max=lm_cfg.num_hidden_layers - 1, value=lm_cfg.num_hidden_layers - 1),
+        token=widgets.IntSlider(min=0, max=last, value=last, description="token"));
+""")
+
+md(r"""
+Text the model cannot take gets a message, not a traceback: an empty text, or one longer than the context. Any
+character can be typed: byte-level BPE encodes every UTF-8 text (a character it never saw becomes its bytes), so
+nothing is ever replaced by an "unknown" token.
+""")
+
+code(r"""
+if HAVE_TEXTLM:
+    messages = {}
+    for name, bad in (("empty", "   "), ("too long", "x = 1\n" * lm_cfg.max_position_embeddings)):
+        try:
+            inspect_text(lm, lm_tok, bad)
+        except TextInputError as err:
+            messages[name] = str(err)
+    assert "empty" in messages["empty"] and "context" in messages["too long"]
+    print("\n".join(f"{k}: {v}" for k, v in messages.items()))
+    odd = "s = '🙂 naïve 中文'"
+    assert lm_tok.decode(lm_tok.encode(odd).ids) == odd
+    print(f"{odd!r} -> {len(lm_tok.encode(odd).ids)} tokens, decoded back exactly")
+    prompt_ids = torch.tensor([lm_tok.encode("def read_lines(path):\n").ids])
+    with torch.no_grad():
+        out_ids = lm.generate(prompt_ids, NEW_TOKENS)
+    print("greedy continuation of 'def read_lines(path):':\n" + lm_tok.decode(out_ids[0].tolist()))
+""")
+
+md(r"""
 ## What you built
 
 - `dslib.model`: `decoder_layer` (chapter 1's `DecoderLayer` with DSA and a dense FFN or MoE),
