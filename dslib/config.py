@@ -6,7 +6,8 @@ checkpoint folder (`ModelConfig.from_pretrained(path)`).
 
 Everything here is arithmetic on the config: parameter counts per component, total and active parameters,
 and KV-cache bytes per token for MHA / GQA / MQA / MLA (bf16 and FP8) and the indexer keys. The numbers are
-checked against REFERENCE.md in `tests/test_config.py` and against measured tensor bytes in the notebooks.
+checked against DeepSeek's published figures in `tests/test_config.py` and against measured tensor bytes in the
+notebooks.
 """
 from __future__ import annotations
 
@@ -409,7 +410,15 @@ def dense_kv_bytes_per_token_per_layer(num_kv_heads: int, head_dim: int, dtype_b
     return 2 * num_kv_heads * head_dim * dtype_bytes
 
 
-# A well-known GQA model for comparison in chapter 1's calculator (Llama-3-70B-like shapes).
-GQA_REFERENCE = {"name": "GQA-8 (80 layers x 8 KV heads x 128)", "num_layers": 80, "num_kv_heads": 8, "head_dim": 128}
+# The series' one GQA baseline (chapters 1 and 2): DeepSeek-V3.2's own 61 layers and 128-wide heads, with 8 key/value
+# heads instead of MLA (the same as `dslib.mla.decode_costs(..., gqa_groups=8)`): 4,096 B per token and layer in bf16.
+GQA_REFERENCE = {"name": "GQA-8 (61 layers x 8 KV heads x 128)", "num_layers": 61, "num_kv_heads": 8, "head_dim": 128}
 
-H200_MEMORY_BYTES = 141e9  # marketed HBM of one H200 (REFERENCE.md §8.4)
+# One NVIDIA H200 (SXM), the GPU the series sizes things against (sources: docs/references.md).
+# Memory: marketed as "141 GB"; the GPU reports 143,771 MiB = 150.75e9 bytes
+# (`torch.cuda.get_device_properties(0).total_memory` on the project's H200s). The series uses the reported number.
+H200_MEMORY_BYTES = 143_771 * 2**20
+H200_MEMORY_MARKETED = "141 GB"
+H200_HBM_BYTES_PER_S = 4.8e12  # datasheet HBM3e bandwidth
+H200_BF16_FLOPS = 989.4e12  # datasheet dense BF16 tensor-core peak (the 1,979 figure assumes 2:4 sparsity)
+H200_FP8_FLOPS = 1978.9e12  # datasheet dense FP8 tensor-core peak

@@ -310,7 +310,7 @@ def kv_cache_sizes(context_len: int, batch: int = 1, dtype: str = "bf16",
     """Whole-model cache bytes for `batch` sequences of `context_len` tokens, per caching scheme.
 
     MHA, MQA and MLA use DeepSeek-V3.2's dimensions (`cfg`, default the 671B model; 61 layers) stored in
-    `dtype`; GQA is the reference GQA model `dslib.config.GQA_REFERENCE` (80 layers x 8 KV heads x 128);
+    `dtype`; GQA is the series' GQA baseline `dslib.config.GQA_REFERENCE` (61 layers x 8 KV heads x 128);
     MLA-FP8 is FlashMLA's fixed 656-byte format and the indexer keys are FP8 + one fp32 scale (REFERENCE §3).
     """
     if context_len <= 0 or batch <= 0:

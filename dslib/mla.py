@@ -352,7 +352,7 @@ def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, p
 
 # --------------------------------------------------------------------------------------------- FP8 cache format
 def fp8_pack_latent(kv_latent: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
-    """FlashMLA's FP8 cache entry (REFERENCE.md §3.2): bytes `[B, S, c + 4·⌈c/128⌉ + 2·rope]` (656 for the 671B).
+    """FlashMLA's FP8 cache entry (docs/references.md): bytes `[B, S, c + 4·⌈c/128⌉ + 2·rope]` (656 for the 671B).
 
     Per token: c e4m3 latent values | one fp32 scale per 128-value tile | the rope key in bf16 (kept precise).
     scale = 2^⌈log2(amax / 448)⌉ (a power of two, "ue8m0"), stored value = x / scale (`dslib.fp8.act_quant`).

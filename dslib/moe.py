@@ -255,7 +255,7 @@ def max_violation(load: torch.Tensor) -> float:
 
 @torch.no_grad()
 def update_bias(gate: Gate, load: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Auxiliary-loss-free balancing (REFERENCE.md §6.2): b_i += gamma * sign(mean load - load_i), in place.
+    """Auxiliary-loss-free balancing (DeepSeek-V3): b_i += gamma * sign(mean load - load_i), in place.
 
     Called after each optimiser step with the load the batch put on each expert. Overloaded experts become less
     attractive, underloaded ones more; no gradient and no loss term touch the model's quality. Returns the bias.
@@ -266,7 +266,7 @@ def update_bias(gate: Gate, load: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def sequence_aux_loss(scores: torch.Tensor, topk_idx: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Sequence-wise balance loss (REFERENCE.md §6.3): alpha * sum_i f_i * P_i, averaged over sequences.
+    """Sequence-wise balance loss (DeepSeek-V3; docs/references.md): alpha * sum_i f_i * P_i, averaged over sequences.
 
     scores [B, T, E] unbiased sigmoid scores; topk_idx [B, T, k] the routed experts.
         f_i = E / (k T) * #{t : i in TopK_t}      (1 for every expert when perfectly even)

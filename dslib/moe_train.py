@@ -1,14 +1,17 @@
-"""The chapter-4 experiment: a small MoE language model trained on a mixture of tasks, three ways (chapter 4).
+"""The chapter-4 experiment: a small MoE language model trained on a mixture of tasks, five ways (chapter 4).
 
-    python -m dslib.moe_train --out data          # seeded; writes data/moe/ (three checkpoints + one log)
+    python -m dslib.moe_train --out data          # seeded; writes data/moe/ (one checkpoint per setting + one log)
+    python -m dslib.moe_train --out data --settings aux_small aux_batch   # just those, merged into the log
 
 (~3 CPU-minutes per setting; the settings run in parallel processes, one per core.)
 
-The same model is trained three times, once per balancing setting:
+The same model is trained once per balancing setting:
 
-    none  no balancing: the router is free to overload a few experts
-    aux   DeepSeek-V3's sequence-wise auxiliary loss  alpha * sum_i f_i P_i  added to the LM loss
-    bias  auxiliary-loss-free balancing: after each step  b_i += gamma * sign(mean load - load_i)
+    none       no balancing: the router is free to overload a few experts
+    aux        DeepSeek-V3's sequence-wise auxiliary loss  alpha * sum_i f_i P_i  added to the LM loss, alpha 0.01
+    aux_small  the same with DeepSeek-V3's own alpha = 1e-4
+    aux_batch  the same loss with f and P counted over the whole batch instead of each sequence, alpha 0.01
+    bias       auxiliary-loss-free balancing: after each step  b_i += gamma * sign(mean load - load_i)
 
 Data: eight distinct sequence-to-sequence tasks (copy, reverse, sort, ...), one per sequence, named by a task token;
 the loss counts only the answer tokens. A fixed evaluation set measures, every `eval_every` steps, the load of each
@@ -207,8 +210,12 @@ class MoELM(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------- training
-SETTINGS = ("none", "aux", "bias")
-SETTING_LABELS = {"none": "no balancing", "aux": "sequence aux loss", "bias": "aux-loss-free bias"}
+SETTINGS = ("none", "aux", "bias", "aux_small", "aux_batch")
+SETTING_LABELS = {"none": "no balancing", "aux": "sequence aux loss", "bias": "aux-loss-free bias",
+                  "aux_small": "sequence aux, α = 1e-4", "aux_batch": "batch-wise aux loss"}
+# The auxiliary-loss weight of each aux setting: "aux" is this experiment's 0.01 (0.001 barely reduced MaxVio in a
+# trial run), "aux_small" DeepSeek-V3's own 1e-4, "aux_batch" the same 0.01 with f and P taken over the whole batch.
+SETTING_ALPHA = {"aux": 1e-2, "aux_small": 1e-4, "aux_batch": 1e-2}
 
 
 @dataclass
@@ -222,7 +229,7 @@ class TrainConfig:
     warmup: int = 100
     weight_decay: float = 0.01
     clip: float = 1.0
-    alpha: float = 1e-2  # sequence aux loss weight; 1e-3 barely reduced MaxVio in a trial run (the paper uses 1e-4)
+    alpha: float | None = None  # aux loss weight; None: the setting's SETTING_ALPHA (the paper uses 1e-4)
     gamma: float = 1e-3  # bias update speed, the paper's value (1e-2 reacts faster but settled noisier in trial runs)
     eval_every: int = 25
     eval_per_task: int = 64
@@ -233,6 +240,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.setting not in SETTINGS:
             raise ValueError(f"setting={self.setting!r}: choose one of {SETTINGS}.")
+        if self.alpha is None:
+            self.alpha = SETTING_ALPHA.get(self.setting, 0.0)
 
 
 def eval_set(per_task: int, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,10 +381,12 @@ def train(tcfg: TrainConfig, *, progress: bool = True) -> tuple[MoELM, dict]:
         logits = model(inputs, recorder=routing)
         loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), targets.reshape(-1), ignore_index=IGNORE)
         total = loss
-        if tcfg.setting == "aux":
+        if tcfg.setting in ("aux", "aux_small", "aux_batch"):
+            # sequence-wise: every sequence balanced on its own; batch-wise: the batch as one long sequence
             B, T = inputs.shape
+            shape = (1, B * T, -1) if tcfg.setting == "aux_batch" else (B, T, -1)
             for r in routing.by_layer.values():
-                total = total + sequence_aux_loss(r.scores.view(B, T, -1), r.topk_idx.view(B, T, -1), tcfg.alpha)
+                total = total + sequence_aux_loss(r.scores.view(*shape), r.topk_idx.view(*shape), tcfg.alpha)
         opt.zero_grad(set_to_none=True)
         total.backward()
         nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip)
@@ -407,6 +418,8 @@ def log_path(out: str | Path) -> Path:
 
 
 def save(out: str | Path, models: dict[str, MoELM], logs: dict[str, dict]) -> None:
+    """Write the checkpoints and the log. Settings already in an existing log and not retrained now are kept, so
+    `--settings a b` adds or replaces just those two."""
     from safetensors.torch import save_file
 
     folder = Path(out) / "moe"
@@ -414,7 +427,9 @@ def save(out: str | Path, models: dict[str, MoELM], logs: dict[str, dict]) -> No
     for setting, model in models.items():
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(checkpoint_path(out, setting)), metadata={"setting": setting})
-    log_path(out).write_text(json.dumps(logs, separators=(",", ":")) + "\n")
+    old = json.loads(log_path(out).read_text()) if log_path(out).is_file() else {}
+    merged = {s: (logs[s] if s in logs else old[s]) for s in SETTINGS if s in logs or s in old}
+    log_path(out).write_text(json.dumps(merged, separators=(",", ":")) + "\n")
 
 
 def load(out: str | Path = "data") -> tuple[dict[str, MoELM], dict[str, dict]]:

@@ -179,7 +179,7 @@ def _broadcast_cos_sin(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
 
 
 def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the pairs (x[2i], x[2i+1]) by angle φ_i (MLA's layout, REFERENCE.md §2.4).
+    """Rotate the pairs (x[2i], x[2i+1]) by angle φ_i (MLA's layout; sources: docs/references.md).
 
     x'[2i]   = x[2i] cos φ_i - x[2i+1] sin φ_i
     x'[2i+1] = x[2i] sin φ_i + x[2i+1] cos φ_i

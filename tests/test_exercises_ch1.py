@@ -20,14 +20,14 @@ def test_kv_bytes_per_token():
 
 def test_max_context():
     gqa, dsa = ch1.solution_max_context()
-    assert (gqa, dsa) == (13_446, 91_667)
+    assert (gqa, dsa) == (18_855, 98_008)
     assert ch1.check_max_context(gqa, dsa)
     assert "None" in ch1.check_max_context(None, None).message
     assert "rounds up" in ch1.check_max_context(gqa + 1, dsa).message
-    assert "GiB" in ch1.check_max_context(gqa, 98_426).message
-    assert "ONE request" in ch1.check_max_context(430_297, dsa).message
-    assert "indexer keys" in ch1.check_max_context(gqa, 110_112).message
-    assert "bf16 MLA" in ch1.check_max_context(gqa, 62_702).message
+    assert "marketed" in ch1.check_max_context(gqa, 91_667).message
+    assert "ONE request" in ch1.check_max_context(603_366, dsa).message
+    assert "indexer keys" in ch1.check_max_context(gqa, 117_730).message
+    assert "bf16 MLA" in ch1.check_max_context(gqa, 67_040).message
     assert "is not it" in ch1.check_max_context(gqa, 7).message
 
 
@@ -45,5 +45,5 @@ def test_generation_flops():
 
 def test_kv_bytes_other_mistake_names_the_case():
     v = ch1.check_kv_bytes_per_token(lambda layers, kvh, hd, b: 2 * layers * kvh * hd * b + 1)
-    assert not v and "num_layers=80" in v.message and "327,680" in v.message
+    assert not v and "num_layers=61" in v.message and "249,856" in v.message
     assert "return a number" in ch1.check_kv_bytes_per_token(lambda *a: "many").message

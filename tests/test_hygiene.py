@@ -15,7 +15,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 # Which chapter each dslib module belongs to. A module may import only modules of its own or earlier chapters.
 CHAPTER = {
-    "config": 1, "fp8": 1, "kv_cache": 1, "attention": 1, "cost": 1, "viz": 1, "show": 1,
+    "config": 1, "fp8": 1, "kv_cache": 1, "attention": 1, "cost": 1, "viz": 1, "show": 1, "paths": 1,
     "rope": 2, "mla": 2,
     "indexer": 3, "sparse": 3, "tasks": 3, "train": 3,
     "moe": 4, "moe_train": 4,

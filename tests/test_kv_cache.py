@@ -186,10 +186,10 @@ def test_bad_input_ids():
 
 # ---------------------------------------------------------------------------------------------- real configs
 def test_kv_cache_sizes_match_reference():
-    """REFERENCE §3.1 at 128K tokens, bf16."""
+    """DeepSeek-V3.2's shapes at 128K tokens, bf16 (GQA-8: the same 61 layers with 8 KV heads)."""
     sizes = list(kv_cache_sizes(131_072).values())
     gb = [round(s / 1e9, 2) for s in sizes]
-    assert gb == [654.98, 42.95, 4.09, 9.21, 5.24, 6.30]
+    assert gb == [654.98, 32.75, 4.09, 9.21, 5.24, 6.30]
     v32 = ModelConfig.deepseek_v32()
     assert sizes[-1] == (656 + 132) * 61 * 131_072
     mla_fp8 = list(kv_cache_sizes(1000, batch=4, dtype="fp8").values())[3]
@@ -203,3 +203,17 @@ def test_memory_calculator_is_a_plain_callback():
     bars = fig.data[0]
     assert len(bars.x) == 6 and "8 x 32,768" in fig.layout.title.text
     assert bars.y[3] == pytest.approx(ModelConfig.deepseek_v32().kv_cache_bytes("mla", 8 * 32_768, dtype_bytes=1) / 1e9)
+
+
+def test_one_gqa_baseline_and_one_h200():
+    """Chapters 1 and 2 compare against the same GQA-8 and size against the same H200 memory."""
+    from dslib.config import GQA_REFERENCE, H200_MEMORY_BYTES
+    from dslib.cost import decode_costs
+
+    v32 = ModelConfig.deepseek_v32()
+    ch1 = kv_cache_sizes(4096)[f"GQA-8 ({GQA_REFERENCE['num_layers']} layers, bf16)"]
+    ch2 = decode_costs(v32, 4096, gqa_groups=GQA_REFERENCE["num_kv_heads"])["GQA-8"]["cache_bytes"]
+    assert ch1 == ch2 == 4096 * 61 * 4096
+    assert H200_MEMORY_BYTES == 143_771 * 2**20  # what an H200 reports (150.75e9 B), not the marketed 141 GB
+    from dslib.exercises import ch5
+    assert ch5.H200_MEASURED == H200_MEMORY_BYTES

@@ -81,6 +81,11 @@ def test_settings_behave_as_described():
     # same seed, same data: 'none' and 'aux' differ only by the aux loss
     assert out["none"][1]["train_loss"][0] == out["aux"][1]["train_loss"][0]
     assert out["none"][1]["train_loss"][-1] != out["aux"][1]["train_loss"][-1]
+    # the aux variants: DeepSeek's alpha, and the same loss over the whole batch
+    alphas = {s: out[s][1]["config"]["alpha"] for s in ("aux", "aux_small", "aux_batch")}
+    assert alphas == {"aux": 1e-2, "aux_small": 1e-4, "aux_batch": 1e-2}
+    assert out["aux"][1]["train_loss"][-1] != out["aux_batch"][1]["train_loss"][-1]
+    assert out["aux_small"][1]["train_loss"][-1] != out["aux"][1]["train_loss"][-1]
     with pytest.raises(ValueError, match="choose one of"):
         mt.TrainConfig(setting="both")
 
@@ -95,6 +100,11 @@ def test_save_and_load_roundtrip(tmp_path):
         assert torch.equal(models["bias"].state_dict()[k], v)
     with pytest.raises(FileNotFoundError, match="python -m dslib.moe_train"):
         mt.load(tmp_path / "nowhere")
+    # saving other settings later keeps the ones already there
+    other, other_log = mt.train(mt.TrainConfig(setting="none", steps=1, batch_size=4, eval_every=1, eval_per_task=1),
+                                progress=False)
+    mt.save(tmp_path, {"none": other}, {"none": other_log})
+    assert list(mt.load(tmp_path)[1]) == ["none", "bias"]
 
 
 def test_normalised_mutual_information_limits():

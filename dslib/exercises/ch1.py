@@ -3,6 +3,7 @@
 1. `check_kv_bytes_per_token(fn)`: the cache bytes one token adds to a dense (MHA/GQA/MQA) model.
 2. `check_max_context(gqa, dsa)`: the longest context 32 concurrent requests can have on one H200.
 3. `check_generation_flops(fn)`: total FLOPs of greedy generation with and without a cache.
+4. `check_cached_attention(fn)`: build it — the cache append and the cached attention step.
 """
 from __future__ import annotations
 
@@ -11,14 +12,21 @@ import math
 import torch
 
 from dslib.attention import BaselineConfig, BaselineDecoder
-from dslib.config import GQA_REFERENCE, H200_MEMORY_BYTES, ModelConfig, dense_kv_bytes_per_token_per_layer
-from dslib.exercises import Verdict, attempt, correct, not_yet
+from dslib.config import (
+    GQA_REFERENCE,
+    H200_MEMORY_BYTES,
+    H200_MEMORY_MARKETED,
+    ModelConfig,
+    dense_kv_bytes_per_token_per_layer,
+)
+from dslib.exercises import Verdict, attempt, attempt_own, correct, fresh_generator, not_yet, same
 from dslib.kv_cache import generate
 
 __all__ = [
     "check_kv_bytes_per_token", "solution_kv_bytes_per_token",
     "check_max_context", "solution_max_context", "SERVING_BATCH",
     "check_generation_flops", "solution_generation_flops",
+    "check_cached_attention", "solution_cached_attention",
 ]
 
 
@@ -88,14 +96,14 @@ def solution_max_context() -> tuple[int, int]:
 
 
 def check_max_context(gqa_tokens, dsa_tokens) -> Verdict:
-    """Serving 32 requests at once on one H200 (141 GB, cache only, weights ignored): the longest context each
-    request can have, in whole tokens, for (a) the GQA reference model in bf16 and (b) DeepSeek-V3.2's cache
-    (FP8 MLA latent + FP8 indexer keys)."""
+    """Serving 32 requests at once on one H200 (`H200_MEMORY_BYTES`, the 150.75 GB it reports; cache only,
+    weights ignored): the longest context each request can have, in whole tokens, for (a) the GQA-8 baseline in
+    bf16 and (b) DeepSeek-V3.2's cache (FP8 MLA latent + FP8 indexer keys)."""
     if gqa_tokens is None or dsa_tokens is None:
         return not_yet("fill in both numbers (they are still None).")
     want_gqa, want_dsa = solution_max_context()
     gqa_bytes, dsa_bytes, v32 = _bytes_per_token()
-    gib = 141 * 2**30
+    marketed = 141e9  # the datasheet's "141 GB", recognised as a slip
     mla_fp8 = v32.kv_cache_bytes("mla_fp8", 1)
     mla_bf16 = v32.kv_cache_bytes("mla", 1)
     answers = (("GQA", gqa_tokens, want_gqa, gqa_bytes), ("DSA", dsa_tokens, want_dsa, dsa_bytes))
@@ -107,8 +115,9 @@ def check_max_context(gqa_tokens, dsa_tokens) -> Verdict:
         budget = H200_MEMORY_BYTES / SERVING_BATCH
         slips = [
             (math.ceil(budget / per_token), "it rounds up, but the last token would not fit; count whole tokens."),
-            (int(gib // (SERVING_BATCH * per_token)),
-             "it uses 141 GiB (2^30 bytes); the H200's 141 GB are 141e9 bytes."),
+            (int(marketed // (SERVING_BATCH * per_token)),
+             f"it uses the marketed {H200_MEMORY_MARKETED}; the series uses what the GPU reports, "
+             f"H200_MEMORY_BYTES = {H200_MEMORY_BYTES:,} bytes (143,771 MiB)."),
             (int(H200_MEMORY_BYTES // per_token),
              f"that is the context of ONE request; {SERVING_BATCH} share the memory."),
         ]
@@ -123,7 +132,8 @@ def check_max_context(gqa_tokens, dsa_tokens) -> Verdict:
         if hint:
             return not_yet(f"{name}: {hint}")
         return not_yet(f"{name}: {got:,} is not it. One token of one request takes {per_token:,} bytes (all layers); "
-                       f"how many tokens per request fit when {SERVING_BATCH} requests share 141 GB?")
+                       f"how many tokens per request fit when {SERVING_BATCH} requests share "
+                       f"{H200_MEMORY_BYTES:,} bytes?")
     return correct(f"{want_gqa:,} tokens per request with GQA vs {want_dsa:,} with DeepSeek-V3.2's cache: "
                    f"{want_dsa / want_gqa:.1f}x longer contexts on the same GPU.")
 
@@ -184,3 +194,106 @@ def check_generation_flops(fn) -> Verdict:
                            f"(ratio {got / measured:.3f}). {hint}".strip())
     return correct("the cache turns the cost of each step from O(p^2) into O(p): total attention work becomes "
                    "quadratic instead of cubic in the length.")
+
+
+# ------------------------------------------------------------------------------ build it: the cached attention step
+def _attend(q, k, v, first_pos, *, causal="position", scale=True, groups="interleave"):
+    """Attention of T queries at positions first_pos.. over S keys at 0..S-1, with the variants the check
+    recognises: causal "position" (right), "index" (query t sees keys 0..t), None (no mask); groups
+    "interleave" (head h -> KV head h // G, right) or "repeat" (h -> h % KVH)."""
+    B, H, T, hd = q.shape
+    KVH, S = k.shape[1], k.shape[2]
+    G = H // KVH
+    if groups == "interleave":
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    else:
+        k, v = k.repeat(1, G, 1, 1), v.repeat(1, G, 1, 1)
+    scores = q @ k.transpose(-1, -2)
+    if scale:
+        scores = scores * hd**-0.5
+    if causal is not None:
+        rows = torch.arange(T)[:, None] + (first_pos if causal == "position" else 0)
+        scores = scores.masked_fill(torch.arange(S)[None, :] > rows, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def solution_cached_attention(q, k_new, v_new, k_cache, v_cache):
+    """Append the new tokens' keys and values to the cache (dim 2, the tokens), then attend over all of them.
+    The T new tokens sit at positions S..S+T-1 and each sees every key at or before its own position; query head
+    h reads KV head h // (H // KVH)."""
+    S = k_cache.shape[2]
+    k_all, v_all = torch.cat([k_cache, k_new], dim=2), torch.cat([v_cache, v_new], dim=2)  # [B, KVH, S + T, hd]
+    return _attend(q, k_all, v_all, S), k_all, v_all
+
+
+_STEP_HINT = ("Start with the cache: k_all = torch.cat([k_cache, k_new], dim=2) (the token dimension), the same for "
+              "v; then attend with the new tokens at positions S..S+T-1.")
+
+
+def check_cached_attention(fn) -> Verdict:
+    """Build it: `fn(q, k_new, v_new, k_cache, v_cache) -> (out, k_cache, v_cache)`, one attention step with a
+    KV cache, compared with `dslib.attention.causal_attention` on fresh random inputs: a decode step (T = 1), a
+    chunk of new tokens (T > 1, causal inside the chunk), the first step (empty cache), GQA and MHA heads."""
+    from dslib import attention, kv_cache
+    from dslib.attention import Attention, causal_attention
+
+    g = fresh_generator()
+    cases = [  # (B, H, KVH, T, S, hd)
+        (2, 4, 2, 1, 6, 8),   # decode one token, GQA
+        (1, 4, 2, 3, 5, 8),   # a chunk of 3 new tokens after 5 cached ones
+        (2, 4, 4, 4, 0, 8),   # the first step: nothing cached yet (MHA)
+        (1, 6, 2, 2, 7, 4),   # 3 query heads per KV head
+    ]
+    for B, H, KVH, T, S, hd in cases:
+        q = torch.randn(B, H, T, hd, generator=g)
+        k_new, v_new = torch.randn(B, KVH, T, hd, generator=g), torch.randn(B, KVH, T, hd, generator=g)
+        k_cache, v_cache = torch.randn(B, KVH, S, hd, generator=g), torch.randn(B, KVH, S, hd, generator=g)
+        args = (q, k_new, v_new, k_cache, v_cache)
+        got, failure = attempt_own(fn, *(a.clone() for a in args), modules=(attention, kv_cache), stub_hint=_STEP_HINT)
+        if failure is not None:
+            return failure
+        case = f"(B={B}, H={H} query heads, {KVH} KV heads, T={T} new tokens after S={S} cached)"
+        if not (isinstance(got, tuple) and len(got) == 3 and all(isinstance(t, torch.Tensor) for t in got)):
+            return not_yet(f"return three tensors: (out, k_cache, v_cache); got {type(got).__name__}.")
+        out, k_all, v_all = got
+        want_k, want_v = torch.cat([k_cache, k_new], dim=2), torch.cat([v_cache, v_new], dim=2)
+        want_out = causal_attention(q, want_k, want_v, torch.arange(S, S + T))
+        if k_all.shape[2] == S and S > 0 or torch.equal(k_all, k_cache):
+            return not_yet(f"the returned cache still holds the S={S} old tokens only: append k_new and v_new "
+                           "to it (torch.cat along dim 2, the token dimension) and return the grown cache.")
+        if k_all.shape != want_k.shape or v_all.shape != want_v.shape:
+            return not_yet(f"{case}: the returned cache has shape {list(k_all.shape)}, expected "
+                           f"{list(want_k.shape)} = [B, KVH, S + T, hd]: concatenate along dim 2, the tokens.")
+        if not (same(k_all, want_k, atol=0) and same(v_all, want_v, atol=0)):
+            return not_yet("the returned cache is not [old tokens, then new tokens]: keep the cached ones first "
+                           "and append k_new / v_new after them (keys with keys, values with values).")
+        if not isinstance(out, torch.Tensor) or out.shape != want_out.shape:
+            shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            return not_yet(f"{case}: the output has shape {shape}, expected {list(want_out.shape)} = [B, H, T, hd] "
+                           "(one vector per query head and new token).")
+        if same(out, want_out):
+            continue
+        kc, vc = k_cache, v_cache
+        variants = [
+            (S > 0 and same(out, _attend(q, kc, vc, S, causal=None)),
+             "the new tokens attend to the old cache only and do not see themselves: append first, then attend "
+             "over all S + T keys."),
+            (T > 1 and same(out, _attend(q, want_k, want_v, S, causal=None)),
+             f"with a chunk of T={T} new tokens, a token must not see the new tokens after it: mask the keys at "
+             "positions after its own (S + t for new token t)."),
+            (S > 0 and same(out, _attend(q, want_k, want_v, S, causal="index")),
+             "the causal mask ignores the cache: new token t sits at position S + t, so it sees keys 0 .. S + t, "
+             "not 0 .. t."),
+            (H != KVH and same(out, _attend(q, want_k, want_v, S, groups="repeat")),
+             f"query head h belongs to KV head h // (H // KVH) (consecutive query heads share one, here "
+             f"{H // KVH} per KV head): repeat_interleave the KV heads, not repeat them."),
+            (same(out, _attend(q, want_k, want_v, S, scale=False)),
+             "the scores are missing the scale 1 / sqrt(head_dim)."),
+        ]
+        hint = next((h for hit, h in variants if hit), None)
+        if hint:
+            return not_yet(hint)
+        return not_yet(f"{case}: the output differs from softmax(q·kᵀ / sqrt(hd), causal by position)·v over the "
+                       "S + T cached keys; check the mask, the head grouping and the softmax dimension (the keys).")
+    return correct("append, then attend: each step adds one key and value per KV head and reads all of them once. "
+                   "Compare with dslib's version below.", compare=(Attention.forward, causal_attention))

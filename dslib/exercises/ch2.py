@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from dslib.config import ModelConfig
-from dslib.exercises import Verdict, attempt, correct, not_yet  # noqa: F401
+from dslib.exercises import Verdict, attempt, attempt_own, correct, fresh_generator, not_yet, same  # noqa: F401
 from dslib.mla import MLA
 
 __all__ = [
@@ -14,6 +14,10 @@ __all__ = [
     "solution_cache_bytes_per_token",
     "check_merged_output_weight",
     "solution_merged_output_weight",
+    "check_absorbed_attention",
+    "solution_absorbed_attention",
+    "check_heads_at_ridge",
+    "solution_heads_at_ridge",
 ]
 
 
@@ -124,3 +128,160 @@ def check_merged_output_weight(fn) -> Verdict:
         return correct("W_UV can live inside o_proj: decode never needs per-head values at all.")
     return not_yet("W @ x differs from o_proj(W_UV x). Split o_proj.weight into H column blocks of v_head_dim and "
                    "multiply block i by W_UV_i (mla.w_uv()[i], shape [v_head_dim, kv_lora_rank]).")
+
+
+# ---------------------------------------------------------------------------------- build it: absorbed attention
+def _absorbed(mla: MLA, q_nope, q_rope, kv_latent, k_rope, q_positions, *, scale=True, rope=True, mask="position",
+              out="o_proj"):
+    """Absorbed attention from torch operations, with the variants the check recognises."""
+    B, T, H, _ = q_nope.shape
+    S = kv_latent.shape[1]
+    q_abs = torch.einsum("bthd,hdc->bthc", q_nope, mla.w_uk())  # W_UK folded into the query
+    scores = torch.einsum("bthc,bsc->bhts", q_abs, kv_latent)
+    if rope:
+        scores = scores + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)
+    if scale:
+        scores = scores * mla.softmax_scale
+    if mask is not None:
+        rows = q_positions if mask == "position" else torch.arange(T)
+        scores = scores.masked_fill(torch.arange(S)[None, :] > rows[:, None], float("-inf"))
+    probs = scores.softmax(-1)
+    x = torch.einsum("bhts,bsc->bthc", probs, kv_latent)  # [B, T, H, c]: weighted sum of the shared latents
+    if out == "latent":
+        return x
+    o = torch.einsum("bthc,hvc->bthv", x, mla.w_uv())  # [B, T, H, v]
+    if out == "heads":
+        return o
+    return mla.o_proj(o.reshape(B, T, -1))
+
+
+def solution_absorbed_attention(mla: MLA, q_nope, q_rope, kv_latent, k_rope, q_positions):
+    """MQA mode through to the output: q̃ = W_UKᵀ q_nope per head; scores q̃·c + q_rope·k_rope (scaled, causal by
+    position); x = Σ_s p_s c_s per head; o = W_UV x; out = o_proj([o_1 | … | o_H]). `[B, T, hidden_size]`."""
+    return _absorbed(mla, q_nope, q_rope, kv_latent, k_rope, q_positions)
+
+
+_ABSORBED_HINT = ("Start by folding W_UK into the query: q_absorbed = torch.einsum('bthd,hdc->bthc', q_nope, "
+                  "mla.w_uk()), then score it against every cached latent.")
+
+
+def check_absorbed_attention(fn) -> Verdict:
+    """Build it: `fn(mla, q_nope, q_rope, kv_latent, k_rope, q_positions) -> [B, T, hidden_size]`, MLA's absorbed
+    attention through `o_proj`, compared with the naive (MHA-mode) path of `dslib.mla.MLA` on fresh random inputs
+    (a prefill and a decode step). Per-head keys and values must never be built (kv_b_proj must not run)."""
+    from dslib import mla as mla_module
+    from dslib.config import ModelConfig
+    from dslib.mla import dense_masked_attention
+
+    g = fresh_generator()
+    with torch.random.fork_rng():
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+        layer = MLA(ModelConfig.tiny()).eval()
+    H, nope, rope, c = layer.num_heads, layer.nope_dim, layer.rope_dim, layer.kv_lora_rank
+    expanded = []
+    hook = layer.kv_b_proj.register_forward_hook(lambda *_: expanded.append(True))
+    try:
+        for B, T, S in ((2, 5, 5), (2, 1, 9)):  # a prefill (queries at 0..4) and a decode step (at position 8)
+            q_nope, q_rope = torch.randn(B, T, H, nope, generator=g), torch.randn(B, T, H, rope, generator=g)
+            kv_latent, k_rope = torch.randn(B, S, c, generator=g), torch.randn(B, S, rope, generator=g)
+            pos = torch.arange(S - T, S)
+            args = (q_nope, q_rope, kv_latent, k_rope, pos)
+            with torch.no_grad():
+                want = layer.o_proj(layer.attend(*args, mode="naive").reshape(B, T, -1))
+                expanded.clear()  # the reference ran kv_b_proj; only the learner's calls count
+                got, failure = attempt_own(fn, layer, *(a.clone() for a in args), modules=(mla_module,),
+                                           allow=(MLA.w_uk, MLA.w_uv), stub_hint=_ABSORBED_HINT)
+            if failure is not None:
+                return failure
+            if expanded:
+                return not_yet("it runs mla.kv_b_proj on the latents, which builds every head's keys and values "
+                               "(the naive mode). Absorb instead: W_UK into the query, W_UV after the weighted sum.")
+            case = "a decode step" if T == 1 else f"a prefill of {T} tokens"
+            if not isinstance(got, torch.Tensor):
+                return not_yet(f"it should return a tensor [B, T, hidden_size], got {type(got).__name__}.")
+            if got.shape == (B, T, H, layer.v_head_dim):
+                return not_yet("that is the per-head output o_i [B, T, H, v_head_dim]; finish with mla.o_proj over "
+                               "each token's H·v_head_dim values (reshape to [B, T, H * v_head_dim] first).")
+            if got.shape == (B, T, H, c):
+                return not_yet("that is the weighted sum of latents per head [B, T, H, kv_lora_rank]; lift it with "
+                               "W_UV (mla.w_uv(), [H, v_head_dim, kv_lora_rank]) and then apply mla.o_proj.")
+            if got.shape != want.shape:
+                return not_yet(f"for {case} the result has shape {list(got.shape)}, expected {list(want.shape)} = "
+                               "[B, T, hidden_size].")
+            got = got.detach()
+            if same(got, want):
+                continue
+            with torch.no_grad():
+                variants = [
+                    (dict(scale=False), "the scores are missing mla.softmax_scale."),
+                    (dict(rope=False), "the position part of the score is missing: add q_rope · k_rope (the decoupled "
+                                       "RoPE key, one shared by all heads)."),
+                    (dict(mask=None), "nothing stops a query from attending to later keys: mask key s for a query at "
+                                      "position p when s > p (causal)."),
+                    (dict(mask="index"), "the mask uses the query's index t instead of its position q_positions[t]: "
+                                         "when decoding, the one query sits at the last position and sees every key."),
+                ]
+                hint = next((h for kw, h in variants if same(got, _absorbed(layer, *args, **kw))), None)
+            if hint:
+                return not_yet(hint)
+            return not_yet(f"for {case} the output differs from the naive path's. Check each step: W_UK folded into "
+                           "the query, scores over the latents plus the rope part, scale, causal mask, softmax over "
+                           "the keys, weighted sum of the latents, W_UV, o_proj.")
+    finally:
+        hook.remove()
+    return correct("the per-head keys and values never existed: one 576-wide latent per token served all heads. "
+                   "Compare with dslib's version below.", compare=(MLA.attend, dense_masked_attention))
+
+
+# --------------------------------------------------------------------------------- exercise: heads at the ridge
+def solution_heads_at_ridge(context: int = 131_072) -> int:
+    """The fewest query heads at which one absorbed decode step at `context` cached tokens does more FLOPs per byte
+    of (bf16) latent cache than the H200's bf16 ridge (datasheet peaks): then it is compute-bound."""
+    from dslib.config import H200_BF16_FLOPS, H200_HBM_BYTES_PER_S, ModelConfig
+    from dslib.cost import attention_flops, kv_bytes_read
+
+    big = ModelConfig.deepseek_v32()
+    ridge = H200_BF16_FLOPS / H200_HBM_BYTES_PER_S
+    for heads in range(1, 1025):
+        cfg = big.replace(num_attention_heads=heads, num_key_value_heads=heads)
+        if attention_flops(cfg, 1, context, "absorbed")["total"] / kv_bytes_read(cfg, context, "absorbed") > ridge:
+            return heads
+    raise AssertionError("unreachable")
+
+
+def check_heads_at_ridge(answer) -> Verdict:
+    """answer: the fewest query heads (DeepSeek-V3.2's other sizes, 128K cached tokens, bf16 cache) at which an
+    absorbed decode step is compute-bound on an H200 (intensity above the bf16 ridge)."""
+    if answer is None:
+        return not_yet("no answer yet: replace None by a number of heads.")
+    try:
+        n = int(answer)
+    except (TypeError, ValueError):
+        return not_yet(f"the answer should be a whole number of heads, got {answer!r}.")
+    from dslib.config import H200_BF16_FLOPS, H200_HBM_BYTES_PER_S, ModelConfig
+
+    want = solution_heads_at_ridge()
+    big = ModelConfig.deepseek_v32()
+    ridge = H200_BF16_FLOPS / H200_HBM_BYTES_PER_S
+    c, r = big.kv_lora_rank, big.qk_rope_head_dim
+    if n == want:
+        per_head = 2 * (c + r) + 2 * c
+        return correct(f"{want} heads: a cached token costs each head 2·({c}+{r}) + 2·{c} = {per_head:,} FLOPs on "
+                       f"{(c + r) * 2:,} bytes, {per_head / ((c + r) * 2):.2f} FLOP/B per head, against a ridge of "
+                       f"{ridge:.0f}. DeepSeek-V3.2's 128 heads are above it; split over 8 GPUs (16 each) they are "
+                       "far below.")
+    if n == want - 1:
+        return not_yet(f"at {n} heads the intensity is still just below the ridge ({ridge:.1f} FLOP/B): the step "
+                       "must do MORE FLOPs per byte than the ridge.")
+    if abs(n - ridge) <= 1.5:
+        return not_yet(f"that is about the ridge itself ({ridge:.0f} FLOP/B): the head count if each head did one FLOP "
+                       f"per byte. But per cached token a head does a {c + r}-wide score AND a {c}-wide weighted sum "
+                       f"(2 FLOPs per multiply-add) on {(c + r) * 2} bytes: about "
+                       f"{2 * (2 * c + r) / ((c + r) * 2):.2f} FLOP/B per head.")
+    if abs(n - 2 * want) <= 2:
+        return not_yet("that counts multiply-adds as one FLOP each; a multiply-add is 2 FLOPs.")
+    if n == big.num_attention_heads:
+        return not_yet("128 is the model's head count, already above the ridge; find the smallest count that is.")
+    return not_yet(f"{n} is off. Intensity = attention_flops(cfg, 1, S, 'absorbed')['total'] / kv_bytes_read(cfg, "
+                   "S, 'absorbed') with cfg = big.replace(num_attention_heads=h); compare with H200_BF16_FLOPS / "
+                   "H200_HBM_BYTES_PER_S for growing h.")

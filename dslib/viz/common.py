@@ -15,6 +15,8 @@ COLORS = {
     "indexer": "#19D3F3",
     "dense": "#636EFA",
     "window": "#00CC96",
+    "window_2k": "#005F46",  # a window of twice the budget: same family as "window", clearly darker
+    "window_trained": "#9BD770",  # the model trained under its window (chapter 3's fair baseline)
     "sparse": "#EF553B",
     "cache": "#EF553B",
     "no_cache": "#636EFA",

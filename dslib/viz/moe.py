@@ -14,7 +14,8 @@ __all__ = [
 ]
 
 # One colour per balancing setting (keys as in dslib.moe_train.SETTINGS).
-SETTING_COLORS = {"none": "#7F7F7F", "aux": "#636EFA", "bias": "#EF553B"}
+SETTING_COLORS = {"none": "#7F7F7F", "aux": "#636EFA", "bias": "#EF553B", "aux_small": "#A5B4FC",
+                  "aux_batch": "#19D3F3"}
 _GROUP_COLORS = ["#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692", "#B6E880"]
 
 

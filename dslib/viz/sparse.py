@@ -13,17 +13,30 @@ __all__ = [
     "selection_row_figure",
     "indexer_terms_figure",
     "accuracy_by_distance_figure",
+    "method_color",
     "recall_by_layer_figure",
     "training_curves_figure",
     "cost_vs_length_figure",
     "paper_cost_figure",
 ]
 
-_NAMES = {"dense": "dense", "window": "sliding window", "sparse": "indexer top-k", "indexer": "indexer top-k"}
+_NAMES = {"dense": "dense", "window": "sliding window", "sparse": "indexer top-k", "indexer": "indexer top-k",
+          "window 2k": "sliding window 2k", "window_2k": "sliding window 2k",
+          "window trained": "window-trained model, window k", "window_trained": "window-trained model, window k"}
 
 
 def _color(name: str) -> str:
     return COLORS.get(name, COLORS.get({"indexer": "sparse"}.get(name, name), "#888"))
+
+
+def method_color(name: str) -> str | None:
+    """The colour of an attention method by its result name: "dense", "sparse"/"indexer...", "window",
+    "window 2k" (a window of 2k keys, darker than "window"); None (plotly's default) for anything else."""
+    key = name.replace(" ", "_")
+    if key in COLORS:
+        return COLORS[key]
+    base = name.split(" ")[0]
+    return _color(base) if base in COLORS or base == "indexer" else None
 
 
 def selection_matrix_figure(mask, title: str = "Which keys each query keeps", *, color: str = "sparse") -> go.Figure:
@@ -77,9 +90,8 @@ def accuracy_by_distance_figure(results: Mapping[str, Mapping[str, float]], *, c
     """Grouped bars: for each method (name -> {distance bucket label: accuracy}) the accuracy per bucket."""
     fig = go.Figure()
     for name, by_bucket in results.items():
-        base = name.split(" ")[0]
         fig.add_bar(x=list(by_bucket), y=[100 * v for v in by_bucket.values()], name=_NAMES.get(name, name),
-                    marker_color=_color(base) if base in COLORS or base == "indexer" else None)
+                    marker_color=method_color(name))
     if chance is not None:
         fig.add_hline(y=100 * chance, line_dash="dot", annotation_text="chance")
     fig.update_layout(barmode="group")
@@ -107,29 +119,38 @@ def recall_by_layer_figure(analysis: Mapping[str, Sequence[float]]) -> go.Figure
 
 
 def training_curves_figure(stages: Mapping[str, Mapping]) -> go.Figure:
-    """Accuracy (and KL for the indexer stages) vs step, one colour per stage; stages as in the JSON log."""
+    """Accuracy (and KL for the indexer stages) vs step, one colour per stage; stages as in the JSON log. Stages
+    follow each other, except "window", the baseline that branches off after "dense" (it starts where dense ends)."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("query accuracy", "indexer KL"))
-    offset = 0
+    offset, dense_end = 0, None
     palette = {"dense": COLORS["dense"], "warmup": COLORS["indexer"], "sparse": COLORS["sparse"],
-               "window": COLORS["window"]}
+               "window": COLORS["window_trained"]}
     for name, log in stages.items():
-        steps = [offset + i * log["every"] for i in range(len(log["acc"]))]
-        fig.add_scatter(x=steps, y=log["acc"], name=name, line=dict(color=palette.get(name)), row=1, col=1)
+        start = dense_end if name == "window" and dense_end is not None else offset
+        steps = [start + i * log["every"] for i in range(len(log["acc"]))]
+        label = "window (branch after dense)" if name == "window" else name
+        fig.add_scatter(x=steps, y=log["acc"], name=label, line=dict(color=palette.get(name)), row=1, col=1)
         if any(log["kl"]):
             fig.add_scatter(x=steps, y=log["kl"], name=f"{name} KL", line=dict(color=palette.get(name), dash="dot"),
                             row=1, col=2)
-        offset += log["steps"]
-    return styled(fig, "Training: dense model, indexer warm-up, sparse stage", "step", "")
+        if name != "window":
+            offset += log["steps"]
+        if name == "dense":
+            dense_end = offset
+    return styled(fig, "Training: dense model, indexer warm-up, sparse stage (and the window baseline)", "step", "")
 
 
 def cost_vs_length_figure(lengths: Sequence[int], series: Mapping[str, Sequence[float]], *, y: str,
-                          title: str, log: bool = True) -> go.Figure:
-    """Lines of a cost (time, FLOPs) vs sequence length, one per name; log-log by default (slope 2 = quadratic)."""
+                          title: str, log: bool = True, colors: Mapping[str, str] | None = None) -> go.Figure:
+    """Lines of a cost (time, FLOPs) vs sequence length, one per name; log-log by default (slope 2 = quadratic).
+    A line's colour comes from the first word of its name ("dense", "sparse", "indexer", ...) unless `colors`
+    names it; names with "model" or "formula" are dotted."""
     fig = go.Figure()
     for name, values in series.items():
         base = name.split(" ")[0]
+        color = (colors or {}).get(name, _color(base))
         fig.add_scatter(x=list(lengths), y=list(values), name=name, mode="lines+markers",
-                        line=dict(color=_color(base), dash="dot" if "model" in name or "formula" in name else None))
+                        line=dict(color=color, dash="dot" if "model" in name or "formula" in name else None))
     if log:
         fig.update_xaxes(type="log")
         fig.update_yaxes(type="log")
@@ -137,16 +158,25 @@ def cost_vs_length_figure(lengths: Sequence[int], series: Mapping[str, Sequence[
 
 
 def paper_cost_figure(paper: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-                      model: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, phase: str) -> go.Figure:
-    """The paper's cost per million tokens vs position (markers) and our FLOP-based model (lines).
-    paper / model: name -> (positions in tokens, $ per million tokens)."""
+                      model: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None, *, phase: str,
+                      crossover: float | None = None, max_position: float | None = None,
+                      title: str | None = None) -> go.Figure:
+    """The paper's cost per million tokens vs position (markers; joined by thin lines when no model is drawn) and
+    our FLOP-based model (lines). paper / model: name -> (positions in tokens, $ per million tokens).
+    `crossover` (tokens) draws a dashed line where the two paper curves cross; `max_position` (tokens) zooms in."""
     fig = go.Figure()
     for name, (x, yv) in paper.items():
         c = COLORS["dense"] if "3.1" in name else COLORS["sparse"]
-        fig.add_scatter(x=[v / 1024 for v in x], y=list(yv), mode="markers", name=f"paper: {name}",
-                        marker=dict(color=c, size=9))
-    for name, (x, yv) in model.items():
+        fig.add_scatter(x=[v / 1024 for v in x], y=list(yv), mode="markers" if model else "lines+markers",
+                        name=f"paper: {name}", marker=dict(color=c, size=9), line=dict(color=c, width=1))
+    for name, (x, yv) in (model or {}).items():
         c = COLORS["dense"] if "3.1" in name or "dense" in name else COLORS["sparse"]
         fig.add_scatter(x=[v / 1024 for v in x], y=list(yv), mode="lines", name=f"model: {name}", line=dict(color=c))
-    return styled(fig, f"{phase.capitalize()} cost per million tokens vs token position (H800, $2/GPU-hour)",
-                  "token position (K = 1,024 tokens)", "$ per million tokens")
+    if crossover is not None:
+        fig.add_vline(x=crossover / 1024, line_dash="dash", line_color="#555",
+                      annotation_text=f"crossover ≈ {crossover / 1024:.1f}K", annotation_position="top right")
+    if max_position is not None:
+        fig.update_xaxes(range=[0, max_position / 1024])
+    default = f"{phase.capitalize()} cost per million tokens vs token position (H800, $2/GPU-hour)"
+    return styled(fig, title or default, "token position (K = 1,024 tokens)", "$ per million tokens")
+

@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dslib
 from dslib import viz
-from dslib.attention import Attention, BaselineConfig, BaselineDecoder, causal_attention
+from dslib.attention import BaselineConfig, BaselineDecoder, causal_attention
 from dslib.config import GQA_REFERENCE, H200_MEMORY_BYTES, ModelConfig
 from dslib.exercises import ch1
 from dslib.kv_cache import KVCache, generate, kv_cache_sizes, memory_calculator, prefill
@@ -111,17 +111,21 @@ for cfg, model in [(cfg_mha, model_mha), (cfg_gqa, model_gqa)]:
 """)
 
 md(r"""
-The attention itself: queries at absolute positions attend to every key at the same or an earlier position
-(causal). The query heads of one group are folded into the rows of one matrix product, so each key/value head is
-read once per group — that is where GQA saves memory *traffic*, not only memory.
+The attention itself: a query at position p attends to every key at position p or earlier (causal),
+
+$$\text{out}_{h,t} = \sum_{s \le p_t} \mathrm{softmax}_s\!\Big(\frac{q_{h,t}\cdot k_{g(h),s}}{\sqrt{d}}\Big)\, v_{g(h),s},
+\qquad g(h) = \lfloor h / (H / H_{KV}) \rfloor,$$
+
+where query head h reads key/value head g(h): consecutive query heads share one. The query heads of one group can
+be folded into the rows of one matrix product, so each key/value head is read once per group — that is where GQA
+saves memory *traffic*, not only memory. With a cache, each layer's attention appends the new tokens' keys and
+values to the cache first and then attends over everything cached: you will write exactly that step in
+**Exercise 1** (its check then shows dslib's `Attention.forward` and `causal_attention`). The model around it puts
+the new tokens at positions `len(cache)` and up and hands each layer its own cache:
 """)
 
 code(r"""
-dslib.show(causal_attention)
-""")
-
-code(r"""
-dslib.show(Attention.forward)
+dslib.show(BaselineDecoder.forward)
 """)
 
 md(r"""
@@ -130,7 +134,13 @@ md(r"""
 Greedy generation appends the most likely next token and repeats. **Without a cache**, each step runs the whole
 sequence so far through the model, although the keys and values of the old tokens have not changed (attention is
 causal: old tokens never look at new ones). **With a cache**, the prompt is run once (the *prefill*), its keys and
-values are kept, and each later step runs only the newest token, appending its key and value.
+values are kept, and each later step runs only the newest token, appending its key and value. In one layer of
+our small GQA model, one decode step looks like this:
+""")
+
+code(r"""
+viz.kv_cache_step_diagram(cached=6, kv_heads=cfg_gqa.num_key_value_heads, heads=cfg_gqa.num_attention_heads,
+                          head_dim=cfg_gqa.head_dim, dtype_bytes=4)
 """)
 
 code(r"""
@@ -303,8 +313,9 @@ serve at once. Which brings us to real models.
 
 ## 6. The cache of real models: an interactive calculator
 
-The numbers below come from `dslib.config`: DeepSeek-V3.2's dimensions (`ModelConfig.deepseek_v32()`) and a GQA
-reference model (`GQA_REFERENCE`). MHA and MQA are what DeepSeek-V3.2's attention would cache with full per-head
+The numbers below come from `dslib.config`: DeepSeek-V3.2's dimensions (`ModelConfig.deepseek_v32()`) and the
+series' one GQA baseline (`GQA_REFERENCE`: the same 61 layers with 8 key/value heads of 128 instead of MLA; chapter 2
+compares against the same one). MHA and MQA are what DeepSeek-V3.2's attention would cache with full per-head
 keys/values or a single KV head; MLA caches one compressed latent plus one small RoPE key per token and layer
 (chapter 2); in deployment that latent is stored in FP8, and DeepSeek Sparse Attention adds one FP8 indexer key per
 token and layer (chapter 3).
@@ -317,11 +328,21 @@ for name, b in per_token.items():
     print(f"{name:34s} {b:>12,} bytes per token")
 assert per_token["MLA (bf16)"] == v32.num_hidden_layers * (v32.kv_lora_rank + v32.qk_rope_head_dim) * 2
 print(f"MHA / MLA-FP8+indexer: {per_token['MHA (128 heads, bf16)'] / per_token['MLA-FP8 + indexer keys (V3.2)']:.0f}x")
+assert per_token["MQA (1 KV head, bf16)"] < per_token["MLA (bf16)"]
+""")
+
+md(r"""
+MQA caches even less than MLA: one key and one value of 128 per layer, 512 bytes against MLA's 1,152. DeepSeek still
+does not use it, because MQA (and GQA) cost quality: DeepSeek-V2's ablations found MHA clearly better than GQA and
+MQA, and MLA better than MHA at a fraction of MHA's cache ([why not MQA](../docs/references.md#why-not-mqa)). Chapter 2 shows
+how MLA gets there.
 """)
 
 md(r"""
 Move the sliders: context length, batch (concurrent requests) and the number format of the cache. The dashed line
-is one H200's memory; everything above it does not fit on one GPU — before a single weight is loaded. The figure
+is one H200's memory, `H200_MEMORY_BYTES`: the 143,771 MiB = 150.75 GB the GPU reports (it is marketed as
+"141 GB"; [one H200](../docs/references.md#h200-memory)). Everything above it does not fit on one GPU — before a single
+weight is loaded. The figure
 is made by `dslib.kv_cache.memory_calculator`, a plain function (the tests call it too).
 """)
 
@@ -401,21 +422,29 @@ Latent Attention stores one small latent per token instead of per-head keys and 
 
 Each exercise has a cell for your answer and a check that tells you whether it is right.
 
-**Exercise 1.** Write the whole-model cache size per token of a dense-attention model (MHA, GQA or MQA).
+**Exercise 1 — build it: the cache append and the cached attention step.** Write one layer's attention step with
+a KV cache, from torch operations (not dslib's functions). The T new tokens (T = 1 when decoding, more for a chunk
+of a prompt) come after S cached ones, so they sit at positions S … S + T − 1; each attends to every key at or
+before its own position, query head h reads KV head h // (H // H_KV), and the scores are scaled by 1/√head_dim.
+Return the output and the caches with the new keys and values appended. The check compares your function with
+dslib's on fresh random inputs (a decode step, a chunk, an empty cache, GQA and MHA) and names what is off.
 """)
 
 code(r"""
-def my_kv_bytes_per_token(num_layers, num_kv_heads, head_dim, dtype_bytes):
-    raise NotImplementedError  # your code here
+def my_cached_attention(q, k_new, v_new, k_cache, v_cache):
+    # q [B, H, T, hd]: the new tokens' queries; k_new, v_new [B, KVH, T, hd]: their keys and values;
+    # k_cache, v_cache [B, KVH, S, hd]: the S earlier tokens' (S may be 0).
+    # Return (out [B, H, T, hd], k_cache [B, KVH, S + T, hd], v_cache [B, KVH, S + T, hd]).
+    raise NotImplementedError  # your code here: append, then attend
 
 
-ch1.check_kv_bytes_per_token(my_kv_bytes_per_token)
+ch1.check_cached_attention(my_cached_attention)
 """)
 
 md(r"""
-**Exercise 2.** A server runs **32 requests at once** on one H200 (141 GB) and, ignoring the weights, gives all
-memory to the cache. What is the longest context (in whole tokens) each request can have with **(a)** the GQA
-reference model's bf16 cache and **(b)** DeepSeek-V3.2's cache (FP8 MLA latent + FP8 indexer keys)? The per-token
+**Exercise 2.** A server runs **32 requests at once** on one H200 (`H200_MEMORY_BYTES`) and, ignoring the
+weights, gives all memory to the cache. What is the longest context (in whole tokens) each request can have with
+**(a)** the GQA-8 baseline's bf16 cache and **(b)** DeepSeek-V3.2's cache (FP8 MLA latent + FP8 indexer keys)? The per-token
 numbers of section 6 are all you need.
 """)
 

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 import dslib
 from dslib import ModelConfig, show, viz
+from dslib.config import GQA_REFERENCE, H200_BF16_FLOPS, H200_HBM_BYTES_PER_S
 from dslib.exercises import ch2 as exercises
 from dslib.cost import attention_flops, decode_costs, decode_step_time, kv_bytes_read
 from dslib.mla import MLA, LatentCache, MLAStack, dense_masked_attention, fp8_pack_latent, fp8_unpack_latent
@@ -64,7 +65,7 @@ TIME_THREADS = 1  # one decode step is too small to split; on a busy machine a 2
 FLOP_CONTEXT = 256  # cached tokens for the FLOP / byte count
 CACHE_TOKENS = 8  # tokens pushed through 61 layers to measure cache bytes
 LONG_CONTEXT = 128 * 1024  # "128K"
-GQA_GROUPS = 8  # the GQA baseline: 8 K/V heads of 128 dims
+GQA_GROUPS = GQA_REFERENCE["num_kv_heads"]  # the series' GQA-8 baseline (chapter 1): 8 K/V heads of 128 dims
 HEATMAP_TOKENS, HEATMAP_PERIOD, HEATMAP_INIT_STD = 24, 6, 0.15
 """, tags=["parameters"])
 
@@ -137,7 +138,7 @@ viz.low_rank_figure(sigma.tolist(), {"kv_lora_rank": r, "hidden size d": d})
 md(r"""
 ## 3. MLA's down- and up-projections
 
-For each token, MLA computes (REFERENCE.md §2.2; names are the checkpoint's):
+For each token, MLA computes ([DeepSeek-V2's MLA](../docs/references.md#ch2); names are the checkpoint's):
 
 | step | formula | parameter |
 |---|---|---|
@@ -247,7 +248,7 @@ md(r"""
 **YaRN** stretches the context the model was pre-trained for (`original_max_position_embeddings`) to
 `max_position_embeddings`: pairs that turn slowly (whose wavelength exceeds the
 original context) are slowed down by `factor`, fast ones keep their frequency, the ones in between are blended;
-and the softmax scale grows by $m^2$ with $m = 0.1\ln(\text{factor}) + 1$ (REFERENCE.md §2.3–2.5).
+and the softmax scale grows by $m^2$ with $m = 0.1\ln(\text{factor}) + 1$ ([YaRN, as DeepSeek configures it](../docs/references.md#ch2)).
 """)
 
 code(r"""
@@ -274,19 +275,27 @@ Both paths start from the same cache. **Naive**: up-project every cached latent 
 and values `[S, H, v]` (`expand_kv`), then ordinary attention. **Absorbed**: fold $W_{UK}$ into the query
 ($\tilde q_i = W_{UK,i}^\top q^C_i$, `kv_lora_rank` wide), attend over the latents with one shared key
 $[c^{KV} \| k^R]$ and one shared value $c^{KV}$ for all heads (that is MQA), then apply $W_{UV}$ after the weighted sum:
-$o_i = W_{UV,i} \sum_s p_s c_s$. Exact, because $\sum_s p_s (W_{UV} c_s) = W_{UV} \sum_s p_s c_s$.
+$o_i = W_{UV,i} \sum_s p_s c_s$. Exact, because $\sum_s p_s (W_{UV} c_s) = W_{UV} \sum_s p_s c_s$. At the 671B sizes:
 """)
 
 code(r"""
-show(MLA.attend)
+viz.mla_dataflow_diagram(big)
+""")
+
+md(r"""
+The naive path, as `MLA` computes it: every cached latent is up-projected by `kv_b_proj` into per-head keys
+(`[k^C_i | k^R]`, the rope key copied to every head) and values, then ordinary attention.
 """)
 
 code(r"""
 show(MLA.expand_kv)
 """)
 
-code(r"""
-show(dense_masked_attention)
+md(r"""
+The absorbed path you will write yourself in **Exercise 1**, from the four formulas above:
+$\tilde q_i = W_{UK,i}^\top q^C_i$; score $= (\tilde q_i \cdot c_s + q^R_i \cdot k^R_s)\cdot$scale, causal;
+$x_i = \sum_s p_s c_s$; $o_i = W_{UV,i} x_i$, then `o_proj`. Its check compares your function with the naive path
+and then shows dslib's `MLA.attend` and `dense_masked_attention`. Here, `mla(..., mode=...)` runs both:
 """)
 
 md(r"""
@@ -383,8 +392,38 @@ print(f"absorbed vs MHA: {absorbed_row[0] / mha_row[0]:.1f}x the FLOPs, {mha_row
 """)
 
 md(r"""
-Decoding one token is limited by how fast the cache can be read, so MQA mode (few bytes, many FLOPs per byte)
-is what DeepSeek decodes with; prefill processes many queries per key and is compute-bound, so the reference
+**Memory-bound or compute-bound?** A GPU reads `bandwidth` bytes and does `peak` FLOPs per second. A kernel that does
+fewer than peak / bandwidth FLOPs per byte it reads — the *ridge* — waits for memory; one that does more waits for
+arithmetic. For an H200 in bf16 (datasheet peaks, `dslib.config`; [sources](../docs/references.md#h200-roofline)):
+""")
+
+code(r"""
+ridge = H200_BF16_FLOPS / H200_HBM_BYTES_PER_S  # FLOP per byte where memory time = compute time
+print(f"H200 bf16 ridge: {H200_BF16_FLOPS / 1e12:,.1f} TFLOP/s / {H200_HBM_BYTES_PER_S / 1e12:.1f} TB/s = {ridge:.0f} FLOP/B")
+for name, (f, b) in rows.items():
+    t_compute, t_memory = f / H200_BF16_FLOPS, b / H200_HBM_BYTES_PER_S
+    bound = "compute-bound" if t_compute > t_memory else "memory-bound"
+    print(f"{name:26s} {f / b:>7,.0f} FLOP/B vs ridge {ridge:.0f}: {bound:13s} "
+          f"{max(t_compute, t_memory) / LONG_CONTEXT * 1e12:6.2f} ps per cached token per layer at the roofline")
+intensity = absorbed_row[0] / absorbed_row[1]
+assert intensity > ridge > mha_row[0] / mha_row[1]   # absorbed decode with 128 heads is compute-bound
+tp8 = attention_flops(big.replace(num_attention_heads=big.num_attention_heads // 8), 1, LONG_CONTEXT, "absorbed")
+print(f"with the heads split over 8 GPUs (16 per GPU, each reading the whole latent cache): "
+      f"{tp8['total'] / absorbed_row[1]:.0f} FLOP/B, memory-bound again")
+""")
+
+md(r"""
+So the usual rule "decoding is memory-bound" does not hold for MLA's absorbed decode: with 128 heads sharing one
+576-value latent, a decode step does about 242 FLOPs per byte of cache it reads, above the H200's bf16 ridge of
+about 206. At batch 1 it is already compute-bound, by a little (the FP8 cache of section 6 reads 43% fewer
+bytes and pushes it further). MLA traded bytes for FLOPs until the FLOPs became the limit, and that is exactly why DeepSeek
+Sparse Attention (chapter 3) pays off in decoding: it cuts the **FLOPs** — each query attends to 2,048 latents
+instead of all of them — not only the bytes.
+
+Why the absorbed mode for decode and the naive one for prefill, then? At the roofline the absorbed path is still
+far cheaper per decoded token than reading per-head K/V (MHA cache, 1 FLOP per byte) or re-expanding every latent
+at every step (naive). In a prefill every key is used by many queries: the per-head K/V are built once for the
+whole prompt, and per (query, key) pair MHA mode does 3.4x fewer FLOPs than MQA mode, so DeepSeek's reference
 code prefills in MHA mode. DSA in chapter 3 builds on the absorbed mode.
 """)
 
@@ -412,7 +451,7 @@ print(f"bf16 latent cache: {bf16_per_token:,} B per token "
 """)
 
 md(r"""
-DeepSeek-V3.2 deploys an **FP8 cache** (FlashMLA's layout, REFERENCE.md §3.2): per token the `kv_lora_rank` latent values
+DeepSeek-V3.2 deploys an **FP8 cache** ([FlashMLA's layout](../docs/references.md#ch1)): per token the `kv_lora_rank` latent values
 in e4m3 (1 byte each), one fp32 scale per 128 of them, and the rope key kept in bf16 because it is precision-sensitive.
 """)
 
@@ -431,7 +470,8 @@ print(f"FP8 cache: {fp8_per_token:,} B per token ({packed[0].shape[-1]} B per la
 """)
 
 md(r"""
-Against the baselines, for one 128K-token sequence (all computed by `decode_costs` from the config):
+Against the baselines, for one 128K-token sequence (all computed by `decode_costs` from the config). GQA-8 is
+chapter 1's baseline: the same 61 layers, 8 key/value heads of 128.
 """)
 
 code(r"""
@@ -444,6 +484,26 @@ for name, c in costs.items():
     print(f"{name:8s} {c['bytes_per_token_per_layer'] * big.num_hidden_layers:>10,} {c['cache_bytes'] / 1e9:>12.2f} "
           f"{c['vs_mha']:>8.1f}x {c['vs_gqa']:>9.2f}x")
 viz.mla_costs_figure(costs, title=f"DeepSeek-V3.2 shapes, {LONG_CONTEXT:,}-token context")
+""")
+
+md(r"""
+**Why not MQA?** A single shared key/value head of 128 would cache even less than MLA. In GQA terms, MLA's 576
+values per token and layer are what GQA with 2.25 groups would cache:
+""")
+
+code(r"""
+mqa_bytes, mla_bytes = big.kv_bytes_per_token_per_layer("mqa"), big.kv_bytes_per_token_per_layer("mla")
+groups_equivalent = (big.kv_lora_rank + big.qk_rope_head_dim) / (2 * big.v_head_dim)
+assert mqa_bytes < mla_bytes and groups_equivalent == 2.25
+print(f"MQA: {mqa_bytes} B per token and layer, MLA: {mla_bytes} B = GQA with {groups_equivalent} groups")
+""")
+
+md(r"""
+DeepSeek chose MLA anyway because the smaller caches cost quality. DeepSeek-V2 (the paper that introduced MLA)
+rates MHA strong, GQA moderate, MQA weak and MLA stronger than MHA, and its ablations back it: 7B dense models with
+GQA or MQA did worse than MHA on hard benchmarks, and MoE models with MLA did better than with MHA while caching a
+fraction of it ([why not MQA](../docs/references.md#why-not-mqa)). Sharing one latent is not sharing one head: every head
+still gets its own keys and values, up-projected from the latent.
 """)
 
 # ------------------------------------------------------------------------------------------------ 7. interactive
@@ -511,30 +571,36 @@ Chapter 3 adds the lightning indexer and lets each query attend to only 2048 of 
 
 ## Exercises
 
-**Exercise 1 — the absorbed score of one head.** Given one head's `q_nope [nope]` and rotated `q_rope [rope]`,
-the cached `kv_latent [S, c]` and `k_rope [S, rope]`, the head's `w_uk [nope, c]` and the softmax `scale`, return the
-S scores *without* building the per-head keys.
+**Exercise 1 — build it: absorbed attention, through to the output.** Write MLA's MQA-mode attention from torch
+operations: fold $W_{UK}$ into the queries (`mla.w_uk()`, `[H, nope, kv_lora_rank]`), score them against the
+cached latents and add the rope part, scale by `mla.softmax_scale`, mask causally (key s is visible to a query at
+position p iff s ≤ p), softmax over the keys, take the weighted sum of the latents, lift it with $W_{UV}$
+(`mla.w_uv()`, `[H, v_head_dim, kv_lora_rank]`) and finish with `mla.o_proj`. Never build per-head keys or values
+(`mla.kv_b_proj` must not run, and neither may `mla.attend`). The check runs a prefill and a decode step on fresh
+random inputs against the naive path.
 """)
 
 code(r"""
-def absorbed_score(q_nope, q_rope, kv_latent, k_rope, w_uk, scale):
+def my_absorbed_attention(mla, q_nope, q_rope, kv_latent, k_rope, q_positions):
+    # q_nope [B, T, H, nope], q_rope [B, T, H, rope] (rotated), kv_latent [B, S, c], k_rope [B, S, rope] (rotated),
+    # q_positions [T]: the queries' positions (key s sits at position s). Return [B, T, hidden_size].
     raise NotImplementedError  # your code here
 
 
-exercises.check_absorbed_score(absorbed_score)
+exercises.check_absorbed_attention(my_absorbed_attention)
 """)
 
 md(r"""
-**Exercise 2 — cache bytes per token.** Return how many bytes one token adds to the MLA cache of the whole model
-(all layers) for a config `cfg` and `dtype_bytes` bytes per value.
+**Exercise 2 — when does decoding become compute-bound?** Section 5 found that DeepSeek-V3.2's absorbed decode, with
+128 heads sharing one latent, does more FLOPs per byte than the H200's bf16 ridge. Keeping every other size of
+`big` and a 128K-token bf16 cache, what is the **fewest** query heads at which one decode step is compute-bound
+(intensity above the ridge)? `attention_flops`, `kv_bytes_read`, `big.replace(num_attention_heads=...)` and the
+ridge of section 5 are all you need.
 """)
 
 code(r"""
-def cache_bytes_per_token(cfg, dtype_bytes=2):
-    raise NotImplementedError  # your code here
-
-
-exercises.check_cache_bytes_per_token(cache_bytes_per_token)
+heads = None  # your answer
+exercises.check_heads_at_ridge(heads)
 """)
 
 md(r"""

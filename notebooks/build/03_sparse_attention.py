@@ -35,6 +35,7 @@ window loses, and why attention then costs O(L·k) instead of O(L²).
 """)
 
 code(r"""
+import csv
 import json
 import os
 import time
@@ -48,11 +49,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dslib
 from dslib import ModelConfig, show, viz
-from dslib.exercises import ch3 as exercises
 from dslib.attention import causal_mask
 from dslib.cost import attention_flops_per_token, core_attention_flops, indexer_flops
+from dslib.exercises import ch3 as exercises
 from dslib.indexer import LightningIndexer, fp8_index_scores, index_scores, indexer_kl_loss
 from dslib.mla import dense_masked_attention
+from dslib.paths import find_data
 from dslib.sparse import (DSACache, DSAttention, selection_mask, sparse_attention, time_attention, topk_selection,
                           window_selection)
 from dslib.tasks import RecallTask, eval_set, make_batch, window_accuracy_bound, window_reach
@@ -66,9 +68,11 @@ print(f"dslib {dslib.__version__} | torch {torch.__version__} | plotly {plotly._
 code(r"""
 FAST = os.environ.get("DSLIB_FAST") == "1"  # CI: same code path, smaller sizes
 SEED = 0
-DATA = Path("../data") if Path("../data").is_dir() else Path("data")  # checkpoints made by `python -m dslib.train`
 RETRAIN = False  # True: retrain the three stages here (several minutes on 2 cores) instead of loading data/
-EVAL_SEQS = 64 if FAST else 256  # sequences of the evaluation set scored live (8,192 queries = 512 in the log)
+# The repository's data/ (checkpoints made by `python -m dslib.train`, the paper's cost figures): found here, or a
+# clear error now (rather than a retrain and a missing file later) that says where to open the notebook from.
+DATA = find_data(need=["paper_cost_per_token.csv"] + ([] if RETRAIN else ["ch3_recall.json"]))
+EVAL_SEQS = 64 if FAST else 128  # sequences scored live (4,096 queries; the log scored 512 sequences)
 TIME_LENGTHS = [256, 512, 1024] if FAST else [256, 512, 1024, 2048]  # CPU timing of attention vs L
 TIME_REPEATS = 2 if FAST else 3
 TIME_THREADS = 1  # timings on one thread: on a shared 2-core machine a second thread mostly waits and adds noise
@@ -79,19 +83,55 @@ BIG = ModelConfig.deepseek_v32()  # the 671B dims for the cost model
 md(r"""
 ## 1. Why attention needs a diet: O(L²)
 
-In a causal prefill of L tokens, the query at position t attends to t + 1 keys: L(L+1)/2 (query, key) pairs.
-At DeepSeek-V3.2's dims one pair costs, per layer, 128 heads × (576 + 512) multiply-adds in MLA's MQA mode
-(chapter 2). Let's count for a 128K prefill, then do the same with each query keeping only k = 2,048 keys.
+In a causal prefill of L tokens, the query at position t attends to t + 1 keys: L(L+1)/2 (query, key) pairs. A dense
+prefill runs MLA in **MHA mode** (chapter 2: per-head keys and values built once for the whole prompt): per pair
+and layer, 128 heads × (192 + 128) multiply-adds. DSA attends in **MQA mode** over the k = 2,048 keys each query
+keeps: 128 × (576 + 512) multiply-adds per pair, 3.4× more, but only k pairs per query. And DSA pays for the
+**lightning indexer**, which still scores *every* pair, at 64 × 128 multiply-adds in FP8 (twice the bf16 rate on
+Hopper GPUs, so we count its FLOPs at half cost). Count it all for one layer of a 128K prefill:
 """)
 
 code(r"""
 L = 128 * 1024
-dense_flops = core_attention_flops(BIG, L, "dense")
-sparse_flops = core_attention_flops(BIG, L, "sparse")
 pairs = L * (L + 1) // 2
-assert dense_flops == pairs * 2 * BIG.num_attention_heads * (2 * BIG.kv_lora_rank + BIG.qk_rope_head_dim)
-print(f"dense core attention, one layer, 128K prefill: {dense_flops / 1e15:.2f} PFLOP")
-print(f"keeping k = {BIG.index_topk} keys per query:      {sparse_flops / 1e15:.3f} PFLOP ({dense_flops / sparse_flops:.1f}x fewer)")
+dense = core_attention_flops(BIG, L, "dense", mode="naive")  # dense prefill: MHA mode over all pairs
+core = core_attention_flops(BIG, L, "sparse")  # DSA: MQA mode over min(t + 1, k) keys per query
+index = indexer_flops(BIG, L)  # the indexer scores all pairs (bf16-equivalent FLOPs; FP8 runs at twice the rate)
+assert dense == pairs * 2 * BIG.num_attention_heads * (BIG.qk_head_dim + BIG.v_head_dim)
+# The same totals, token by token, from the per-token accounting the cost model of section 6 uses:
+per_token = lambda attention, fp8: sum(attention_flops_per_token(BIG, p, attention, phase="prefill", fp8_indexer=fp8)["total"]
+                                       for p in range(L))
+assert per_token("dense", False) == dense and per_token("sparse", False) == core + index
+assert per_token("sparse", True) == core + index / 2
+rows = {"dense (MHA mode)": dense, "DSA core (MQA mode, k keys)": core, "indexer (all pairs)": index}
+for name, f in rows.items():
+    print(f"{name:30s} {f / 1e15:6.3f} PFLOP per layer")
+ratio_bf16, ratio_fp8 = dense / (core + index), dense / (core + index / 2)
+print(f"dense / DSA: {ratio_bf16:.1f}x with the indexer at the bf16 rate, {ratio_fp8:.1f}x with it in FP8 at half cost")
+assert index > core and ratio_fp8 > ratio_bf16 > 1  # at 128K the indexer costs more than the sparse attention itself
+""")
+
+md(r"""
+The often-quoted ratio is far bigger. It prices dense attention in MQA mode, the mode DSA uses, and leaves out the
+indexer — two mistakes, since a prefill runs dense attention in MHA mode and DSA cannot select without its
+indexer:
+""")
+
+code(r"""
+quoted = core_attention_flops(BIG, L, "dense") / core  # dense in MQA mode, no indexer
+paper_rows = list(csv.DictReader(open(DATA / "paper_cost_per_token.csv")))
+
+
+def paper_series(phase, model_name):
+    rows = [r for r in paper_rows if r["phase"] == phase and r["model"] == model_name]
+    return [int(r["position_tokens"]) for r in rows], [float(r["usd_per_million_tokens"]) for r in rows]
+
+
+(x31, y31), (x32, y32) = paper_series("prefill", "V3.1-Terminus"), paper_series("prefill", "V3.2-Exp")
+paper_ratio = y31[x31.index(L)] / y32[x32.index(L)]
+print(f"dense in MQA mode, indexer left out: {quoted:.0f}x; honest FLOP count: {ratio_bf16:.1f}x-{ratio_fp8:.1f}x; "
+      f"the paper's measured prefill cost at 128K: {paper_ratio:.2f}x")
+assert quoted > 5 * ratio_fp8 and ratio_bf16 < paper_ratio < ratio_fp8
 """)
 
 md(r"""
@@ -141,19 +181,38 @@ code(r"""
 ev = eval_set(task, EVAL_SEQS)
 dist = ev.distance[ev.query_mask]
 K = train.experiment_config(task).index_topk  # the budget of the experiment below
-bound = window_accuracy_bound(dist, K, task.n_values)
+bound = window_accuracy_bound(dist, K, task.n_values)  # one window: perfect when reachable, chance otherwise
+bound_2 = window_accuracy_bound(dist, 2 * K, task.n_values)  # two stacked windows (the model below has 2 layers)
 print(f"{len(dist)} evaluation queries; distances {int(dist.min())}..{int(dist.max())}, median {int(dist.median())}")
-print(f"a window of k = {K} contains the needed token for {window_reach(dist, K).float().mean():.1%} of them")
-print(f"=> no model restricted to that window can beat {bound:.1%} accuracy (perfect when reachable, chance otherwise)")
-assert 0.1 < bound < 0.6
+print(f"a window of k = {K} contains the needed token for {window_reach(dist, K).float().mean():.1%} of them: "
+      f"reading it directly, at most {bound:.1%} accuracy")
+print(f"two stacked windows reach 2k = {2 * K} tokens back ({window_reach(dist, 2 * K).float().mean():.1%} of the "
+      f"queries): no 2-layer model restricted to windows of k can beat {bound_2:.1%}")
+assert 0.1 < bound < bound_2 < 0.6
+""")
+
+md(r"""
+Why 2k? A layer restricted to a window can only read the last k positions, but what it writes at position p is
+read by the next layer's window, which reaches k positions further back. Through two layers information can travel
+about 2k positions (exactly 2k in the model below, counting its one-token shift of section 5). That is an upper
+bound: relaying only helps if a token in between already knows what a later query will ask for.
 """)
 
 # ------------------------------------------------------------------------------------------------ 3. indexer
 md(r"""
 ## 3. The lightning indexer, step by step
 
+The whole of DSA for one query, at the 671B sizes, before we build it piece by piece:
+""")
+
+code(r"""
+viz.dsa_pipeline_diagram(BIG)
+""")
+
+md(r"""
+
 DSA replaces "the last k" by "the k most relevant", with relevance scored by a tiny attention-like module that
-runs for every (query, earlier token) pair (REFERENCE.md §4):
+runs for every (query, earlier token) pair ([V3.2-Exp paper and DeepSeek's inference code](../docs/references.md#ch3)):
 
 $$I_{t,s} = \sum_{j=1}^{H_I} w_{t,j}\,\mathrm{ReLU}\big(q_{t,j}\cdot k_s\big)$$
 
@@ -221,11 +280,9 @@ md(r"""
 Each query keeps the `index_topk` keys with the highest index score — **one set per query, shared by all
 attention heads** (that is what makes DSA fit MLA's MQA mode: one gathered latent serves all heads). A query with
 at most k visible keys keeps all of them, so **sequences of ≤ k tokens get exactly dense attention**.
-`torch.topk` would fill those short rows with masked future keys; `topk_selection` intersects them away.
-""")
-
-code(r"""
-show(topk_selection)
+`torch.topk` would fill those short rows with masked future keys; `topk_selection` marks those slots -1 ("no
+key"). You will write this selection, and the gather of the selected latents that follows it, in **Exercise 1**
+(its check then shows dslib's `topk_selection`). Here we use dslib's and check its promises:
 """)
 
 code(r"""
@@ -240,11 +297,9 @@ md(r"""
 Now the point of it all: attention that **gathers** the k selected latents for every query (chunk by chunk of
 queries) and attends over them in MQA mode. Nothing of size L × L is ever built; the work is L·k pairs. The
 reference path computes scores for every key and masks the unselected ones with −∞ — the same numbers at O(L²)
-cost (that is what transformers' eager implementation does).
-""")
-
-code(r"""
-show(sparse_attention)
+cost (that is what transformers' eager implementation does). `sparse_attention` does the gather you will write in
+Exercise 1 and then chapter 2's absorbed attention over the `[k, C]` gathered latents of each query; its listing
+comes with that exercise's check. Here we check that it computes the same numbers as the masked reference:
 """)
 
 code(r"""
@@ -293,7 +348,7 @@ md(r"""
 ## 5. Training an indexer, and the comparison at equal budget
 
 `python -m dslib.train --out data` (seeded) trains a 2-layer model whose attention is `DSAttention` on the recall
-task, in the paper's stages (REFERENCE.md §5):
+task, in the paper's stages ([sources](../docs/references.md#ch3)):
 
 1. **dense training** of the model (MLA attention over everything; the indexer untouched);
 2. **indexer warm-up**: main model frozen, dense attention; each layer's indexer learns
@@ -322,10 +377,10 @@ if RETRAIN or not paths["log"].exists():
     print("training from scratch (several minutes) ...")
     train.run_experiment(DATA, seed=SEED)
 log = json.loads(paths["log"].read_text())
-models = {stage: train.load_model(paths[stage]) for stage in train.STAGES}
+models = {stage: train.load_model(paths[stage]) for stage in (*train.STAGES, train.WINDOW)}
 cfg = models["sparse"].config
 K = cfg.index_topk
-print(f"recorded command: {log['command']}")
+print(f"recorded command: {log['command']}" + (f"; window baseline: {log['window_command']}" if "window_command" in log else ""))
 for name, st in log["stages"].items():
     print(f"  {name:7s} {st['steps']:5d} steps  {st['wall_s']:6.1f} s wall  (threads={log['threads']}, torch {log['torch']})")
 print(f"model: {sum(p.numel() for p in models['sparse'].parameters()):,} parameters, index_topk = {K}")
@@ -336,8 +391,12 @@ viz.training_curves_figure(log["stages"])
 """)
 
 md(r"""
-Score the final model on fresh evaluation sequences, with each kind of attention in **every layer**: dense, the
-indexer's top-k, and windows of k and 2k keys.
+The comparison must be fair: **the window model is trained too.** `train.WINDOW` is the dense-stage checkpoint
+trained for the same 300 steps as the sparse stage (same learning rate and schedule), with a window of k keys in
+every layer, so it can learn to live with its window (green curve, which branches off after the dense stage).
+
+Score both on fresh evaluation sequences, with each kind of attention in **every layer**: the sparse model with
+dense attention, the indexer's top-k and windows of k and 2k keys; the window-trained model with its window of k.
 """)
 
 code(r"""
@@ -348,10 +407,11 @@ res = {
     "sparse": train.evaluate(model, ev, "sparse"),
     f"window": train.evaluate(model, ev, "window", window=K),
     f"window 2k": train.evaluate(model, ev, "window", window=2 * K),
+    "window trained": train.evaluate(models[train.WINDOW], ev, "window", window=K),
 }
 for name, r in res.items():
     hit = f"   needed token selected: {', '.join(f'{h:.1%}' for h in r['hit_rate'])} (per layer)" if "hit_rate" in r else ""
-    print(f"{name:10s} accuracy {r['accuracy']:.1%}{hit}")
+    print(f"{name:14s} accuracy {r['accuracy']:.1%}{hit}")
 print(f"({len(dist)} queries, {time.perf_counter() - t0:.1f} s)")
 """)
 
@@ -359,8 +419,12 @@ code(r"""
 logged = log["results"]["sparse"]
 for name, key in [("dense", "dense"), ("sparse", "sparse"), ("window", "window")]:  # the log used 512 sequences
     assert abs(res[name]["accuracy"] - logged[key]["accuracy"]) < 0.05, (name, res[name]["accuracy"], logged[key]["accuracy"])
-assert res["window"]["accuracy"] <= bound + 0.03  # the window cannot beat its reach
+assert abs(res["window trained"]["accuracy"] - log["results"][train.WINDOW]["window"]["accuracy"]) < 0.05
+assert res["window"]["accuracy"] <= bound + 0.03 and res["window trained"]["accuracy"] <= bound_2 + 0.03
 assert res["sparse"]["accuracy"] > res["window 2k"]["accuracy"] > res["window"]["accuracy"]
+assert res["sparse"]["accuracy"] > res["window trained"]["accuracy"] + 0.5  # trained against trained, same budget
+print(f"trained against trained, k = {K} keys per query: indexer {res['sparse']['accuracy']:.1%}, window "
+      f"{res['window trained']['accuracy']:.1%} (one-window reach {bound:.1%}, two-window bound {bound_2:.1%})")
 """)
 
 code(r"""
@@ -368,12 +432,16 @@ by_dist = {name: {b: acc for b, (acc, n) in r["by_distance"].items()} for name, 
 near, far = "≤16", "129–255"
 assert by_dist["window"][near] > 0.9 and by_dist["window"][far] < 0.1  # perfect within k, chance beyond
 assert by_dist["sparse"][far] > 0.9  # the indexer does not care about distance
+assert by_dist["window trained"][far] < 0.1  # the trained window model: still chance beyond its reach
 viz.accuracy_by_distance_figure(by_dist, chance=1 / task.n_values)
 """)
 
 md(r"""
 Within k tokens the window is as good as dense attention; beyond k it is at chance, because the value to recall
-is simply not among its keys. The indexer's selection does not care about distance.
+is simply not among its keys. Training under the window for as long as the sparse stage did not change that: the
+window-trained model stays at its one-window reach, well below what two stacked windows could reach in principle
+(nothing in 300 steps taught its first layer to relay the right pair forward). The indexer's selection does not
+care about distance.
 
 **Attention recall** asks a softer question: of the attention mass that *dense* attention puts on the keys, how
 much does a selection keep? Measured on a dense run at the query positions, per layer, with the selections the
@@ -450,6 +518,10 @@ for stage in train.STAGES:
     r = log["results"][stage]
     rows.append(f"{stage:7s} dense {r['dense']['accuracy']:6.1%} | indexer top-{K} {r['sparse']['accuracy']:6.1%} | "
                 f"window {K} {r['window']['accuracy']:6.1%} | window {2 * K} {r['window_2k']['accuracy']:6.1%}")
+w = log["results"][train.WINDOW]
+rows.append(f"{train.WINDOW:7s} dense {w['dense']['accuracy']:6.1%} | {'':18s} | "
+            f"window {K} {w['window']['accuracy']:6.1%} | window {2 * K} {w['window_2k']['accuracy']:6.1%}   "
+            "(trained under its window, from the dense checkpoint)")
 print("\n".join(rows))
 assert log["results"]["warmup"]["sparse"]["accuracy"] > log["results"]["dense"]["sparse"]["accuracy"]
 """)
@@ -459,7 +531,7 @@ md(r"""
 
 The production indexer rotates q and k by an orthonormal Hadamard matrix (dot products unchanged; outliers spread
 over all channels), quantises each 128-vector to FP8 e4m3 with a power-of-two scale, and accumulates in fp32
-(REFERENCE.md §4.3). `fp8_index_scores` simulates that. How many selections does it change on the trained model?
+([DeepSeek's inference code](../docs/references.md#ch3)). `fp8_index_scores` simulates that. How many selections does it change on the trained model?
 """)
 
 code(r"""
@@ -543,11 +615,36 @@ viz.cost_vs_length_figure(TIME_LENGTHS, series, y="seconds (CPU, one layer, batc
 
 code(r"""
 lengths = [2 ** i for i in range(10, 18)]
-viz.cost_vs_length_figure(lengths, {
-    "dense (formula)": [core_attention_flops(BIG, n, "dense") for n in lengths],
-    "sparse (formula)": [core_attention_flops(BIG, n, "sparse") for n in lengths],
-    "indexer (formula)": [indexer_flops(BIG, n) for n in lengths],
-}, y="FLOPs per layer (prefill)", title="At the 671B dims: core attention and indexer FLOPs vs L (k = 2,048)")
+prefill_flops = {
+    "dense (formula, MHA mode)": [core_attention_flops(BIG, n, "dense", mode="naive") for n in lengths],
+    "sparse core (formula, MQA mode)": [core_attention_flops(BIG, n, "sparse") for n in lengths],
+    "indexer (formula, FP8 at half cost)": [indexer_flops(BIG, n) / 2 for n in lengths],
+}
+prefill_flops["DSA = core + indexer (formula)"] = [c + i for c, i in zip(*list(prefill_flops.values())[1:])]
+dense_l, dsa_l = prefill_flops["dense (formula, MHA mode)"], prefill_flops["DSA = core + indexer (formula)"]
+assert dsa_l[0] > dense_l[0] and dsa_l[-1] < dense_l[-1]  # DSA costs more below some length, less above
+
+
+def dsa_saves(n):  # does a DSA prefill of n tokens need fewer FLOPs than a dense (MHA-mode) one?
+    return core_attention_flops(BIG, n, "sparse") + indexer_flops(BIG, n) / 2 < core_attention_flops(BIG, n, "dense", mode="naive")
+
+
+lo, hi = lengths[0], lengths[-1]  # bisection: dsa_saves(lo) is False, dsa_saves(hi) is True
+while hi - lo > 1:
+    lo, hi = (lo, (lo + hi) // 2) if dsa_saves((lo + hi) // 2) else ((lo + hi) // 2, hi)
+flop_crossover_prefill = hi
+print(f"in FLOPs a DSA prefill is cheaper than a dense MHA-mode one from L = {flop_crossover_prefill:,} tokens on; "
+      f"at {lengths[-1] // 1024}K it needs {dense_l[-1] / dsa_l[-1]:.1f}x fewer")
+viz.cost_vs_length_figure(lengths, prefill_flops, y="FLOPs per layer (prefill)",
+                          colors={"DSA = core + indexer (formula)": "black"},
+                          title="At the 671B dims: prefill attention FLOPs vs L (dense in MHA mode; k = 2,048)")
+""")
+
+md(r"""
+Below that length a DSA prefill *costs more* FLOPs than a dense one: for the first k tokens every query still
+attends to all its keys, now in the 3.4× more expensive MQA mode, and the indexer comes on top. (DeepSeek's
+production system runs short prefills in MHA mode, with a mask that emulates DSA's selection.) Keep this length in
+mind for the paper's measured costs below.
 """)
 
 md(r"""
@@ -562,16 +659,6 @@ its constant a at position 0. It ignores memory traffic, batching and everything
 """)
 
 code(r"""
-import csv
-
-paper_rows = list(csv.DictReader(open(DATA / "paper_cost_per_token.csv")))
-
-
-def paper_series(phase, model_name):
-    rows = [r for r in paper_rows if r["phase"] == phase and r["model"] == model_name]
-    return [int(r["position_tokens"]) for r in rows], [float(r["usd_per_million_tokens"]) for r in rows]
-
-
 def fit_line(x, y):  # least squares y = a + b x
     mx, my = sum(x) / len(x), sum(y) / len(y)
     b = sum((xi - mx) * (yi - my) for xi, yi in zip(x, y)) / sum((xi - mx) ** 2 for xi in x)
@@ -635,9 +722,56 @@ for phase, f in fits.items():
 
 md(r"""
 So the deployed indexer behaves as if it cost more than its FLOPs at full FP8 speed — plausible for a kernel that
-writes per-query logits and runs a top-k over up to 128K scores per token (EXPERIMENTS.md's GPU notes measure
-the same thing in plain PyTorch: the indexer is most of DSA's time). Still, V3.2's cost per token grows far more
+writes per-query logits and runs a top-k over up to 128K scores per token (chapter 5 measures the same on an H200
+with plain PyTorch: the indexer is most of DSA's prefill time). Still, V3.2's cost per token grows far more
 slowly with position than V3.1's, which is the whole point.
+
+### The price at short contexts
+
+Look at the start of the paper's curves: there V3.2 is the **more expensive** model. Where do the curves cross?
+Between two of the paper's points we interpolate linearly:
+""")
+
+code(r"""
+def crossover(x, a, b):
+    # the first position where b drops below a, interpolating linearly between the sample points x
+    for i in range(1, len(x)):
+        d0, d1 = b[i - 1] - a[i - 1], b[i] - a[i]
+        if d0 >= 0 > d1:
+            return x[i - 1] + (x[i] - x[i - 1]) * d0 / (d0 - d1)
+    return None
+
+
+crossovers = {}
+for phase, f in fits.items():
+    assert f["x31"] == f["x32"]
+    premium = f["y32"][0] / f["y31"][0] - 1
+    crossovers[phase] = crossover(f["x31"], f["y31"], f["y32"])
+    print(f"{phase:8s} at position 0: V3.2 ${f['y32'][0]:.3f} vs V3.1 ${f['y31'][0]:.3f} per M tokens "
+          f"({premium:+.0%}); V3.2 is cheaper only past ~{crossovers[phase] / 1024:.1f}K tokens")
+    assert f["y32"][0] > f["y31"][0] and crossovers[phase] is not None and f["a32"] > f["a"]
+assert BIG.index_topk < crossovers["decode"] < crossovers["prefill"] < flop_crossover_prefill
+print(f"(the FLOP count alone puts the prefill crossover at {flop_crossover_prefill / 1024:.1f}K)")
+viz.paper_cost_figure({"V3.1-Terminus": (fits["prefill"]["x31"], fits["prefill"]["y31"]),
+                       "V3.2-Exp": (fits["prefill"]["x32"], fits["prefill"]["y32"])},
+                      phase="prefill", crossover=crossovers["prefill"], max_position=32 * 1024,
+                      title="Prefill cost at short positions (the paper's points): V3.2 costs more before the crossover")
+""")
+
+code(r"""
+viz.paper_cost_figure({"V3.1-Terminus": (fits["decode"]["x31"], fits["decode"]["y31"]),
+                       "V3.2-Exp": (fits["decode"]["x32"], fits["decode"]["y32"])},
+                      phase="decode", crossover=crossovers["decode"], max_position=32 * 1024,
+                      title="Decode cost at short positions (the paper's points): V3.2 costs more before the crossover")
+""")
+
+md(r"""
+So DSA is not free: below about 10K tokens of prefill and 5K of decode, V3.2 costs more per token than the dense
+V3.1 ([the paper's Figure 3](../docs/references.md#paper-cost)). Part of that is what the FLOP count above shows — below k
+DSA attends to every key anyway, in the costlier MQA mode, and pays for the indexer on top — and part is a constant
+the FLOP model does not explain (the fit needed a larger a for V3.2 at position 0, where attention costs almost
+nothing): everything else that differs between the two services. The saving is real, but it is a long-context
+saving.
 
 ## What you built
 
@@ -654,16 +788,22 @@ slowly with position than V3.1's, which is the whole point.
 
 Each check says "correct" or what is not right yet. Solutions live in `dslib.exercises.ch3`.
 
-**1.** Write the index score of one (query, key) pair: `q` is `[H_I, d_I]` (one row per indexer head), `w` is
-`[H_I]` (scales already folded in), `k` is `[d_I]`.
+**1. Build it: top-k selection and the gather.** Write the step between the indexer and sparse attention, from
+torch operations (not dslib's `topk_selection`): each query keeps the `k` keys with the highest
+index score among the keys it can see (future keys carry −inf and are never kept; a query that sees fewer than k
+keys keeps all of them and marks its other slots −1), and then every query's selected latents and rope keys are
+gathered, batch element by batch element. The check compares with dslib on fresh random scores: a prefill longer
+than k, one shorter than k, and a decode step.
 """)
 
 code(r"""
-def my_index_score(q, w, k):
-    raise NotImplementedError  # your code: one number
+def my_select_and_gather(index_scores, k, q_positions, kv_latent, k_rope):
+    # index_scores [B, T, S] (future keys already -inf), q_positions [T], kv_latent [B, S, C], k_rope [B, S, R].
+    # Return selected [B, T, k] (int64 key positions, -1 = none), lat [B, T, k, C], rope [B, T, k, R].
+    raise NotImplementedError  # your code here
 
 
-exercises.check_index_score(my_index_score)
+exercises.check_select_and_gather(my_select_and_gather)
 """)
 
 md(r"""

@@ -47,13 +47,14 @@ import torch
 
 import dslib
 from dslib import viz
+from dslib.attention import DecoderLayer
 from dslib.checkpoint import (RandomSource, SafetensorsSource, bytes_by_component, checkpoint_tensors,
                               dequantize_fp8_blocks, quantize_fp8_blocks, write_synthetic_checkpoint)
-from dslib.config import ModelConfig
+from dslib.config import H200_MEMORY_BYTES, ModelConfig
 from dslib.devices import DevicePlanError, gpus_needed, module_bytes, plan_devices
 from dslib.exercises import ch5
-from dslib.attention import DecoderLayer
 from dslib.model import DeepseekV32ForCausalLM
+from dslib.paths import find_data
 from dslib.record import Recorder
 
 torch.manual_seed(0)
@@ -67,7 +68,7 @@ code(r"""
 # Sizes. DSLIB_FAST=1 (CI) runs the same code on smaller sizes.
 FAST = os.environ.get("DSLIB_FAST") == "1"
 
-H200_BYTES = 150.75e9          # memory one H200 reports (143,771 MiB), REFERENCE.md §8.4
+H200_BYTES = H200_MEMORY_BYTES  # memory one H200 reports: 143,771 MiB = 150.75 GB (marketed as 141 GB)
 N_GPUS = 8                     # the machine the 671B model is served on
 SEED = 0
 # The CPU model: DeepSeek-V3.2's structure at a small size. 16 indexer heads: see section 5.
@@ -76,7 +77,7 @@ SHARD_BYTES = 1_000_000        # small shards, so the small checkpoint has sever
 PROMPT_LEN = 80 if FAST else 160        # longer than index_topk: attention is really sparse
 SHORT_LEN = SMALL["index_topk"]         # not longer than index_topk: sparse must equal dense
 NEW_TOKENS = 8 if FAST else 24
-DATA = Path("..") / "data" if Path("..", "data").is_dir() else Path("data")
+DATA = find_data()              # the repository's data/ (measured CSVs), or an error that says where to open this from
 """, tags=["parameters"])
 
 md(r"""
@@ -101,6 +102,14 @@ dslib.show(DeepseekV32ForCausalLM.forward)
 """)
 
 md(r"""
+The module tree as a picture, with each part's parameters counted from the config:
+""")
+
+code(r"""
+viz.model_diagram(ModelConfig.deepseek_v32())
+""")
+
+md(r"""
 Build the full 671B model on PyTorch's **meta device**: every tensor gets its shape and dtype but no memory, so
 the 671B module tree fits on a laptop. We count its parameters: the estimate is the config's arithmetic from
 chapter 1 (`total_params`), the measurement is the tensors of the module tree.
@@ -120,7 +129,7 @@ print(f"built in {time.perf_counter() - t0:.1f} s: {len(state):,} tensors, {meas
 """)
 
 md(r"""
-The official checkpoint's tensor table can also be written down from the config alone (REFERENCE.md §7.1):
+The official checkpoint's tensor table can also be written down from the config alone ([sources](../docs/references.md#ch5)):
 `dslib.checkpoint.checkpoint_tensors`. It must list exactly the module tree's names with the same shapes. In the
 FP8 release, every linear weight except the embedding, the head, the router and the indexer's `weights_proj` is
 stored as `float8_e4m3fn`, and each comes with a `weight_scale_inv` tensor of float32 block scales.
@@ -179,8 +188,8 @@ plan = plan_devices(cfg_full, [H200_BYTES] * N_GPUS, storage="fp8")
 print(plan)
 assert sum(plan.used.values()) == plan.total_bytes
 assert all(plan.used[d] <= c for d, c in zip(plan.devices, plan.capacity))
-need_fp8, need_bf16 = gpus_needed(cfg_full, H200_BYTES), gpus_needed(cfg_full, H200_BYTES, storage="bf16")
-print(f"fewest H200s: {need_fp8} with FP8 weights, {need_bf16} with bf16 weights")
+need_fp8 = gpus_needed(cfg_full, H200_BYTES)
+print(f"fewest H200s for the FP8 weights: {need_fp8} (and with bf16 weights? Exercise 3)")
 viz.device_plan_figure(plan.rows(), title=f"{cfg_full.num_hidden_layers} layers of FP8 weights on {N_GPUS} H200s")
 """)
 
@@ -205,7 +214,7 @@ Each FP8 weight is stored as e4m3 numbers (4 exponent bits, 3 mantissa bits, lar
 scale per 128×128 block: `W[i, j] = float(q[i, j]) · weight_scale_inv[i // 128, j // 128]`. A block's scale is
 its largest magnitude divided by 448, so each block uses the whole e4m3 range. `kv_a_proj_with_mqa` has
 512 + 64 = 576 rows, so its last row block is only 64 rows tall: quantisation pads it with zeros, and
-dequantisation crops it (REFERENCE.md §7.2).
+dequantisation crops it ([DeepSeek-V3's weight format](../docs/references.md#ch5)).
 """)
 
 code(r"""
@@ -220,8 +229,9 @@ print(f"q {tuple(q.shape)} {q.dtype}, scale_inv {tuple(scale_inv.shape)}: {q.num
       f"instead of {2 * w.numel():,} in bf16; relative error {rel:.2%}")
 """)
 
-code(r"""
-dslib.show(dequantize_fp8_blocks)
+md(r"""
+`dequantize_fp8_blocks` turns `q` and `scale_inv` back into numbers, partial blocks included; you will write it
+yourself in **Exercise 1** (its check then shows dslib's version).
 """)
 
 md(r"""
@@ -376,7 +386,7 @@ print(f"4 indexer heads: max |logit difference| cached vs uncached = {tie_diff:.
 
 md(r"""
 **Sparse == dense for short prompts.** A query at position p sees p + 1 keys; if that is at most `index_topk`,
-top-k keeps all of them and DSA *is* dense attention (REFERENCE.md §4.4). Beyond that, the outputs must differ, or
+top-k keeps all of them and DSA *is* dense attention. Beyond that, the outputs must differ, or
 the indexer would select nothing. **Naive == absorbed**: MLA's two computation orders (MHA mode and MQA mode) give
 the same numbers, with the sparse selection too.
 """)
@@ -506,7 +516,7 @@ if GPU:
     assert speedup > 1
     print(f"decode, batch {b}, {decode_ctx:,} cached tokens: dense MLA {dense:.2f} ms, DSA {sparse:.2f} ms "
           f"per step ({speedup:.1f}x)")
-    # batch 1: the time hardly follows the bytes of cache read (roofline: bytes / HBM bandwidth, REFERENCE.md §8.4)
+    # batch 1: the time hardly follows the bytes of cache read (roofline: bytes / HBM bandwidth)
     small_ctx = min(int(r["context"]) for r in att_rows if r["phase"] == "decode")
     t_small, t_big = ms("decode", "dense_absorbed", small_ctx, 1), ms("decode", "dense_absorbed", decode_ctx, 1)
     cache_read = decode_ctx * cfg_full.kv_bytes_per_token_per_layer("mla")  # bf16 latent + rope key per token
@@ -533,7 +543,7 @@ the context once the batch is large enough to leave the overhead floor; DSA read
 plus `index_topk` selected latents, so it grows much more slowly (bytes per token and layer below). At prefill our DSA is **slower** than dense attention: the dense baseline runs PyTorch's fused
 FlashAttention kernel, while our indexer writes a full `[T, S]` fp32 score matrix and our sparse attention gathers
 latents with plain tensor operations. DeepSeek's production kernels (FlashMLA's sparse kernels, DeepGEMM's FP8
-indexer) fuse these steps; that is where the paper's prefill savings come from (REFERENCE.md §8).
+indexer) fuse these steps; that is where the paper's prefill savings come from ([FlashMLA, DeepGEMM](../docs/references.md#ch5)).
 """)
 
 code(r"""
@@ -785,8 +795,11 @@ md(r"""
 
 Each cell calls a check from `dslib.exercises.ch5` that answers "correct" or "not yet, because …".
 
-**1. Dequantise.** Write `my_dequantize(q, scale_inv)`: `q` is an e4m3 weight `[out, in]`, `scale_inv` its float32
-block scales `[ceil(out/128), ceil(in/128)]`; return the fp32 weight. It must handle 576 rows.
+**1. Build it: the FP8 block dequantisation.** Write `my_dequantize(q, scale_inv)` from torch operations (not
+dslib's `dequantize_fp8_blocks`): `q` is an e4m3 weight `[out, in]`, `scale_inv` its float32 block scales
+`[ceil(out/128), ceil(in/128)]`; return the fp32 weight, `W[i, j] = float(q[i, j]) · scale_inv[i // 128, j // 128]`.
+It must handle partial edge blocks (576 rows, like `kv_a_proj_with_mqa`). The check runs it on fresh random
+weights next to dslib's.
 """)
 
 code(r"""
@@ -800,7 +813,7 @@ ch5.check_dequantize(my_dequantize)
 md(r"""
 **2. The price of fine-grained scales.** How many bytes do all `weight_scale_inv` tensors of the 671B FP8
 checkpoint take (layers 0–60, embeddings and head; not the MTP layer 61)? Work it out from the shapes in
-REFERENCE.md §7.1 or with `checkpoint_tensors`.
+the checkpoint's tensor table (`checkpoint_tensors`).
 """)
 
 code(r"""
@@ -809,13 +822,14 @@ ch5.check_scale_bytes(answer)
 """)
 
 md(r"""
-**3. How many GPUs?** What is the fewest H200s (150.75 GB each, 10% of each kept free) that hold the FP8 weights,
-if every layer must sit whole on one GPU? Reason with the layer sizes from `module_bytes(cfg_full)`.
+**3. How many GPUs in bf16?** Section 2 found the fewest H200s for the FP8 weights. How many would the weights
+need **dequantised to bf16** (`H200_BYTES` each, 10% of each kept free, every layer whole on one GPU)? Reason
+with the layer sizes from `module_bytes(cfg_full, "bf16")`.
 """)
 
 code(r"""
 answer = None  # a number of GPUs
-ch5.check_gpus_needed(answer)
+ch5.check_gpus_needed(answer, storage="bf16")
 """)
 
 nb.write()
