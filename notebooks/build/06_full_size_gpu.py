@@ -47,7 +47,7 @@ import torch
 import dslib
 from dslib import viz
 from dslib.checkpoint import CheckpointError, SafetensorsSource, load_pretrained
-from dslib.config import ModelConfig
+from dslib.config import H200_MEMORY_BYTES, ModelConfig
 from dslib.devices import (GiB, DevicePlanError, cache_bytes_per_token, fmt_bytes, held_module_bytes, plan_run,
                            serving_memory)
 from dslib.exercises import ch6
@@ -83,7 +83,7 @@ code(r"""
 # Sizes. DSLIB_FAST=1 (CI) runs the same code on smaller sizes.
 FAST = os.environ.get("DSLIB_FAST") == "1"
 SEED = 0
-H200_BYTES = 150.75e9                 # memory one H200 reports (143,771 MiB)
+H200_BYTES = H200_MEMORY_BYTES       # memory one H200 reports (143,771 MiB)
 PEAK_LIMIT = 128 * GiB                # what the one-GPU plan may use (the goal is a peak <= 130 GiB)
 LONG = 131072                         # the 128K-token prompt of the full-size run
 SMALL = dict(index_n_heads=16, index_topk=32, num_hidden_layers=6, vocab_size=2048)  # the CPU model of sections 3, 6
