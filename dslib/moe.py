@@ -214,8 +214,9 @@ def moe_reference(moe: "MoE", x: torch.Tensor) -> torch.Tensor:
 class MoE(nn.Module):
     """The MoE feed-forward of layers >= first_k_dense_replace: gate + routed experts + shared expert(s).
 
-    forward(x [B, T, d], record=None) -> [B, T, d]. If `record` is given it is called with the `Routing` of the
-    B*T tokens (token n = b*T + t), e.g. to count expert load during training or in chapter 5's views.
+    forward(x [B, T, d], record=None, backend="torch") -> [B, T, d]. If `record` is given it is called with the
+    `Routing` of the B*T tokens (token n = b*T + t), e.g. to count expert load during training or in chapter 5's
+    views. backend="triton" runs the experts as one grouped FP8 computation (`dslib.kernels.moe`, GPU).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -229,14 +230,21 @@ class MoE(nn.Module):
             MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
         )
 
-    def forward(self, x: torch.Tensor, record: Callable[[Routing], None] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, record: Callable[[Routing], None] | None = None, *,
+                backend: str = "torch") -> torch.Tensor:
         if x.dim() != 3:
             raise ValueError(f"MoE expects hidden states [B, T, d], got shape {tuple(x.shape)}.")
         flat = x.reshape(-1, x.shape[-1])  # [B*T, d]
         routing = self.gate.route(flat)
-        y = dispatch(flat, routing.topk_idx, routing.topk_weight, self.experts)  # [B*T, d]
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(flat)  # every token, weight 1
+        if backend == "triton":  # chapter 6: routed + shared experts as one grouped computation (loaded only here)
+            from dslib.kernels import moe as grouped
+            y = grouped.forward(self, flat, routing)
+        elif backend == "torch":
+            y = dispatch(flat, routing.topk_idx, routing.topk_weight, self.experts)  # [B*T, d]
+            if self.shared_experts is not None:
+                y = y + self.shared_experts(flat)  # every token, weight 1
+        else:
+            raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}.")
         if record is not None:
             record(routing)
         return y.view_as(x)

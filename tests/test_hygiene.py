@@ -22,6 +22,9 @@ CHAPTER = {
     "model": 5, "checkpoint": 5, "devices": 5, "record": 5,
     "kernels": 6,
 }
+# The GPU kernels (chapter 6) are a backend of earlier chapters' modules: those may import them, but only inside a
+# function (loaded when a caller asks for backend="triton" or runs an FP8 linear on a GPU), never at module level.
+LAZY_BACKENDS = ("dslib.kernels",)
 EXERCISES = {f"exercises.ch{n}": n for n in range(1, 6)}
 
 
@@ -79,8 +82,33 @@ def test_dslib_imports_follow_chapter_order(path, module):
     if own == 0:  # dslib/__init__.py re-exports; it loads later chapters lazily
         return
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
-    for imported in dslib_imports(path.read_text(), package):
+    source = path.read_text()
+    lazy = lazy_backend_imports(source, package)
+    for imported in dslib_imports(source, package) - lazy:
         assert chapter_of(imported) <= own, f"{module} (chapter {own}) imports {imported} (chapter {chapter_of(imported)})"
+
+
+def lazy_backend_imports(source: str, package: str) -> set[str]:
+    """Imports of LAZY_BACKENDS made only inside function bodies (none of them also at module level)."""
+    tree = ast.parse(source)
+    inside = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for stmt in node.body:
+                inside |= dslib_imports(ast.unparse(stmt), package)
+    top = dslib_imports(ast.unparse(ast.Module([n for n in tree.body if not isinstance(
+        n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))], [])), package)
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        top |= dslib_imports(ast.unparse(ast.Module([n for n in cls.body if not isinstance(
+            n, (ast.FunctionDef, ast.AsyncFunctionDef))], [])), package)
+    return {m for m in inside - top if m.startswith(LAZY_BACKENDS)}
+
+
+def test_backend_imports_are_lazy():
+    """moe.py and checkpoint.py reach the kernels only inside a function; a module-level import is caught."""
+    assert lazy_backend_imports("def f():\n    from dslib.kernels import fp8\n", "dslib") >= {"dslib.kernels"}
+    assert not lazy_backend_imports("from dslib.kernels import fp8\ndef f():\n    from dslib.kernels import fp8\n",
+                                    "dslib")
 
 
 def notebook_chapter(path: Path) -> int:

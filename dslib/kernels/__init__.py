@@ -1,8 +1,15 @@
 """Triton kernels for the GPU path (chapter 6): the same maths as the PyTorch modules, fused.
 
-The PyTorch code of chapters 2-5 stays the teaching path and the oracle; each kernel here is tested against it
-(on CPU under `TRITON_INTERPRET=1`, tiny shapes; at full width on a GPU). Submodules are imported on use, so
-`import dslib.kernels` works on any machine, with or without CUDA or Triton.
+The PyTorch code of chapters 1-5 is the teaching path and the oracle; each kernel here is tested against it on
+CPU under Triton's interpreter (`TRITON_INTERPRET=1`, tiny shapes) and at full width on a GPU. Nothing is
+imported from this package until a caller asks for a kernel (`backend="triton"`, or an FP8 linear on a GPU), so
+the rest of dslib runs without Triton, with or without CUDA.
+
+    available()     can the kernels run here? (Triton importable, and a CUDA GPU or the CPU interpreter)
+    indexer         the lightning indexer's scores and top-k, fused (bf16 / FP8)
+    sparse_mla      sparse MLA attention over the selected latents (in-kernel gather, online softmax)
+    fp8             act_quant (e4m3, one power-of-two scale per token per 128 channels) and fp8_linear
+    moe             the routed + shared experts of one MoE layer as one grouped FP8 computation
 """
 from __future__ import annotations
 
@@ -24,3 +31,14 @@ def available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+SUBMODULES = ("indexer", "sparse_mla", "fp8", "moe", "launch")
+
+
+def __getattr__(name: str):
+    """`dslib.kernels.indexer` etc. load on first access (callers do `importlib.import_module("dslib.kernels")` and
+    then use `kernels.indexer.index_topk`), so importing the package alone loads no Triton code."""
+    if name in SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
