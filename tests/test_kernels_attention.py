@@ -332,3 +332,32 @@ def test_mla_kernels_bad_input():
         kmla.dense_mla(qa, qr, lat[:, :5], kr, torch.arange(2), 0.1)
     with pytest.raises(ValueError, match="q_positions"):
         kmla.dense_mla(qa, qr, lat, kr, torch.arange(3), 0.1)
+
+
+def test_mla_kernels_with_an_empty_cache_give_zeros():
+    qa, qr, _, _ = mla_inputs(1, 2, 4, 32, 16, 1)
+    lat, kr = torch.empty(1, 0, 32), torch.empty(1, 0, 16)
+    sel = torch.full((1, 2, 3), -1, dtype=torch.long)
+    assert (kmla.sparse_mla(qa, qr, lat, kr, sel, 0.1, config=MLA_TILES) == 0).all()
+    assert (kmla.dense_mla(qa, qr, lat, kr, torch.arange(2), 0.1, config=MLA_TILES) == 0).all()
+
+
+def test_gpu_benchmark_helpers():
+    """benchmarks/gpu_kernels.py's selection generator and agreement measure (the GPU run trusts both)."""
+    sys.path.insert(0, str(os.path.join(os.path.dirname(__file__), "..", "benchmarks")))
+    import gpu_kernels as bench
+
+    pos = torch.tensor([0, 3, 9, 40, 41])
+    sel = bench.strided_selection(pos, 8, 2, seed=1)
+    assert sel.shape == (2, 5, 8) and sel.dtype == torch.int32
+    visible = (sel <= pos.view(1, 5, 1)) & (sel >= 0)
+    assert ((sel == -1) | visible).all()  # causal, -1 = none
+    assert ((sel >= 0).sum(-1) == torch.tensor([1, 4, 8, 8, 8])).all()  # all visible keys when p + 1 <= k
+    scores = torch.randn(2, 5, 42).masked_fill(torch.arange(42).view(1, 1, 42) > pos.view(1, 5, 1), float("-inf"))
+    ref = topk_selection(scores, 8, pos)
+    agree = bench.topk_agreement(ref.flip(-1), ref, scores)  # same sets in another order
+    assert agree["same_rows"] == 1.0 and agree["common_keys"] == 1.0 and agree["same_counts"]
+    assert agree["score_gap"] == 0.0
+    worse = ref.clone()
+    worse[..., 0] = torch.where(ref[..., 0] >= 0, 0, -1)  # swap the best key for key 0
+    assert bench.topk_agreement(worse, ref, scores)["same_rows"] < 1.0

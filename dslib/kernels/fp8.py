@@ -325,6 +325,9 @@ def _check_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x has {x.shape[-1] if x.dim() else 'no'} features (shape {tuple(x.shape)}) but the weight "
                          f"{tuple(weight.shape)} expects in_features={weight.shape[1]}.")
+    if x.device != weight.device or weight_scale_inv.device != weight.device:
+        raise ValueError(f"x ({x.device}), weight ({weight.device}) and weight_scale_inv ({weight_scale_inv.device}) "
+                         "must be on one device.")
     want = scale_shape(tuple(weight.shape), BLOCK)
     if tuple(weight_scale_inv.shape) != want or weight_scale_inv.dtype != torch.float32:
         raise ValueError(f"weight {tuple(weight.shape)} needs an fp32 weight_scale_inv of shape {want} (one scale "
@@ -391,6 +394,7 @@ def linear_fast_path(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: to
     (compute capability >= 8.9), with 128 x 128 weight blocks and in_features a multiple of 128. If the fast path
     ever fails (a Triton or cuBLAS version it was not tested with), it warns once and stays off."""
     if (_FAST_PATH_BROKEN or tl is None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16)
+            or weight.device != x.device
             or block != BLOCK or x.shape[-1] % BLOCK or (x.requires_grad and torch.is_grad_enabled())
             or _capability(x.device) < (8, 9)):
         return None

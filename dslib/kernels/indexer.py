@@ -14,6 +14,10 @@ FP8 (REFERENCE §4.3): q and k are quantised to e4m3 with one power-of-two scale
 are positive, so they leave the ReLU: I[t,s] = sk[s] · Σ_j (w[t,j]·sq[t,j]) · ReLU(q8[t,j]·k8[s]). The head
 weights absorb sq, the key scale multiplies the finished tile; the dots run on FP8 tensor cores.
 
+Budget per program (64 queries × 128 keys × D = 128, 4 warps): the key tile [128, 128] bf16 = 32 KB stays in
+shared memory, the q tiles of successive heads [64, 128] (16 KB) stream through a 4-stage pipeline, the
+accumulator [64, 128] fp32 is 64 registers per thread. The kernel is compute-bound: 64 dots per tile.
+
 Top-k (`index_topk`): the scores of a chunk of queries at a time (`[B, chunk, S']` with S' the last key any
 query of the chunk can see), then `torch.topk`; the full `[T, S]` matrix never exists for long T.
 """

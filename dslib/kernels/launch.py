@@ -5,6 +5,7 @@ Kept apart from the kernels so that each kernel file shows only its maths.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -64,7 +65,11 @@ def fix_interpreter() -> None:
     import triton.language as tl
     from triton.runtime import interpreter
 
-    builder = interpreter.InterpreterBuilder
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    if builder is None or not all(hasattr(builder, n) for n in ("create_dot", "create_fp_to_fp", "cast_impl")):
+        warnings.warn("dslib.kernels: this Triton's interpreter has another layout; bf16 dots and fp8 rounding are "
+                      "not patched (interpreter results may be wrong; the GPU is unaffected).", stacklevel=2)
+        return
     create_dot, create_fp_to_fp = builder.create_dot, builder.create_fp_to_fp
 
     def dot(self, a, b, d, *args, **kwargs):

@@ -222,6 +222,8 @@ def _check_moe(x, topk_idx, topk_weight, w13, s13, w2, s2, check_indices: bool) 
     if w13.dim() != 3 or w13.shape[2] != d or w13.shape[1] % 2:
         raise ValueError(f"w13 must be [E, 2*I, d={d}] (gate rows, then up rows), got {tuple(w13.shape)}.")
     e, two_i, _ = w13.shape
+    if len({t.device for t in (x, topk_idx, topk_weight, w13, w2, *(s for s in (s13, s2) if s is not None))}) > 1:
+        raise ValueError("moe_experts needs x, the routing and the stacked weights on one device.")
     if w2.shape != (e, d, two_i // 2):
         raise ValueError(f"w2 must be [E={e}, d={d}, I={two_i // 2}] to match w13 {tuple(w13.shape)}, got "
                          f"{tuple(w2.shape)}.")

@@ -21,6 +21,13 @@ Decode has one query per sequence, too few programs to fill the GPU: the k keys 
 cached keys) are split over several programs ("split-KV", flash-decoding) that each write a partial result
 and its log-sum-exp; `_combine_kernel` merges them. Invalid indices (-1, or >= S) contribute nothing; a query
 with no valid key gets 0 (where the PyTorch softmax over nothing gives NaN).
+
+The budget of one Hopper SM (228 KB shared memory, 64K 32-bit registers) at the 671B dims: q of 64 heads
+[64, 576] bf16 = 72 KB stays in shared memory for the whole walk; a block of 32 gathered rows × 576 = 36 KB,
+double-buffered so the next rows arrive while this block computes; the accumulator [64, 512] fp32 = 32K
+registers, half the register file, hence 8 warps (128 registers each for it). Triton gives all warps of a dot
+whose result feeds another dot to the row axis, so with 64 heads both warpgroups compute the same scores: the
+q·k part runs twice, the weighted sum once (FlashMLA's hand-written kernel gives each warpgroup its own keys).
 """
 from __future__ import annotations
 
