@@ -27,7 +27,7 @@ from dslib.kernels import indexer as kidx  # noqa: E402
 from dslib.kernels import sparse_mla as kmla  # noqa: E402
 
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on H100 / H200
-SIZES = {"S", "T", "H", "TOPK", "keys_per_split"}  # multiples of 16 at the 671B dims
+SIZES = {"S", "T", "H", "TOPK", "keys_per_split", "N", "seg_len", "slots_per_split", "N_SLOTS"}  # multiples of 16 at the 671B dims
 
 
 def ptxas() -> Path:

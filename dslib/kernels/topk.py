@@ -117,7 +117,7 @@ def _radix_hist_kernel(x_ptr, pos_ptr, hist_ptr, N, K, ROWS_T, n_segs, seg_len,
     n = N
     if CAUSAL:
         n = tl.minimum(tl.load(pos_ptr + b * s_pb + t * s_pt) + 1, N).to(tl.int32)
-    prefix, need, take_all, _, _, _ = _walk_passes(hist_ptr, row, n_segs, K, s_hp, s_hr, s_hs, PASS, KEY_BITS,
+    prefix, _need, take_all, _, _, _ = _walk_passes(hist_ptr, row, n_segs, K, s_hp, s_hr, s_hs, PASS, KEY_BITS,
                                                    DIGIT, BINS, MAX_SEGS)
     prev_shift: tl.constexpr = max(KEY_BITS - DIGIT * PASS, 0)  # bits >= prev_shift are fixed by the prefix
     shift: tl.constexpr = max(KEY_BITS - DIGIT * (PASS + 1), 0)
