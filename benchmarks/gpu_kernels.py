@@ -104,11 +104,14 @@ SWEEP = {
     "index_prefill_bf16": [dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4),
                            dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)],
     "index_decode": [dict(BLOCK_N=128, num_warps=4, num_stages=1), dict(BLOCK_N=256, num_warps=8, num_stages=1)],
-    "sparse_prefill": [one_pass(64, 32, 8, 3), TWO_PASS_A, {**TWO_PASS_A, "CHUNK": 512}, TWO_PASS_B, TWO_PASS_C,
+    # most promising first (a tight budget cuts the sweep after TUNING_SHARE of it); the first version's tiles
+    # are measured in any case (the before / after rows reuse its compiled kernel)
+    "sparse_prefill": [TWO_PASS_A, one_pass(64, 32, 8, 3), TWO_PASS_B, {**TWO_PASS_A, "CHUNK": 512}, TWO_PASS_C,
                        one_pass(64, 64, 8, 2)],
-    "sparse_decode": [one_pass(64, 32, 8, 3), TWO_PASS_A, TWO_PASS_B],
-    "dense_decode": [one_pass(64, 32, 8, 3), TWO_PASS_A, TWO_PASS_B, one_pass(64, 64, 8, 2)],
+    "sparse_decode": [TWO_PASS_A, one_pass(64, 32, 8, 3), TWO_PASS_B],
+    "dense_decode": [TWO_PASS_A, one_pass(64, 32, 8, 3), TWO_PASS_B, one_pass(64, 64, 8, 2)],
 }
+TUNING_SHARE = 0.45  # of the budget: later candidates of a sweep are skipped once tuning has used this much
 TINY_TWO_PASS = dict(variant="two_pass", BLOCK_N=16, SCORE_BLOCK_H=16, SCORE_WARPS=4, SCORE_STAGES=1,
                      VALUE_BLOCK_H=16, VALUE_BLOCK_C=16, VALUE_WARPS=4, VALUE_STAGES=1, CHUNK=8)
 TINY_SWEEP = {"index_prefill_fp8": [dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)],
@@ -140,6 +143,7 @@ class Run:
                      "topk_prefill": OLD["topk"], "topk_decode": OLD["topk"]}
         self.radix = TINY_RADIX if mode == "dry" else None  # radix_topk tiles (None: the library's)
         self.reserve = 0.0  # seconds kept back for the checks at the end
+        self.tune_until = time.perf_counter() + TUNING_SHARE * budget_s
         self.summary: list[str] = []
         self.goals: dict = {}  # ("prefill", L) / ("decode", B): dense/DSA ratio; ("sparse_pct", L): % of bf16 peak
 
@@ -531,8 +535,10 @@ def sweep(run: Run, kernel: str, configs, fn_of_config, verify, flops: float | N
     """Time fn(config) for each config whose output passes verify(out) -> (ok, err); return the fastest."""
     best, best_ms = None, math.inf
     for i, cfg in enumerate(configs):
-        if run.left() < 25 and best is not None:
+        if best is not None and (run.left() < 25 or time.perf_counter() > run.tune_until):
             print("  (sweep cut short: time budget)", flush=True)
+            run.add("gpu_kernels_tuning.csv", kernel=kernel, shape=shape, config=str(configs[i:]), ok="skipped",
+                    error="time budget")
             break
         name = names[i] if names else str(cfg)
         row = dict(kernel=kernel, shape=shape, config=name)

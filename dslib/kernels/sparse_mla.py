@@ -36,12 +36,13 @@ step, so no dot feeds another and every warp computes different numbers:
                                    stores p~ = exp2(s - m_b) in bf16 ([rows, H, k], m_b the running max after
                                    block b, stored too) and the softmax's max and sum per head
     pass 2 (`_mla_values_kernel`)  per query and block of value columns: lse = log2 Σ exp2(s) from pass 1;
-                                   x = Σ_b (p~_b · exp2(m_b - lse)) · c_b, a plain weighted sum
+                                   x = Σ_b exp2(m_b - lse) · (p~_b · c_b), a weighted sum
 
 The scores make a round trip through memory (2 bytes per query, head and key: 512 KB per query at k = 2048),
 in exchange for no duplicated q·k and small accumulators ([64, BN] in pass 1, [64, 512] or [128, 256] in pass 2).
 p~ is exactly what the one-pass kernel feeds its second dot (exp2 of the score minus a running max, rounded to
-bf16), so both variants round alike. Queries are processed in chunks, so the score buffer stays bounded.
+bf16), and pass 2 rescales its accumulator as the one-pass kernel does, so both variants round alike. Queries are
+processed in chunks, so the score buffer stays bounded.
 """
 from __future__ import annotations
 
@@ -311,10 +312,12 @@ def _mla_values_kernel(
     """Pass 2 of the two-pass softmax: x[h, cols] = Σ_i p[h, i] · c[s_i, cols], one dot per step.
 
     First the log2-sum-exp of each head from pass 1's per-split (max, sum) pairs: lse = m + log2 Σ_j l_j 2^(m_j-m).
-    Then, per block b of key slots, p = p~_b · exp2(m_b - lse) (the normalised probabilities, rounded to the
-    inputs' dtype as in the one-pass kernel) times the gathered value columns c[s_i, cols] [BN, BLOCK_C], into an
-    fp32 accumulator [BH, BLOCK_C]. No rescaling: p is final. With SPLIT, this program's slots give a partial sum
-    (fp32) that `_sum_splits_kernel` adds up. Grid: (T · NUM_SPLITS · head blocks · column blocks, B)."""
+    Then block by block, p~_b (as stored: bf16, straight into the tensor cores) times the gathered value columns
+    c[s_i, cols] [BN, BLOCK_C], into an fp32 accumulator [BH, BLOCK_C] kept in units of the current block's max:
+    acc = acc · 2^(m_{b-1} - m_b) + p~_b · c_b (the one-pass kernel's rescaling, with its numbers); at the end
+    x = acc · 2^(m_last - lse) = acc / l. With SPLIT, this program's slots give a partial sum (fp32, already
+    divided by the whole l) that `_sum_splits_kernel` adds up. Grid: (T · NUM_SPLITS · head blocks · column
+    blocks, B)."""
     pid = tl.program_id(0)  # column block fastest, then head block: neighbours share key rows or scores in L2
     b = tl.program_id(1).to(tl.int64)
     n_cb = tl.cdiv(C, BLOCK_C)
@@ -351,6 +354,8 @@ def _mla_values_kernel(
     p_rows = p_ptr + row * s_pr + offs_h[:, None] * s_ph
     mb_rows = mb_ptr + row * s_mbr + offs_h * s_mbh
     acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
+    # this split's first block max (in the buffer even when the split is empty; then unwritten, so not used)
+    m_prev = tl.where(start < end, tl.load(mb_rows + start // BLOCK_N, mask=h_ok, other=0.0), 0.0)
     for i in range(start, end, BLOCK_N):
         offs_i = i + tl.arange(0, BLOCK_N)
         if GATHER:
@@ -360,9 +365,12 @@ def _mla_values_kernel(
             rows = tl.minimum(offs_i, end - 1).to(tl.int64)
         v = tl.load(kv_base + rows[:, None] * s_kvs + offs_c[None, :], mask=c_ok[None, :], other=0.0)  # [BN, BC]
         p_blk = tl.load(p_rows + offs_i[None, :], mask=h_ok[:, None] & (offs_i < end)[None, :], other=0.0)
-        w = tl.where(has_keys, tl.exp2(tl.load(mb_rows + i // BLOCK_N, mask=h_ok, other=0.0) - lse), 0.0)
-        p = (p_blk.to(tl.float32) * w[:, None]).to(v.dtype)  # [BH, BN] normalised probabilities
-        acc = tl.dot(p, v, acc)
+        m_b = tl.load(mb_rows + i // BLOCK_N, mask=h_ok, other=0.0)
+        # pass 1's running max of this split only grows once a key was valid (before, acc is 0: any factor will do)
+        alpha = tl.exp2(tl.minimum(m_prev - m_b, 0.0))
+        acc = tl.dot(p_blk, v, acc * alpha[:, None])
+        m_prev = m_b
+    acc = acc * tl.where(has_keys, tl.exp2(m_prev - lse), 0.0)[:, None]  # = acc / l (this split's share)
 
     ptrs = out_ptr + b * s_ob + t * s_ot + split * s_osp + offs_h[:, None] * s_oh + offs_c[None, :]
     tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & c_ok[None, :])
@@ -469,8 +477,9 @@ def _launch_two_pass(keys, gather: bool, q_absorbed, q_rope, kv_latent, k_rope, 
                      out, num_splits: int | None):
     """The two-pass softmax over chunks of queries: pass 1 writes the scores of a chunk into a buffer, pass 2
     reads them back for the weighted sum. keys: selected [B, T, k] (gather) or positions [B, T] (dense, causal
-    over n_slots = S cache rows). Decode (few queries) splits each query's key slots over several programs in
-    both passes: pass 2 merges pass 1's per-split (max, sum) itself, and its partial sums are added up after."""
+    over n_slots = S cache rows). Decode (few queries) splits each query's key slots over several programs, the
+    same splits in both passes: pass 2 merges pass 1's per-split (max, sum) itself, and its partial sums are
+    added up after."""
     B, T, H, C = q_absorbed.shape
     R = q_rope.shape[-1]
     S = kv_latent.shape[1]
@@ -483,12 +492,11 @@ def _launch_two_pass(keys, gather: bool, q_absorbed, q_rope, kv_latent, k_rope, 
     tc = max(1, min(T, cfg["CHUNK"] // bc))
     n_hb1, n_hb2, n_cb2 = triton.cdiv(H, HB1), triton.cdiv(H, HB2), triton.cdiv(C, CB2)
 
-    def splits_of(work):
-        per = -(-blocks // _num_splits(work, blocks, dev, num_splits))  # key blocks per split
-        return triton.cdiv(blocks, per), per * BN
-
-    ns1, sps1 = splits_of(bc * tc * n_hb1)
-    ns2, sps2 = splits_of(bc * tc * n_hb2 * n_cb2)
+    # Both passes split a query's key slots alike: within a split the stored running max only grows, which is
+    # what pass 2's rescaling relies on. Enough splits for the GPU in pass 1 (the fewer programs of the two).
+    per = -(-blocks // _num_splits(bc * tc * min(n_hb1, n_hb2 * n_cb2), blocks, dev, num_splits))
+    ns1 = ns2 = triton.cdiv(blocks, per)
+    sps1 = sps2 = per * BN
     p_buf = torch.empty(bc * tc, H, slots, dtype=kv_latent.dtype, device=dev)  # p~, rounded like the one pass
     mb_buf = torch.empty(bc * tc, H, blocks, dtype=torch.float32, device=dev)
     ms_buf = torch.empty(bc * tc, ns1, H, dtype=torch.float32, device=dev)
