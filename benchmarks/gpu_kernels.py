@@ -724,9 +724,10 @@ def dense_prefill(run: Run, L: int):
     k = rnd(1, d["H"], L, d["d_qk"], device=dev, seed=32)
     v = rnd(1, d["H"], L, d["d_v"], device=dev, seed=33)
     scale = d["d_qk"] ** -0.5
-    variants = [("cudnn_sdpa", v), ("cudnn_sdpa_vpad192", F.pad(v, (0, d["d_qk"] - d["d_v"])))]
-    for name, vv in variants:
+    variants = [("cudnn_sdpa", lambda: v), ("cudnn_sdpa_vpad192", lambda: F.pad(v, (0, d["d_qk"] - d["d_v"])))]
+    for name, make_v in variants:
         try:
+            vv = make_v()
             with sdpa_kernel([backend]):
                 def fn(vv=vv):
                     return F.scaled_dot_product_attention(q, k, vv, is_causal=True, scale=scale)
@@ -761,7 +762,7 @@ def section_prefill(run: Run) -> None:
     tk, old_tk = run.topk("prefill"), dict(method=OLD["topk"][0], score_dtype=OLD["topk"][1])
     tk_note = f"top-k {topk_name(*run.best['topk_prefill'])}"
     for L in sz["prefill"]:
-        if run.left() < (25 if L >= 65536 else 12):
+        if run.left() < (15 if L == sz["prefill"][0] else 10):
             print(f"  L={L}: skipped (time budget)", flush=True)
             run.add("gpu_kernels_checks.csv", check=f"prefill L={L}", ok="skipped", detail="time budget spent")
             continue
@@ -787,6 +788,12 @@ def section_prefill(run: Run) -> None:
                 times["dsa"] = t["median_ms"]
                 record(run, "prefill", "dsa_core(fp8 idx+topk+sparse)", L=L, batch=1, t=t, flops=fl_idx / 2 + fl_mla,
                        peak="bf16", note=f"chosen: {tk_note}, sparse {label(bs)}; FLOPs: FP8 indexer counted at half")
+                name, t = dense_prefill(run, L)  # the baseline next (its inputs fit beside these: ~60 GiB at 128K)
+                if t is not None:
+                    times["dense"] = t["median_ms"]
+                    record(run, "prefill", f"dense_{name}", L=L, batch=1, t=t, flops=mha_flops(run, causal_pairs(pos)),
+                           peak="bf16")
+                free()
                 t = measure(lambda: scores_only(q, w, k, pos2, fp8=True, config=b8), run)
                 times["indexer"] = t["median_ms"]
                 record(run, "prefill", "indexer_fp8(+quant)", L=L, batch=1, t=t, flops=fl_idx, peak="fp8")
@@ -823,12 +830,6 @@ def section_prefill(run: Run) -> None:
                     record(run, "prefill", "dsa_core_torch_path", L=L, batch=1, t=t, flops=fl_idx + fl_mla, peak="bf16",
                            note="dslib PyTorch: index_scores, topk_selection, sparse_attention (bf16)")
                 del q, w, k, qa, qr, lat, kr, sel
-                free()
-                name, t = dense_prefill(run, L)
-                if t is not None:
-                    times["dense"] = t["median_ms"]
-                    record(run, "prefill", f"dense_{name}", L=L, batch=1, t=t, flops=mha_flops(run, causal_pairs(pos)),
-                           peak="bf16")
         except Exception as err:  # noqa: BLE001 - e.g. out of memory at one size: the next size still runs
             traceback.print_exc()
             run.add("gpu_kernels_checks.csv", check=f"prefill L={L}", ok="error",
