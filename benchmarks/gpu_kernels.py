@@ -24,7 +24,7 @@ Times: triton.testing.do_bench medians (L2 flushed between runs; 10th/90th perce
 runs under 40 ms, CUDA-event medians of 2-4 runs (min/max as the spread) for longer ones; always after a
 warm-up call that also compiles.
 
-    python benchmarks/gpu_kernels.py --out data/gpu_kernels --budget-s 170   # one H200, ~3 minutes
+    python benchmarks/gpu_kernels.py --out data/gpu_kernels      # one H200: 150 s budget, ~2.7 min wall
     python benchmarks/gpu_kernels.py --quick --out /tmp/gk                   # smoke run, < 90 s
     TRITON_INTERPRET=1 python benchmarks/gpu_kernels.py --dry-run --out /tmp/gk   # the logic on CPU, tiny dims
 
@@ -67,11 +67,16 @@ BF16_TOL = 1e-2  # relative Frobenius error of a bf16 kernel against an fp32 ref
 FP8_COS_TOL = 1e-3  # DeepGEMM's test criterion for FP8 logits: 1 - 2·Σxy / Σ(x² + y²)
 NEAR_TIE = 1e-3  # selections from two roundings of the same scores: the k-th scores may differ this much (relative)
 CHECKS_RESERVE_S = 15.0  # of the budget, kept for the full-width checks at the end
+FIELDS = {"gpu_kernels.csv": ("section", "variant", "context", "batch", "median_ms", "lo_ms", "hi_ms", "reps", "timer",
+                              "note", "tflop", "tflops", "pct_of_peak", "peak", "gbytes", "gbps", "pct_of_hbm"),
+          "gpu_kernels_checks.csv": ("check", "ok", "detail"),
+          "gpu_kernels_tuning.csv": ("kernel", "shape", "config", "ok", "rel_err", "median_ms", "lo_ms", "hi_ms",
+                                     "tflops", "gbps", "error")}
 
 SIZES = {
     "full": dict(prefill=[131072, 65536, 32768, 16384, 8192], torch_path=[16384, 8192], decode_len=131072,
                  decode_batch=[32, 16, 1], check_len=8192, check_rows=1024, tune_ctx=131072, tune_rows=2048,
-                 topk_tune=(4096, 65536), budget_s=170),
+                 topk_tune=(4096, 65536), budget_s=150),
     "quick": dict(prefill=[16384, 4096], torch_path=[4096], decode_len=32768, decode_batch=[32, 1],
                   check_len=4096, check_rows=256, tune_ctx=16384, tune_rows=1024, topk_tune=(1024, 16384),
                   budget_s=85),
@@ -159,7 +164,7 @@ class Run:
         for file, rows in self.rows.items():
             if not rows:
                 continue
-            keys = []
+            keys = list(FIELDS[file]) + list(self.env)  # fixed columns first (notebook 06 reads these files)
             for r in rows:
                 keys += [k for k in r if k not in keys]
             with open(self.out / file, "w", newline="") as f:

@@ -498,3 +498,9 @@ def test_gpu_benchmark_helpers():
     worse = ref.clone()
     worse[..., 0] = torch.where(ref[..., 0] >= 0, 0, -1)  # swap the best key for key 0
     assert bench.topk_agreement(worse, ref, scores)["same_rows"] < 1.0
+    x = torch.randn(1000, dtype=torch.float64)
+    assert bench.cos_diff(x, x) == 0.0 and abs(bench.cos_diff(x, x * 1.01) - 0.01**2 / 2) < 1e-5  # ~ rel_err² / 2
+    kw = bench.mla(bench.TWO_PASS_A)  # the sweep's configurations call the kernels with variant= and config=
+    assert kw["variant"] == "two_pass" and "variant" not in kw["config"] and set(kw["config"]) == set(kmla.TWO_PASS_CONFIG)
+    assert bench.mla(None) == {"variant": "one_pass", "config": None}
+    assert bench.label(bench.TWO_PASS_A) == "two_pass N64 s64 v64x512 c4096"

@@ -40,6 +40,9 @@ step, so no dot feeds another and every warp computes different numbers:
 
 The scores make a round trip through memory (2 bytes per query, head and key: 512 KB per query at k = 2048),
 in exchange for no duplicated q·k and small accumulators ([64, BN] in pass 1, [64, 512] or [128, 256] in pass 2).
+Budget of pass 1: q of 64 (128) heads stays in shared memory, 72 (144) KB, beside two stages of gathered rows;
+with 64 heads and 8 warps each warpgroup takes half of a block's keys, with 128 heads 64 rows each (the offline
+sm_90a report, benchmarks/kernel_resources.py, shows the layouts: warps 4x2 and 8x1).
 p~ is exactly what the one-pass kernel feeds its second dot (exp2 of the score minus a running max, rounded to
 bf16), and pass 2 rescales its accumulator as the one-pass kernel does, so both variants round alike. Queries are
 processed in chunks, so the score buffer stays bounded.
