@@ -8,7 +8,7 @@ the rest of dslib runs without Triton, with or without CUDA.
     available()     can the kernels run here? (Triton importable, and a CUDA GPU or the CPU interpreter)
     indexer         the lightning indexer's scores and top-k, fused (bf16 / FP8)
     topk            top-k selection by radix select (histograms of key digits, no sort)
-    sparse_mla      sparse MLA attention over the selected latents (in-kernel gather, online softmax)
+    sparse_mla      sparse MLA attention over the selected latents (in-kernel gather; online or two-pass softmax)
     fp8             act_quant (e4m3, one power-of-two scale per token per 128 channels) and fp8_linear
     moe             the routed + shared experts of one MoE layer as one grouped FP8 computation
 """
