@@ -20,7 +20,7 @@ Timings are triton.testing.do_bench medians (p10-p90 spread) after a warm-up, ag
 REFERENCE.md §8.4 (FP8 1979 / bf16 989 TFLOP/s dense datasheet, 4.8 TB/s HBM). Every section runs in
 try/except; each CSV row is written as it is measured; a --budget-s deadline skips what is left (recorded).
 
-    python benchmarks/gpu_fp8_moe.py --out data/gpu_fp8_moe            # one H200: 95 s budget, ~1.8 min wall
+    python benchmarks/gpu_fp8_moe.py --out data/gpu_fp8_moe            # one H200: 90 s budget, ~1.7 min wall
     python benchmarks/gpu_fp8_moe.py --quick --out /tmp/fp8_quick       # < 60 s: one case per section
     python benchmarks/gpu_fp8_moe.py --tiny --out /tmp/fp8_tiny         # the script's logic on CPU (interpreter)
 
@@ -671,7 +671,7 @@ def main() -> None:
     device = torch.device("cpu" if args.tiny else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: run on the GPU machine, or use --tiny to check the script on CPU")
-    budget = args.budget_s or (45 if args.quick else 95 if not args.tiny else 900)
+    budget = args.budget_s or (45 if args.quick else 90 if not args.tiny else 900)
     run = Run(Path(args.out), budget)
     t0 = time.monotonic()
     if args.tiny:

@@ -24,7 +24,7 @@ Times: triton.testing.do_bench medians (L2 flushed between runs; 10th/90th perce
 runs under 40 ms, CUDA-event medians of 2-4 runs (min/max as the spread) for longer ones; always after a
 warm-up call that also compiles.
 
-    python benchmarks/gpu_kernels.py --out data/gpu_kernels      # one H200: 150 s budget, ~2.7 min wall
+    python benchmarks/gpu_kernels.py --out data/gpu_kernels      # one H200: 145 s budget, ~2.6 min wall
     python benchmarks/gpu_kernels.py --quick --out /tmp/gk                   # smoke run, < 90 s
     TRITON_INTERPRET=1 python benchmarks/gpu_kernels.py --dry-run --out /tmp/gk   # the logic on CPU, tiny dims
 
@@ -77,7 +77,7 @@ FIELDS = {"gpu_kernels.csv": ("section", "variant", "context", "batch", "median_
 SIZES = {
     "full": dict(prefill=[131072, 65536, 32768, 16384, 8192], torch_path=[16384, 8192], decode_len=131072,
                  decode_batch=[32, 16, 1], check_len=8192, check_rows=1024, tune_ctx=131072, tune_rows=2048,
-                 topk_tune=(4096, 65536), budget_s=150),
+                 topk_tune=(4096, 65536), budget_s=145),
     "quick": dict(prefill=[16384, 4096], torch_path=[4096], decode_len=32768, decode_batch=[32, 1],
                   check_len=4096, check_rows=256, tune_ctx=16384, tune_rows=1024, topk_tune=(1024, 16384),
                   budget_s=85),
