@@ -3,21 +3,24 @@
 At the 671B model's sizes (d = 7168, I = 2048, 256 routed experts + 1 shared, top-8), with random FP8 weights
 generated on the GPU:
 
-  checks        act_quant (Triton vs torch, bit for bit); fp8_linear (torch._scaled_mm and Triton) vs the fp32
-                emulation of the same maths and vs today's dequantise + bf16 F.linear; FP8Linear.forward takes
-                the fast path; the grouped MoE vs its fp32 emulation and vs today's torch path (N = 1 and 256)
+  checks        act_quant (Triton vs torch, bit for bit); fp8_linear (auto = FP8Linear's choice by shape,
+                torch._scaled_mm, Triton) vs the fp32 emulation of the same maths and vs today's dequantise + bf16
+                F.linear; which token counts M cuBLAS's block-scaled FP8 takes unpadded (a probe);
+                FP8Linear.forward takes the fast path; the grouped MoE vs its fp32 emulation and vs today's torch
+                path (N = 1 and 256)
+  moe           the MoE layer at N = 1, 16384 (the goals), then 4096 .. 65536 tokens, routed by dslib.moe.Gate
+                (random weights) and by a skewed random router: today's torch path (per-expert loop, each expert
+                dequantised per call), the same loop on the FP8 fast path, the grouped FP8 kernels (a few configs
+                tried), grouped bf16 (torch._grouped_mm); for decode sizes also the whole layer (MoE.forward:
+                gate + experts) and both as CUDA graphs; time per stage of the grouped kernels at 16K
   fp8_linear    the model's projection shapes at M = 1, 32, 4096, 16384: scaled_mm vs Triton (a few tile
-                configs tried, the best kept) vs dequantise + F.linear (today's FP8Linear) vs bf16 F.linear on a
-                pre-dequantised weight; lm_head in bf16
-  moe           the MoE layer at N = 1 .. 65536 tokens, routed by dslib.moe.Gate (random weights) and by a skewed
-                random router: today's torch path (per-expert loop, each expert dequantised per call), the same
-                loop on the FP8 fast path, the grouped FP8 kernels (a few configs tried), grouped bf16
-                (torch._grouped_mm); time per stage of the grouped kernels at 16K
+                configs tried, the best kept) vs auto vs dequantise + F.linear (today's FP8Linear) vs bf16
+                F.linear on a pre-dequantised weight; lm_head in bf16
 Timings are triton.testing.do_bench medians (p10-p90 spread) after a warm-up, against the H200 rooflines of
 REFERENCE.md §8.4 (FP8 1979 / bf16 989 TFLOP/s dense datasheet, 4.8 TB/s HBM). Every section runs in
 try/except; each CSV row is written as it is measured; a --budget-s deadline skips what is left (recorded).
 
-    python benchmarks/gpu_fp8_moe.py --out data/gpu_fp8_moe            # one H200: ~4-5 minutes
+    python benchmarks/gpu_fp8_moe.py --out data/gpu_fp8_moe            # one H200: 90 s budget, ~1.7 min wall
     python benchmarks/gpu_fp8_moe.py --quick --out /tmp/fp8_quick       # < 60 s: one case per section
     python benchmarks/gpu_fp8_moe.py --tiny --out /tmp/fp8_tiny         # the script's logic on CPU (interpreter)
 
@@ -48,12 +51,12 @@ SHAPES = {
     "o_proj": (7168, 16384), "indexer.wq_b": (8192, 1536), "dense gate/up_proj": (18432, 7168),
     "dense down_proj": (7168, 18432), "lm_head (bf16)": (129280, 7168),
 }
-GEMM_CONFIGS_SMALL = [(16, 32, 4, 4), (16, 64, 4, 5), (16, 128, 4, 4), (32, 64, 4, 4)]  # (BM, BN, warps, stages)
-GEMM_CONFIGS_LARGE = [(128, 128, 8, 4), (128, 128, 8, 3), (128, 128, 8, 5), (64, 128, 4, 4), (128, 64, 4, 4)]
+GEMM_CONFIGS_SMALL = [(16, 32, 4, 4), (16, 64, 4, 5), (16, 128, 4, 4)]  # (BM, BN, warps, stages)
+GEMM_CONFIGS_LARGE = [(128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 4)]
 # MoEConfig(block_m, up_warps, up_stages, down_block_n, down_warps, down_stages)
 MOE_CONFIGS_SMALL = [(16, 4, 4, 64, 4, 4), (16, 4, 3, 128, 4, 3), (16, 4, 6, 64, 4, 6)]
-MOE_CONFIGS_LARGE = [(128, 8, 3, 128, 8, 4), (64, 4, 3, 128, 4, 4), (64, 4, 2, 128, 4, 3), (128, 8, 4, 128, 8, 3),
-                     (128, 8, 3, 64, 4, 4)]
+MOE_CONFIGS_LARGE = [(64, 4, 3, 128, 4, 4), (128, 8, 3, 128, 8, 4), (64, 4, 2, 128, 4, 3)]
+SCALED_MM_PROBE_M = [1, 2, 4, 8, 15, 16, 17, 24, 32, 33, 64, 99, 112, 128]  # which M cuBLAS takes, unpadded
 
 
 FIELDS = {  # fixed columns per CSV, whatever the first row holds (a skipped or failed case has fewer)
@@ -110,9 +113,23 @@ def bench(fn, device, *, quick: bool) -> tuple[float, float, float]:
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        warmup, rep = (10, 30) if quick else (25, 100)
+        warmup, rep = (10, 30) if quick else (10, 60)
         fn()  # compile / first-call work outside the measurement
         torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        if start.elapsed_time(end) > 100:  # slow (today's per-expert loop at 16K tokens): two more timed calls
+            times = [start.elapsed_time(end)]
+            for _ in range(2):
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            return statistics.median(times), min(times), max(times)
         med, p10, p90 = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.1, 0.9])
         return float(med), float(p10), float(p90)
     fn()
@@ -136,6 +153,24 @@ def peak_mib(fn, device) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def as_graph(fn, device):
+    """fn captured as a CUDA graph (a decode step replays one: no launch gaps), or None on CPU."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def rel_err(a, b) -> float:
@@ -278,9 +313,9 @@ def checks_fp8(run: Run, device, dims: dict) -> None:
             x8, sx = fp8.act_quant_torch(xm)
             emul = fp8.dequantize_act(x8, sx) @ w_deq.T
             today = torch.nn.functional.linear(xm, w_deq.bfloat16())
-            for impl in ("scaled_mm", "triton"):
-                if impl == "scaled_mm" and device.type != "cuda":
-                    continue
+            for impl in ("auto", "scaled_mm", "triton"):  # auto: what FP8Linear runs (by shape, padded)
+                if impl == "scaled_mm" and (device.type != "cuda" or fp8.scaled_mm_rows(m) != m):
+                    continue  # cuBLAS is handed only M >= 16, multiples of 16 (the probe below shows why)
                 try:
                     y = fp8.fp8_linear(xm, w8, ws, impl=impl)
                 except Exception as err:
@@ -301,6 +336,25 @@ def checks_fp8(run: Run, device, dims: dict) -> None:
             if fast is not None:
                 check(run, "FP8Linear.forward == fp8_linear", name, "max abs diff",
                       float((lin(xm).float() - fast.float()).abs().max()), 0)
+    if device.type == "cuda" and hasattr(torch, "_scaled_mm"):  # which token counts cuBLAS takes, unpadded
+        n, k = SHAPES["kv_a_proj_with_mqa"]
+        w8, ws = random_fp8(n, k, device, gen)
+        taken, refused = [], []
+        for m in dims["probe_m"]:
+            x8, sx = fp8._act_quant_2d(torch.randn(m, k, device=device, generator=gen).bfloat16(), col_major_scale=True)
+            try:
+                fp8.scaled_mm(x8, sx, w8, ws)
+                torch.cuda.synchronize()
+                taken.append(m)
+            except RuntimeError:
+                refused.append(m)
+        rule = all((m >= fp8.SCALED_MM_MIN_M and m % fp8.SCALED_MM_M_MULTIPLE == 0) <= (m in taken)
+                   for m in dims["probe_m"])
+        run.write("checks", dict(what="torch._scaled_mm block-scaled FP8 takes M (unpadded)", shape=f"N={n} K={k}",
+                                 metric="M taken / refused", value=f"{taken} / {refused}", tolerance="", ok=rule,
+                                 note="ok: every M that fp8_linear hands it (>= 16, multiple of 16) is taken"))
+        print(f"  [{'ok' if rule else 'FAIL'}] torch._scaled_mm takes M = {taken}, refuses {refused} "
+              f"(fp8_linear pads M >= {fp8.SCALED_MM_MIN_M} to a multiple of {fp8.SCALED_MM_M_MULTIPLE})")
     if fp8._SCALED_MM_REFUSED:
         run.write("checks", dict(what="scaled_mm refused (auto fell back to Triton)", shape=str(fp8._SCALED_MM_REFUSED),
                                  metric="", value="", tolerance="", ok=True, note=""))
@@ -353,8 +407,10 @@ def bench_fp8_linear(run: Run, device, dims: dict, quick: bool) -> None:
             if not bf16_only:
                 cases.insert(0, ("dequantise + F.linear (today)",
                                  lambda: F.linear(x, dequantize_fp8_blocks(w8, ws, torch.bfloat16)), "bf16", ""))
-                if device.type == "cuda":
+                if device.type == "cuda" and fp8.scaled_mm_rows(m) == m:
                     cases.append(("scaled_mm", lambda: fp8.fp8_linear(x, w8, ws, impl="scaled_mm"), "fp8", ""))
+                cases.append(("auto (FP8Linear's choice)", lambda: fp8.fp8_linear(x, w8, ws), "fp8",
+                              "scaled_mm" if fp8.scaled_mm_rows(m) and device.type == "cuda" else "triton"))
                 configs = GEMM_CONFIGS_SMALL if m <= 32 else GEMM_CONFIGS_LARGE
                 for c in configs[: 2 if quick else None]:
                     cfg = fp8.GemmConfig(*c)
@@ -425,9 +481,11 @@ def bench_moe(run: Run, device, dims: dict, moe, cfg, quick: bool) -> None:
             touched = int(torch.unique(routing.topk_idx).numel()) + shared
             flops = 2 * n * (k + shared) * 3 * d * inter
             vio = max_violation(routing.topk_idx, cfg.n_routed_experts)
-            cases = [("torch: per-expert loop, dequantise per call (today)", lambda: today_moe(moe, x, routing),
-                      "bf16", "")]
-            if device.type == "cuda":  # the same loop, each FP8Linear now on the block-scaled FP8 fast path
+            cases = []
+            if n <= 16384:  # today's loop takes seconds beyond
+                cases.append(("torch: per-expert loop, dequantise per call (today)",
+                              lambda: today_moe(moe, x, routing), "bf16", ""))
+            if device.type == "cuda" and n <= 16384:  # the same loop, each FP8Linear on the block-scaled fast path
                 cases.append(("torch: per-expert loop, FP8 fast path", lambda: dispatch(
                     x, routing.topk_idx, routing.topk_weight, moe.experts) + moe.shared_experts(x), "fp8", ""))
             small = n * (k + shared) / (cfg.n_routed_experts + shared) <= 16  # rows per expert: decode-like
@@ -445,6 +503,10 @@ def bench_moe(run: Run, device, dims: dict, moe, cfg, quick: bool) -> None:
             if bf16 is not None:
                 cases.append(("torch._grouped_mm: grouped bf16",
                               lambda: kmoe.moe_experts_bf16(x, idx, wt, bf16[0], bf16[1]), "bf16", ""))
+            if n <= 32 and rname == "gate":  # decode: the whole layer as MoE.forward runs it (gate + experts)
+                xb = x.view(1, n, d)
+                cases.append(("triton: MoE.forward (gate + grouped FP8)", lambda xb=xb: moe(xb, backend="triton"),
+                              "fp8", "default"))
             best = None
             for impl, fn, kind, config in cases:
                 if run.time_left() < 0:
@@ -467,12 +529,33 @@ def bench_moe(run: Run, device, dims: dict, moe, cfg, quick: bool) -> None:
                                       weight_GB_s=round(wbytes / med / 1e6, 1), peak_extra_MiB=round(mem, 1), note=""))
                 print(f"  MoE N={n:<6} {rname:<6} {impl:<52} {config:<18} {med:9.3f} ms {tflops:7.1f} TFLOP/s "
                       f"{mem:8.0f} MiB")
-                if impl.startswith("triton") and (best is None or med < best[0]):
+                if impl == "triton: grouped FP8" and (best is None or med < best[0]):
                     best = (med, config)
                     best_cfg[n] = None if config == "default" else tuple(int(v) for v in config.split("x"))
             if best:
                 run.write("moe", dict(tokens=n, routing=rname, impl="triton best", config=best[1],
                                       median_ms=round(best[0], 4), tflops=round(flops / best[0] / 1e9, 1)))
+            if n <= 32 and rname == "gate" and device.type == "cuda" and run.time_left() > 0:
+                # a decode step replays a CUDA graph: the same work without the launch gaps
+                mc = kmoe.MoEConfig(*best_cfg[n]) if best_cfg.get(n) else None
+                graphed = [("triton: grouped FP8, CUDA graph", lambda mc=mc: kmoe.moe_experts(
+                    x, idx, wt, stacked.w13, stacked.s13, stacked.w2, stacked.s2, config=mc, check=False),
+                            best[1] if best else "default"),
+                           ("triton: MoE.forward (gate + grouped FP8), CUDA graph",
+                            lambda xb=x.view(1, n, d): moe(xb, backend="triton"), "default")]
+                for impl, fn, config in graphed:
+                    try:
+                        med, p10, p90 = bench(as_graph(fn, device), device, quick=quick)
+                    except Exception as err:
+                        run.write("moe", dict(tokens=n, routing=rname, impl=impl, config=config, note=repr(err)[:160]))
+                        print(f"  MoE N={n} {impl}: {err!r}"[:240])
+                        continue
+                    run.write("moe", dict(tokens=n, routing=rname, max_violation=round(vio, 3), impl=impl,
+                                          config=config, median_ms=round(med, 4), p10_ms=round(p10, 4),
+                                          p90_ms=round(p90, 4), tflops=round(flops / med / 1e9, 1),
+                                          experts_touched=touched, weight_GB_s=round(touched * 3 * d * inter / med / 1e6, 1),
+                                          note="CUDA graph replay"))
+                    print(f"  MoE N={n:<6} {rname:<6} {impl:<52} {config:<18} {med:9.3f} ms")
         if n == dims["stage_tokens"]:
             try:
                 moe_stages(run, device, x, moe, stacked, best_cfg.get(n), quick)
@@ -542,20 +625,27 @@ def summary(run: Run) -> str:
                          f" {sp:>9} {f(b16):>12}")
         grp1 = best.get((1, "triton best")) or best.get((1, "triton: grouped FP8"))
         grp16k = best.get((16384, "triton best")) or best.get((16384, "triton: grouped FP8"))
+        for t in tokens:
+            for impl in ("triton: grouped FP8, CUDA graph", "triton: MoE.forward (gate + grouped FP8)",
+                         "triton: MoE.forward (gate + grouped FP8), CUDA graph"):
+                if (t, impl) in best:
+                    lines.append(f"  N = {t:<6} {impl:<56} {float(best[(t, impl)]['median_ms']):8.3f} ms")
         if grp1:
             ms = float(grp1["median_ms"])
-            lines.append(f"goal decode N = 1 in <= 1 ms: {ms:.3f} ms -> {'met' if ms <= 1 else 'NOT met'}")
+            lines.append(f"goal decode N = 1 in <= 1 ms (experts, eager): {ms:.3f} ms -> "
+                         f"{'met' if ms <= 1 else 'NOT met'}")
         if grp16k:
             tf = float(grp16k["tflops"])
             lines.append(f"goal N = 16384 at >= 400 TFLOP/s: {tf:.0f} -> {'met' if tf >= 400 else 'NOT met'}")
     lin = [r for r in run.rows.get("fp8_linear", []) if "median_ms" in r and r.get("median_ms") not in ("", None)]
     if lin:
-        lines.append(f"{'fp8_linear (TFLOP/s)':<22} {'M':>6} {'today':>8} {'scaled_mm':>10} {'triton':>8} {'bf16':>8}")
+        lines.append(f"{'fp8_linear (TFLOP/s)':<22} {'M':>6} {'today':>8} {'scaled_mm':>10} {'triton':>8} {'bf16':>8}"
+                     f" {'auto':>8}")
         for key in sorted({(r["shape"], r["M"]) for r in lin}, key=lambda s: (list(SHAPES).index(s[0]), s[1])):
             rows = [r for r in lin if (r["shape"], r["M"]) == key]
             pick = lambda name: next((f"{float(r['tflops']):.0f}" for r in rows if r["impl"].startswith(name)), "-")
             lines.append(f"{key[0]:<22} {key[1]:>6} {pick('dequantise'):>8} {pick('scaled_mm'):>10} "
-                         f"{pick('triton best'):>8} {pick('bf16'):>8}")
+                         f"{pick('triton best'):>8} {pick('bf16'):>8} {pick('auto'):>8}")
     checks = run.rows.get("checks", [])
     failed = [c for c in checks if c.get("ok") is False]
     lines.append(f"checks: {len(checks) - len(failed)} ok, {len(failed)} failed"
@@ -581,7 +671,7 @@ def main() -> None:
     device = torch.device("cpu" if args.tiny else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: run on the GPU machine, or use --tiny to check the script on CPU")
-    budget = args.budget_s or (45 if args.quick else 270 if not args.tiny else 900)
+    budget = args.budget_s or (45 if args.quick else 90 if not args.tiny else 900)
     run = Run(Path(args.out), budget)
     t0 = time.monotonic()
     if args.tiny:
@@ -589,14 +679,14 @@ def main() -> None:
                                n_group=4, topk_group=2, n_shared_experts=1)
         dims = dict(d=256, aq_rows=64, check_shapes=["kv_a_proj_with_mqa"], check_m=[1, 33], check_tokens=[1, 16],
                     linear_shapes=["kv_a_proj_with_mqa"], linear_m=[1, 33], moe_tokens=[1, 40], moe_sweep_tokens=[40],
-                    stage_tokens=40, bf16_grouped=True)
+                    stage_tokens=40, bf16_grouped=True, probe_m=[1, 16])
         global SHAPES
         SHAPES = {"kv_a_proj_with_mqa": (576, 256), "q_a_proj": (384, 256)}
     else:
         cfg = ModelConfig.deepseek_v32()
         dims = dict(d=cfg.hidden_size, aq_rows=4096, check_shapes=["kv_a_proj_with_mqa", "q_b_proj", "o_proj"],
                     check_m=[1, 33, 4096], check_tokens=[1, 256],
-                    linear_shapes=list(SHAPES), linear_m=[1, 32, 4096, 16384],
+                    linear_shapes=list(SHAPES), linear_m=[1, 32, 4096, 16384], probe_m=SCALED_MM_PROBE_M,
                     moe_tokens=[1, 16384, 4096, 1024, 32, 65536], moe_sweep_tokens=[1, 16384, 4096],  # goals first
                     stage_tokens=16384, bf16_grouped=True)
         if args.quick:
@@ -631,8 +721,8 @@ def main() -> None:
                 checks_moe(run, device, dims, moe, cfg)
         except Exception:
             run.error("checks moe")
-    if moe is not None and "moe" in sections:
-        run.begin("moe", shares["moe"])
+    if moe is not None and "moe" in sections:  # what the checks left over goes to the MoE timings (the goals)
+        run.begin("moe", 0.62 * (run.deadline - time.monotonic()) if "linear" in sections else shares["moe"])
         try:
             with torch.no_grad():
                 bench_moe(run, device, dims, moe, cfg, args.quick)
@@ -642,7 +732,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if "linear" in sections:
-        run.begin("fp8_linear", shares["linear"])
+        run.begin("fp8_linear", max(run.deadline - time.monotonic(), 0.0))
         try:
             with torch.no_grad():
                 bench_fp8_linear(run, device, dims, args.quick)

@@ -17,7 +17,7 @@ import torch
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-for _name in ("dslib.kernels.indexer", "dslib.kernels.sparse_mla"):  # decorated without the interpreter before?
+for _name in ("dslib.kernels.topk", "dslib.kernels.indexer", "dslib.kernels.sparse_mla"):  # decorated earlier?
     if _name in sys.modules:
         importlib.reload(sys.modules[_name])
 
@@ -26,6 +26,7 @@ from dslib import indexer as torch_indexer  # noqa: E402
 from dslib.config import ModelConfig  # noqa: E402
 from dslib.kernels import indexer as kidx  # noqa: E402
 from dslib.kernels import sparse_mla as kmla  # noqa: E402
+from dslib.kernels import topk as ktopk  # noqa: E402
 from dslib.mla import MLA  # noqa: E402
 from dslib.sparse import (  # noqa: E402
     causal_mask,
@@ -38,6 +39,8 @@ from dslib.sparse import (  # noqa: E402
 SMALL_TILES = {"BLOCK_M": 16, "BLOCK_N": 16}  # several tiles even at tiny sizes
 DECODE_TILES = {"BLOCK_N": 16}
 MLA_TILES = {"BLOCK_H": 16, "BLOCK_N": 16}
+TWO_PASS_TILES = {"BLOCK_N": 16, "SCORE_BLOCK_H": 16, "VALUE_BLOCK_H": 16, "VALUE_BLOCK_C": 16, "CHUNK": 3}
+RADIX_TILES = {"BLOCK": 64, "num_warps": 4}
 
 
 def finite_close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
@@ -89,6 +92,8 @@ def test_kernels_can_be_shown():
 
     assert "tl.dot" in source_of(kidx._index_scores_kernel)
     assert "exp2" in source_of(kmla._attend_block)
+    assert "tl.dot" in source_of(kmla._mla_scores_kernel) and "tl.dot" in source_of(kmla._mla_values_kernel)
+    assert "tl.histogram" in source_of(ktopk._radix_hist_kernel)
 
 
 # --------------------------------------------------------------------------------------------- indexer
@@ -197,6 +202,79 @@ def test_fp8_index_topk_selects_like_the_simulated_path():
     assert_valid_topk(sel, sim, topk, tol=1e-5)
 
 
+# --------------------------------------------------------------------------------------------- radix top-k
+def causal_scores(B, T, N, pos, dtype):
+    x = torch.randn(B, T, N).to(dtype)
+    return x.masked_fill(torch.arange(N).view(1, 1, N) > pos.view(B, T, 1), float("-inf"))
+
+
+def same_sets(sel, ref):
+    return torch.equal(sel.sort(-1).values, ref.sort(-1).values)
+
+
+@pytest.mark.parametrize("dtype,segments", [(torch.float32, 3), (torch.bfloat16, 1), (torch.bfloat16, None)])
+def test_radix_topk_is_topk_selection(dtype, segments):
+    """Exactly chapter 3's selection (ties at the threshold to the earlier key: bf16 randn has many ties), per
+    row and causal: rows that see fewer than k keys keep all of them, then -1; several segments per row; the
+    output starts as a sentinel, so a slot the kernel forgets shows up."""
+    B, T, N = 2, 3, 300
+    pos = torch.tensor([[299, 100, 3], [10, 299, 64]])
+    x = causal_scores(B, T, N, pos, dtype)
+    for k in (1, 64, 120):
+        out = torch.full((B, T, k), 12345, dtype=torch.int64)
+        ktopk.radix_topk(x, k, pos, out=out, segments=segments, config=RADIX_TILES)
+        ref = topk_selection(x.float(), k, pos)
+        assert same_sets(out, ref)
+        assert (out.diff(dim=-1)[out[..., 1:] >= 0] > 0).all()  # increasing positions, then -1
+
+
+def test_radix_topk_ties_infinities_and_padding():
+    """All-equal rows (one big tie: the earliest keys win), +inf scores (selected first), rows of only -inf
+    (all -1), a strided view of a padded buffer (the vectorised path reads the padding, which is NaN here)."""
+    B, T, N, k = 1, 4, 70, 10
+    buf = torch.full((B, T, 96), float("nan"))
+    x = buf[..., :N]
+    x.copy_(torch.randn(B, T, N))
+    x[0, 0] = 0.5
+    x[0, 1, [3, 50]] = float("inf")
+    x[0, 2] = float("-inf")
+    x[0, 3, 60:] = float("-inf")
+    assert ktopk._padded(x, 16)
+    out = ktopk.radix_topk(x, k, config=RADIX_TILES)
+    assert torch.equal(out[0, 0], torch.arange(k))
+    assert {3, 50} <= set(out[0, 1].tolist())
+    assert (out[0, 2] == -1).all()
+    assert same_sets(out, topk_selection(x.clone(), k))
+
+
+def test_index_topk_radix_matches_topk_selection():
+    """index_topk(method="radix"): sorted by score afterwards (then the same order as topk_selection), prefill
+    chunks with different key bounds, decode rows, bf16 scores."""
+    B, T, H, D, S = 2, 24, 4, 32, 50
+    q, w, k = indexer_inputs(B, T, H, D, S)
+    pos = torch.stack([torch.arange(S - T, S), torch.arange(T)])
+    ref = topk_selection(torch_indexer.index_scores(q, w, k, pos), 45, pos)
+    sel = kidx.index_topk(q, w, k, pos, 45, chunk=16, config=SMALL_TILES, method="radix", topk_config=RADIX_TILES)
+    assert torch.equal(sel, ref)
+    q1, w1, p1 = q[:, :1], w[:, :1], torch.tensor([[S - 1], [9]])
+    sel = kidx.index_topk(q1, w1, k, p1, 16, config=DECODE_TILES, method="radix", topk_config=RADIX_TILES)
+    assert torch.equal(sel, topk_selection(torch_indexer.index_scores(q1, w1, k, p1), 16, p1))
+    sel16 = kidx.index_topk(q1, w1, k, p1, 16, config=DECODE_TILES, method="radix", score_dtype=torch.bfloat16,
+                            topk_config=RADIX_TILES)
+    assert_valid_topk(sel16, torch_indexer.index_scores(q1, w1, k, p1), 16, tol=2e-2)
+
+
+def test_radix_topk_bad_input():
+    with pytest.raises(ValueError, match="bf16 or fp32 scores"):
+        ktopk.radix_topk(torch.randn(2, 8), 3)
+    with pytest.raises(ValueError, match="k must be"):
+        ktopk.radix_topk(torch.randn(1, 2, 8), 0)
+    with pytest.raises(ValueError, match="q_positions"):
+        ktopk.radix_topk(torch.randn(1, 2, 8), 3, torch.arange(3))
+    with pytest.raises(ValueError, match="method"):
+        kidx.index_topk(*indexer_inputs(1, 4, 2, 16, 8), torch.arange(4), 2, method="sort")
+
+
 def test_indexer_bad_input():
     q, w, k = indexer_inputs(1, 4, 2, 16, 8)
     pos = torch.arange(4)
@@ -268,6 +346,45 @@ def test_sparse_mla_bf16_window_selection_t_below_k():
     assert rel_err(out, ref32) <= 2 * rel_err(sparse_attention(qa, qr, lat, kr, sel, 0.125), ref32) + 1e-3
 
 
+@pytest.mark.parametrize("num_splits", [1, 3, None])
+def test_two_pass_sparse_mla_matches_sparse_attention(num_splits):
+    """The two-pass variant on the same ragged case: CHUNK = 3 score rows per pass pair, so B = 2, T = 4 run as
+    several chunks (over sequences and queries); 20 heads in blocks of 16; k = 24 in blocks of 16; -1 slots, a
+    query with no valid key (0, not NaN), an index >= S."""
+    B, T, H, C, R, S, k = 2, 4, 20, 32, 16, 40, 24
+    qa, qr, lat, kr = mla_inputs(B, T, H, C, R, S)
+    sel = random_selection(torch.tensor([5, 17, 30, S - 1]), k, B)
+    sel[0, 3, 7:] = -1
+    sel[1, 2] = -1
+    sel[0, 1, 2] = S + 3
+    out = torch.full((B, T, H, C), float("nan"))
+    kmla.sparse_mla(qa, qr, lat, kr, sel, 0.3, out=out, num_splits=num_splits, config=TWO_PASS_TILES,
+                    variant="two_pass")
+    ref_sel = sel.clone()
+    ref_sel[0, 1, 2] = -1
+    ref = sparse_attention(qa, qr, lat, kr, ref_sel, 0.3)
+    assert ref[1, 2].isnan().all() and (out[1, 2] == 0).all()
+    ok = ~ref.isnan()
+    assert (out[ok] - ref[ok]).abs().max() < 1e-5
+    one_pass = kmla.sparse_mla(qa, qr, lat, kr, sel, 0.3, num_splits=num_splits, config=MLA_TILES)
+    assert (out - one_pass).abs().max() < 1e-5
+
+
+def test_two_pass_sparse_mla_bf16_and_wide_tiles():
+    """bf16 (p~ stored in bf16, as the one-pass kernel rounds p), value tiles of 32 columns over C = 64, 32 heads
+    in one score block and two value blocks, the default chunking."""
+    B, T, H, C, R, S = 1, 6, 32, 64, 16, 12
+    qa, qr, lat, kr = mla_inputs(B, T, H, C, R, S, dtype=torch.bfloat16)
+    pos = torch.arange(S - T, S)
+    sel = window_selection(pos, 32)
+    cfg = {"BLOCK_N": 16, "SCORE_BLOCK_H": 32, "VALUE_BLOCK_H": 16, "VALUE_BLOCK_C": 32}
+    out = torch.full((B, T, H, C), float("nan"), dtype=torch.bfloat16)
+    kmla.sparse_mla(qa, qr, lat, kr, sel.to(torch.int32), 0.125, out=out, config=cfg, variant="two_pass")
+    ref32 = sparse_attention(qa.float(), qr.float(), lat.float(), kr.float(), sel, 0.125)
+    assert rel_err(out, ref32) < 1e-2
+    assert rel_err(out, ref32) <= 2 * rel_err(sparse_attention(qa, qr, lat, kr, sel, 0.125), ref32) + 1e-3
+
+
 def test_sparse_mla_in_a_dsa_layer():
     """Against the whole absorbed DSA path of a tiny layer (R = 8 < 16: padded tiles)."""
     from dslib.sparse import DSAttention
@@ -296,6 +413,20 @@ def test_dense_mla_matches_dense_attention(num_splits):
     pos = torch.tensor([[S - 1, 7], [0, 30]])  # per-sequence positions; one query sees only key 0
     out = torch.full((B, 2, H, C), float("nan"))
     kmla.dense_mla(qa, qr, lat, kr, pos, 0.2, out=out, num_splits=num_splits, config=MLA_TILES)
+    ref = dense_masked_attention(qa, qr, lat, kr, causal_mask(pos, S), 0.2)
+    assert (out - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("num_splits", [1, 4, None])
+def test_two_pass_dense_mla_matches_dense_attention(num_splits):
+    """Dense two-pass: keys 0..pos read in consecutive blocks (S = 45: a partial last block), pass 1 split over
+    the keys, per-sequence positions (one query sees only key 0), several chunks (CHUNK = 3 rows)."""
+    B, H, C, R, S = 2, 20, 32, 16, 45
+    qa, qr, lat, kr = mla_inputs(B, 2, H, C, R, S)
+    pos = torch.tensor([[S - 1, 7], [0, 30]])
+    out = torch.full((B, 2, H, C), float("nan"))
+    kmla.dense_mla(qa, qr, lat, kr, pos, 0.2, out=out, num_splits=num_splits, config=TWO_PASS_TILES,
+                   variant="two_pass")
     ref = dense_masked_attention(qa, qr, lat, kr, causal_mask(pos, S), 0.2)
     assert (out - ref).abs().max() < 1e-5
 
@@ -332,6 +463,8 @@ def test_mla_kernels_bad_input():
         kmla.dense_mla(qa, qr, lat[:, :5], kr, torch.arange(2), 0.1)
     with pytest.raises(ValueError, match="q_positions"):
         kmla.dense_mla(qa, qr, lat, kr, torch.arange(3), 0.1)
+    with pytest.raises(ValueError, match="variant"):
+        kmla.sparse_mla(qa, qr, lat, kr, sel, 0.1, variant="three_pass")
 
 
 def test_mla_kernels_with_an_empty_cache_give_zeros():
@@ -340,6 +473,10 @@ def test_mla_kernels_with_an_empty_cache_give_zeros():
     sel = torch.full((1, 2, 3), -1, dtype=torch.long)
     assert (kmla.sparse_mla(qa, qr, lat, kr, sel, 0.1, config=MLA_TILES) == 0).all()
     assert (kmla.dense_mla(qa, qr, lat, kr, torch.arange(2), 0.1, config=MLA_TILES) == 0).all()
+    for variant in kmla.VARIANTS:
+        assert (kmla.sparse_mla(qa, qr, lat, kr, sel, 0.1, variant=variant, config=TWO_PASS_TILES) == 0).all()
+        assert (kmla.dense_mla(qa, qr, lat, kr, torch.arange(2), 0.1, variant=variant, config=TWO_PASS_TILES)
+                == 0).all()
 
 
 def test_gpu_benchmark_helpers():
@@ -361,3 +498,9 @@ def test_gpu_benchmark_helpers():
     worse = ref.clone()
     worse[..., 0] = torch.where(ref[..., 0] >= 0, 0, -1)  # swap the best key for key 0
     assert bench.topk_agreement(worse, ref, scores)["same_rows"] < 1.0
+    x = torch.randn(1000, dtype=torch.float64)
+    assert bench.cos_diff(x, x) == 0.0 and abs(bench.cos_diff(x, x * 1.01) - 0.01**2 / 2) < 1e-5  # ~ rel_err² / 2
+    kw = bench.mla(bench.TWO_PASS_A)  # the sweep's configurations call the kernels with variant= and config=
+    assert kw["variant"] == "two_pass" and "variant" not in kw["config"] and set(kw["config"]) == set(kmla.TWO_PASS_CONFIG)
+    assert bench.mla(None) == {"variant": "one_pass", "config": None}
+    assert bench.label(bench.TWO_PASS_A) == "two_pass N64 s64 v64x512 c4096"

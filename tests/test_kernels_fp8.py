@@ -247,6 +247,39 @@ def test_decode_reads_only_the_active_experts():
     assert_same_maths(y, kmoe.moe_experts_torch(x, idx, wt, w13, s13, w2, s2))
 
 
+def test_one_token_path_is_the_sorted_path(poisoned):
+    """Decode (N = 1) skips the sort: each of the token's rows is its own tile, built from cached index tensors
+    and views of the routing. Same kernels, same rows: the same numbers, bit for bit, as the sorted grouping."""
+    w13, s13, w2, s2 = stacked_fp8(6, 128, 128, seed=5)
+    idx, wt = torch.tensor([[4, 1, 5]]), torch.tensor([[0.7, 0.4, 0.2]])
+    x = torch.randn(1, 128)
+    g1 = kmoe.one_token_grouping(idx, wt, 16)
+    assert g1.tile_expert.data_ptr() == idx.data_ptr()  # a view: nothing launched to build it
+    assert kmoe.one_token_grouping(idx, wt, 16).tile_row is g1.tile_row  # cached, the same tensor every call
+    cfg = kmoe.MoEConfig(16, 4, 2, 64, 4, 2)
+    y = kmoe.moe_experts(x, idx, wt, w13, s13, w2, s2, config=cfg)
+    x8, sx = fp8._act_quant_2d(x)
+    g = kmoe.group_by_expert(idx, wt, 6, 16)
+    h8, sh = kmoe.gate_up(x8, sx, g, w13, s13, cfg)
+    ref = kmoe.combine(kmoe.down(h8, sh, g, w2, s2, cfg, x.dtype), g.position, torch.empty_like(x))
+    assert torch.equal(y, ref)
+    with pytest.raises(ValueError, match="one token"):
+        kmoe.one_token_grouping(idx.expand(2, 3), wt.expand(2, 3), 16)
+
+
+def test_scaled_mm_shape_rule_and_padded_quantisation():
+    """fp8_linear(impl="auto") decides by shape: the Triton kernel below 16 tokens, torch._scaled_mm above with
+    the tokens padded to a multiple of 16 (cuBLAS refused M = 1 and M = 99 on the H200). The padded
+    act_quant writes the same first rows and leaves the padding alone."""
+    assert fp8.scaled_mm_rows(1) is None and fp8.scaled_mm_rows(15) is None
+    assert fp8.scaled_mm_rows(16) == 16 and fp8.scaled_mm_rows(99) == 112 and fp8.scaled_mm_rows(4096) == 4096
+    x = torch.randn(5, 256)
+    q, s = fp8._act_quant_2d(x, col_major_scale=True)
+    qp, sp = fp8._act_quant_2d(x, col_major_scale=True, rows=16)
+    assert qp.shape == (16, 256) and sp.shape == (16, 2) and sp.stride() == (1, 16)
+    assert torch.equal(bits(qp[:5]), bits(q)) and torch.equal(sp[:5], s)
+
+
 def test_reference_without_quantisation_is_chapter_4_dispatch():
     w13, s13, w2, s2 = stacked_fp8(4, 128, 128, seed=3)
     idx, wt = uneven_routing(9, 4, 2, seed=1)

@@ -7,7 +7,8 @@ the rest of dslib runs without Triton, with or without CUDA.
 
     available()     can the kernels run here? (Triton importable, and a CUDA GPU or the CPU interpreter)
     indexer         the lightning indexer's scores and top-k, fused (bf16 / FP8)
-    sparse_mla      sparse MLA attention over the selected latents (in-kernel gather, online softmax)
+    topk            top-k selection by radix select (histograms of key digits, no sort)
+    sparse_mla      sparse MLA attention over the selected latents (in-kernel gather; online or two-pass softmax)
     fp8             act_quant (e4m3, one power-of-two scale per token per 128 channels) and fp8_linear
     moe             the routed + shared experts of one MoE layer as one grouped FP8 computation
 """
@@ -33,7 +34,7 @@ def available() -> bool:
     return torch.cuda.is_available()
 
 
-SUBMODULES = ("indexer", "sparse_mla", "fp8", "moe", "launch")
+SUBMODULES = ("indexer", "topk", "sparse_mla", "fp8", "moe", "launch")
 
 
 def __getattr__(name: str):

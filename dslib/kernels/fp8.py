@@ -257,16 +257,18 @@ def _check_act(x: torch.Tensor) -> None:
         raise ValueError(f"act_quant needs a bf16/fp16/fp32 tensor, got {x.dtype}.")
 
 
-def _act_quant_2d(x: torch.Tensor, pow2_scale: bool = True, col_major_scale: bool = False):
-    """Triton act_quant of x [M, K] -> (x8 [M, K], scale [M, K/128]); col_major_scale stores the scale as the
-    transpose of a contiguous [K/128, M] tensor (stride 1 along M), as torch._scaled_mm wants it."""
+def _act_quant_2d(x: torch.Tensor, pow2_scale: bool = True, col_major_scale: bool = False, rows: int | None = None):
+    """Triton act_quant of x [M, K] -> (x8 [rows, K], scale [rows, K/128]), rows = M unless more are asked for
+    (then rows M.. are left as allocated); col_major_scale stores the scale as the transpose of a contiguous
+    [K/128, rows] tensor (stride 1 along the rows), as torch._scaled_mm wants it."""
     x = x if x.stride(-1) == 1 else x.contiguous()
     M, K = x.shape
-    x8 = _empty((M, K), FP8_DTYPE, x.device)
+    rows = M if rows is None else rows
+    x8 = _empty((rows, K), FP8_DTYPE, x.device)
     if col_major_scale:
-        scale = _empty((K // BLOCK, M), torch.float32, x.device).t()
+        scale = _empty((K // BLOCK, rows), torch.float32, x.device).t()
     else:
-        scale = _empty((M, K // BLOCK), torch.float32, x.device)
+        scale = _empty((rows, K // BLOCK), torch.float32, x.device)
     if M:
         block_m = 32
         grid = (triton.cdiv(M, block_m), K // BLOCK)
@@ -336,6 +338,16 @@ def _check_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch
 
 
 _SCALED_MM_REFUSED: dict[tuple, str] = {}
+SCALED_MM_MIN_M = 16  # below: the Triton kernel (cuBLAS refuses block-scaled FP8 for M = 1, measured on an H200)
+SCALED_MM_M_MULTIPLE = 16  # cuBLAS also refused M = 99: M is padded up to a multiple of 16 (the extra rows are
+#                            computed from uninitialised activations and dropped; rows of a matmul are independent)
+
+
+def scaled_mm_rows(m: int) -> int | None:
+    """How many rows `fp8_linear` hands torch._scaled_mm for m tokens (padded), or None: use the Triton kernel."""
+    if m < SCALED_MM_MIN_M:
+        return None
+    return -(-m // SCALED_MM_M_MULTIPLE) * SCALED_MM_M_MULTIPLE
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
@@ -347,19 +359,24 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
     """y = x · Wᵀ with W kept as stored (weight [N, K] e4m3 + weight_scale_inv [ceil(N/128), K/128] fp32) and x
     [..., K] quantised by act_quant; y [..., N] in x's dtype. K must be a multiple of 128; N need not be.
 
-    impl="auto": torch._scaled_mm on Hopper (falling back, once and with a warning, to the Triton kernel for a
-    shape cuBLAS refuses), the Triton kernel on other FP8 GPUs and under the interpreter, the torch reference
-    elsewhere. "scaled_mm" / "triton" / "torch" force one (the benchmark compares them)."""
+    impl="auto": decided by shape, up front: the Triton kernel for fewer than SCALED_MM_MIN_M tokens (decode),
+    torch._scaled_mm on Hopper otherwise, with the tokens padded to a multiple of SCALED_MM_M_MULTIPLE (shapes
+    cuBLAS refuses unpadded); should cuBLAS still refuse a shape, that shape falls back to the Triton kernel
+    (one warning per process, the shapes recorded in `_SCALED_MM_REFUSED`). The Triton kernel on other FP8
+    GPUs and under the interpreter, the torch reference elsewhere. "scaled_mm" / "triton" / "torch" force one
+    ("scaled_mm" unpadded: the benchmark probes which shapes cuBLAS takes)."""
     _check_linear(x, weight, weight_scale_inv)
     K, N = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, K)
+    M = x2.shape[0]
     chosen = impl == "auto"
-    key = (x2.shape[0] if x2.shape[0] < 16 else x2.shape[0] % 16 == 0, N, K, x.dtype)  # what cuBLAS may refuse
+    rows = M
     if chosen:
+        rows = scaled_mm_rows(M)
         if not triton_runs_on(x):
             impl = "torch"
-        elif (x.is_cuda and _capability(x.device) >= (9, 0) and hasattr(torch, "_scaled_mm") and N % 16 == 0
-              and key not in _SCALED_MM_REFUSED):
+        elif (rows is not None and x.is_cuda and _capability(x.device) >= (9, 0) and hasattr(torch, "_scaled_mm")
+              and N % 16 == 0 and (rows, N, K, x.dtype) not in _SCALED_MM_REFUSED):
             impl = "scaled_mm"
         else:
             impl = "triton"
@@ -368,20 +385,21 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
     if impl not in ("scaled_mm", "triton"):
         raise ValueError(f"impl must be 'auto', 'scaled_mm', 'triton' or 'torch', got {impl!r}.")
     _require_triton(x, f"fp8_linear(impl={impl!r})")
-    x8, sx = _act_quant_2d(x2, col_major_scale=impl == "scaled_mm")
-    y = None
     if impl == "scaled_mm":
+        x8, sx = _act_quant_2d(x2, col_major_scale=True, rows=rows)  # rows >= M: the extra ones unwritten
         try:
-            y = scaled_mm(x8, sx, weight, weight_scale_inv, x.dtype)
+            y = scaled_mm(x8, sx, weight, weight_scale_inv, x.dtype)[:M]
+            return y.view(*x.shape[:-1], N)
         except RuntimeError as err:
             if not chosen:  # asked for by name: report, do not hide
                 raise
-            _SCALED_MM_REFUSED[key] = str(err).splitlines()[0]
-            warn_once(f"torch._scaled_mm refused block-scaled FP8 for x {tuple(x2.shape)} · W {tuple(weight.shape)} "
-                      f"({_SCALED_MM_REFUSED[key]}); using the Triton kernel for this shape.")
-    if y is None:
-        y = fp8_gemm(x8, sx, weight, weight_scale_inv, x.dtype, config)
-    return y.view(*x.shape[:-1], N)
+            _SCALED_MM_REFUSED[(rows, N, K, x.dtype)] = str(err).splitlines()[0]
+            warn_once("torch._scaled_mm refused block-scaled FP8 for some shapes; the Triton kernel runs those "
+                      f"(first: x {tuple(x8.shape)} · W {tuple(weight.shape)}: {str(err).splitlines()[0][:120]}).")
+            x8, sx = x8[:M], sx[:M]
+    else:
+        x8, sx = _act_quant_2d(x2)
+    return fp8_gemm(x8, sx, weight, weight_scale_inv, x.dtype, config).view(*x.shape[:-1], N)
 
 
 _FAST_PATH_BROKEN: list[str] = []

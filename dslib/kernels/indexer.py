@@ -19,7 +19,8 @@ shared memory, the q tiles of successive heads [64, 128] (16 KB) stream through 
 accumulator [64, 128] fp32 is 64 registers per thread. The kernel is compute-bound: 64 dots per tile.
 
 Top-k (`index_topk`): the scores of a chunk of queries at a time (`[B, chunk, S']` with S' the last key any
-query of the chunk can see), then `torch.topk`; the full `[T, S]` matrix never exists for long T.
+query of the chunk can see), then `torch.topk` or radix select (`dslib.kernels.topk`); the full `[T, S]`
+matrix never exists for long T.
 """
 from __future__ import annotations
 
@@ -247,10 +248,13 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_positions:
     return out
 
 
+TOPK_METHODS = ("torch", "radix")
+
+
 def index_topk(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_positions: torch.Tensor, topk: int, *,
                fp8: bool = False, k_scale: torch.Tensor | None = None, rotate: bool = False, chunk: int = 4096,
-               score_dtype: torch.dtype = torch.float32, sorted: bool = True,
-               config: dict | None = None) -> torch.Tensor:
+               score_dtype: torch.dtype = torch.float32, sorted: bool = True, method: str = "torch",
+               config: dict | None = None, topk_config: dict | None = None) -> torch.Tensor:
     """The `topk` keys with the highest index score for every query: `[B, T, topk]` int64, -1 where there is none.
 
     Inputs as in `index_scores`. Semantics of `dslib.sparse.topk_selection`: causal, a query that sees at most
@@ -262,11 +266,18 @@ def index_topk(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_positions: t
     (`[B, chunk, S']`, `score_dtype` fp32 or bf16: bf16 halves the top-k's memory traffic but rounds scores, so
     near-equal scores may swap), and reduced by `torch.topk` before the next chunk starts: peak extra memory is
     B·chunk·S·4 bytes (2 GiB at chunk 4096, S = 131,072).
+
+    `method`: how each chunk's top-k is found. "torch": `torch.topk`. "radix": `dslib.kernels.topk.radix_topk`
+    (radix select: a few histogram passes over the scores, no sort; ties at the threshold go to the earlier key,
+    exactly as `topk_selection`); its positions come out in increasing order, and `sorted=True` then orders them
+    by score (stable: the same order as `topk_selection`). `topk_config` sets its tiles.
     """
     if not isinstance(topk, int) or topk <= 0:
         raise ValueError(f"topk must be a positive integer, got {topk!r}.")
     if score_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"score_dtype must be torch.float32 or torch.bfloat16, got {score_dtype}.")
+    if method not in TOPK_METHODS:
+        raise ValueError(f"method must be one of {TOPK_METHODS}, got {method!r}.")
     B, T, _, _, S, pos = _check(q, w, k, q_positions, k_scale)
     q, w, k, k_scale, FP8 = _prepare(q, w, k, k_scale, fp8, rotate)
     q, w, k = q.contiguous(), w.contiguous(), k.contiguous()
@@ -279,14 +290,28 @@ def index_topk(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_positions: t
     else:  # one sync: the last position of each chunk bounds the keys its scores need
         padded = torch.nn.functional.pad(pos, (0, len(starts) * chunk - T), value=-1)
         last = padded.view(B, len(starts), chunk).amax(dim=(0, 2)).tolist()
-    buffer = torch.empty(B * min(chunk, T) * S, dtype=score_dtype, device=q.device)
+    if method == "radix":  # rows padded to 64 scores: the radix kernels then read them in 16-byte vectors
+        from dslib.kernels.topk import radix_topk
+
+        s_pad = -(-S // 64) * 64
+        buffer = torch.empty(B, min(chunk, T), s_pad, dtype=score_dtype, device=q.device)
+    else:
+        buffer = torch.empty(B * min(chunk, T) * S, dtype=score_dtype, device=q.device)
     for start, last_pos in zip(starts, last):
         rows = min(chunk, T - start)
         n_keys = min(S, int(last_pos) + 1)  # keys after the chunk's last position are -inf for all its queries
         if n_keys <= 0:
             continue
-        scores = buffer[: B * rows * n_keys].view(B, rows, n_keys)
         sl = slice(start, start + rows)
+        if method == "radix":
+            scores = buffer[:, :rows, :n_keys]
+            _launch_scores(q[:, sl], w[:, sl], k, k_scale, pos[:, sl], scores, FP8, T <= DECODE_MAX_QUERIES, config)
+            chosen = radix_topk(scores, topk, pos[:, sl], out=selected[:, sl], config=topk_config)
+            if sorted:  # by score, descending; stable, so equal scores keep the earlier key first
+                values = scores.gather(-1, chosen.clamp(min=0)).float().masked_fill_(chosen < 0, float("-inf"))
+                chosen.copy_(chosen.gather(-1, values.sort(dim=-1, descending=True, stable=True).indices))
+            continue
+        scores = buffer[: B * rows * n_keys].view(B, rows, n_keys)
         _launch_scores(q[:, sl], w[:, sl], k, k_scale, pos[:, sl], scores, FP8, T <= DECODE_MAX_QUERIES, config)
         kk = min(topk, n_keys)
         values, idx = torch.topk(scores, kk, dim=-1, sorted=sorted)  # [B, rows, kk]

@@ -42,10 +42,10 @@ class Grouping:
     """The R = N*k (token, slot) rows sorted by expert, and the tiles the kernels run over."""
 
     row_token: torch.Tensor  # [R] int32: the token of each sorted row
-    row_weight: torch.Tensor  # [R] fp32: its gate weight
+    row_weight: torch.Tensor  # [R] fp32 (or the gate's dtype): its gate weight
     position: torch.Tensor  # [N, k] int32: the sorted row of (token, slot)
-    bounds: torch.Tensor  # [E + 1] int64: expert e owns sorted rows bounds[e] .. bounds[e+1] - 1
-    tile_expert: torch.Tensor  # [T] int32: the expert of each tile, -1 for spare tiles
+    bounds: torch.Tensor | None  # [E + 1] int64: expert e owns sorted rows bounds[e] .. bounds[e+1] - 1
+    tile_expert: torch.Tensor  # [T] int32 (int64 for one token): the expert of each tile, -1 for spare tiles
     tile_row: torch.Tensor  # [T] int32: first sorted row of the tile
     tile_end: torch.Tensor  # [T] int32: end of its expert's rows (the tile covers [row, min(row + BLOCK_M, end)))
     block_m: int
@@ -82,6 +82,26 @@ def group_by_expert(topk_idx: torch.Tensor, topk_weight: torch.Tensor, n_experts
         tile_end=bounds[e + 1].to(torch.int32),
         block_m=block_m,
     )
+
+
+_ONE_TOKEN: dict = {}  # (k, device) -> the index tensors of `one_token_grouping`, made once
+
+
+def one_token_grouping(topk_idx: torch.Tensor, topk_weight: torch.Tensor, block_m: int) -> Grouping:
+    """Decode of one token: each of its k rows is its own tile (the k experts of a token are distinct, so no
+    expert weight is read twice). Nothing to sort; the index tensors are made once per k and device, and the
+    routing is used as it is (views): no kernel launch, no host sync, the same tensors on every call (what a
+    CUDA graph wants)."""
+    n_tokens, k = topk_idx.shape
+    if n_tokens != 1:
+        raise ValueError(f"one_token_grouping takes the routing of one token, got {tuple(topk_idx.shape)}.")
+    key = (k, topk_idx.device)
+    if key not in _ONE_TOKEN:
+        rows = torch.arange(k, dtype=torch.int32, device=topk_idx.device)
+        _ONE_TOKEN[key] = (torch.zeros_like(rows), rows.view(1, k), rows, rows + 1)
+    row_token, position, tile_row, tile_end = _ONE_TOKEN[key]
+    return Grouping(row_token=row_token, row_weight=topk_weight.reshape(-1), position=position, bounds=None,
+                    tile_expert=topk_idx.reshape(-1), tile_row=tile_row, tile_end=tile_end, block_m=block_m)
 
 
 # --------------------------------------------------------------------------------------------------- kernels
@@ -261,7 +281,10 @@ def moe_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tens
     if rows == 0:
         return out
     cfg = config or default_moe_config(rows, n_experts)
-    g = group_by_expert(topk_idx, topk_weight, n_experts, cfg.block_m)
+    if n_tokens == 1:  # decode: 4 launches in all (act_quant, gate_up, down, combine)
+        g = one_token_grouping(topk_idx, topk_weight, cfg.block_m)
+    else:
+        g = group_by_expert(topk_idx, topk_weight, n_experts, cfg.block_m)
     x8, sx = _act_quant_2d(x)  # each token once, before the gather
     h8, sh = gate_up(x8, sx, g, w13, s13, cfg)
     y_rows = down(h8, sh, g, w2, s2, cfg, x.dtype)

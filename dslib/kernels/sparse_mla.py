@@ -28,6 +28,24 @@ double-buffered so the next rows arrive while this block computes; the accumulat
 registers, half the register file, hence 8 warps (128 registers each for it). Triton gives all warps of a dot
 whose result feeds another dot to the row axis, so with 64 heads both warpgroups compute the same scores: the
 q·k part runs twice, the weighted sum once (FlashMLA's hand-written kernel gives each warpgroup its own keys).
+
+**Two-pass softmax** (`variant="two_pass"`): the same maths in two kernels, each with ONE matrix product per
+step, so no dot feeds another and every warp computes different numbers:
+
+    pass 1 (`_mla_scores_kernel`)  per query: s = q · [c | k_rope] for every selected key, block by block;
+                                   stores p~ = exp2(s - m_b) in bf16 ([rows, H, k], m_b the running max after
+                                   block b, stored too) and the softmax's max and sum per head
+    pass 2 (`_mla_values_kernel`)  per query and block of value columns: lse = log2 Σ exp2(s) from pass 1;
+                                   x = Σ_b exp2(m_b - lse) · (p~_b · c_b), a weighted sum
+
+The scores make a round trip through memory (2 bytes per query, head and key: 512 KB per query at k = 2048),
+in exchange for no duplicated q·k and small accumulators ([64, BN] in pass 1, [64, 512] or [128, 256] in pass 2).
+Budget of pass 1: q of 64 (128) heads stays in shared memory, 72 (144) KB, beside two stages of gathered rows;
+with 64 heads and 8 warps each warpgroup takes half of a block's keys, with 128 heads 64 rows each (the offline
+sm_90a report, benchmarks/kernel_resources.py, shows the layouts: warps 4x2 and 8x1).
+p~ is exactly what the one-pass kernel feeds its second dot (exp2 of the score minus a running max, rounded to
+bf16), and pass 2 rescales its accumulator as the one-pass kernel does, so both variants round alike. Queries are
+processed in chunks, so the score buffer stays bounded.
 """
 from __future__ import annotations
 
@@ -42,6 +60,13 @@ from dslib.kernels.launch import pow2_block, require_device, require_dtype, sm_c
 # keep shared memory at ~145 KB (q 72 KB + 2 × 36 KB of gathered rows) and register spills small.
 SPARSE_CONFIG = dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=3)
 DENSE_CONFIG = dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=3)
+# The two-pass variant: BLOCK_N keys per step in both passes (the granularity of the stored running max);
+# pass 1 SCORE_BLOCK_H heads per program, pass 2 VALUE_BLOCK_H heads × VALUE_BLOCK_C value columns (the fp32
+# accumulator: 64 × 512 or 128 × 256 = 128 registers per thread at 8 warps); CHUNK query rows per pass pair
+# (the score buffer: CHUNK × H × k × 2 bytes, 2 GiB at 4096 × 128 × 2048).
+TWO_PASS_CONFIG = dict(BLOCK_N=64, SCORE_BLOCK_H=64, SCORE_WARPS=8, SCORE_STAGES=2, VALUE_BLOCK_H=64,
+                       VALUE_BLOCK_C=512, VALUE_WARPS=8, VALUE_STAGES=2, CHUNK=4096)
+VARIANTS = ("one_pass", "two_pass")
 MAX_LATENT = 512  # C: the fp32 accumulator [BLOCK_H, C] lives in registers
 MAX_ROPE = 128
 COMBINE_BLOCK_H = 16  # the merge holds [16, C] fp32 per program: no register spills at C = 512
@@ -205,6 +230,175 @@ def _combine_kernel(part_ptr, lse_ptr, out_ptr, H, NUM_SPLITS,
              out.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & c_ok[None, :])
 
 
+@triton.jit
+def _mla_scores_kernel(
+    qc_ptr, qr_ptr, kv_ptr, kr_ptr, keys_ptr, p_ptr, mb_ptr, ms_ptr, ls_ptr,
+    T, S, H, N_SLOTS, NUM_SPLITS, slots_per_split, qk_scale,
+    s_qcb, s_qct, s_qch, s_qrb, s_qrt, s_qrh, s_kvb, s_kvs, s_krb, s_krs, s_keyb, s_keyt,
+    s_pr, s_ph, s_mbr, s_mbh, s_sr, s_ssp,
+    C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
+):
+    """Pass 1 of the two-pass softmax: scores only, one dot per step (no accumulator of values).
+
+    GATHER: the keys of query t are the cache rows selected[t, :N_SLOTS] (sparse); otherwise rows 0..pos[t]
+    (dense, causal; keys_ptr holds the positions). For each block b of BLOCK_N key slots it stores
+    p~ = exp2(s - m_b) [BH, BN] into p [rows, H, slots] and m_b into mb [rows, H, slots / BLOCK_N], with m_b the
+    running max of the scores up to block b (0 while no key was valid); at the end the running max and sum of
+    this program's slots into ms, ls [rows, NUM_SPLITS, H]. Grid: (T · NUM_SPLITS · head blocks, B)."""
+    pid = tl.program_id(0)  # head block fastest: the head blocks of one query gather the same rows (L2 hits)
+    b = tl.program_id(1).to(tl.int64)
+    n_hb = tl.cdiv(H, BLOCK_H)
+    hb = pid % n_hb
+    split = (pid // n_hb) % NUM_SPLITS
+    t = (pid // n_hb // NUM_SPLITS).to(tl.int64)
+    row = b * T + t  # the query's row in the score buffers
+    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_r = tl.arange(0, BLOCK_R)
+    h_ok, c_ok, r_ok = offs_h < H, offs_c < C, offs_r < R
+
+    q_c = tl.load(qc_ptr + b * s_qcb + t * s_qct + offs_h[:, None] * s_qch + offs_c[None, :],
+                  mask=h_ok[:, None] & c_ok[None, :], other=0.0)  # [BH, C], stays in shared memory
+    q_r = tl.load(qr_ptr + b * s_qrb + t * s_qrt + offs_h[:, None] * s_qrh + offs_r[None, :],
+                  mask=h_ok[:, None] & r_ok[None, :], other=0.0)  # [BH, R]
+    m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+
+    key_row = keys_ptr + b * s_keyb + t * s_keyt
+    if GATHER:
+        n_slots = N_SLOTS
+    else:
+        n_slots = tl.minimum(tl.load(key_row) + 1, S).to(tl.int32)  # causal: keys 0..pos
+    start = split * slots_per_split
+    end = tl.minimum(start + slots_per_split, n_slots)
+    kv_base = kv_ptr + b * s_kvb
+    kr_base = kr_ptr + b * s_krb
+    p_rows = p_ptr + row * s_pr + offs_h[:, None] * s_ph
+    mb_rows = mb_ptr + row * s_mbr + offs_h * s_mbh
+    for i in range(start, end, BLOCK_N):
+        offs_i = i + tl.arange(0, BLOCK_N)
+        if GATHER:  # in-kernel gather of the selected rows (an empty slot reads row 0, masked below)
+            idx = tl.load(key_row + offs_i, mask=offs_i < end, other=-1)
+            valid = (idx >= 0) & (idx < S)
+            rows = tl.where(valid, idx, 0).to(tl.int64)
+        else:  # consecutive rows; the tail re-reads the last key
+            valid = offs_i < end
+            rows = tl.minimum(offs_i, end - 1).to(tl.int64)
+        kc = tl.load(kv_base + rows[:, None] * s_kvs + offs_c[None, :], mask=c_ok[None, :], other=0.0)  # [BN, C]
+        kr = tl.load(kr_base + rows[:, None] * s_krs + offs_r[None, :], mask=r_ok[None, :], other=0.0)  # [BN, R]
+        # [BH, BN], the only matrix products of this pass. Rope part first: a dot whose result feeds another dot
+        # gets all warps on its rows (with 64 heads the two warpgroups then duplicate it), so let that be the
+        # small one (R = 64); the content part (C = 512) is split between the warpgroups by key.
+        s = tl.dot(q_r, tl.trans(kr))
+        s = tl.dot(q_c, tl.trans(kc), s)
+        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))  # base-2 scores (qk_scale = scale · log2 e)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_ref[:, None])  # in [0, 1]: safe in bf16
+        l_i = l_i * tl.exp2(m_i - m_ref) + tl.sum(p, axis=1)
+        m_i = m_new
+        tl.store(p_rows + offs_i[None, :], p.to(p_ptr.dtype.element_ty), mask=h_ok[:, None])
+        tl.store(mb_rows + i // BLOCK_N, m_ref, mask=h_ok)
+    tl.store(ms_ptr + row * s_sr + split * s_ssp + offs_h, m_i, mask=h_ok)
+    tl.store(ls_ptr + row * s_sr + split * s_ssp + offs_h, l_i, mask=h_ok)
+
+
+@triton.jit
+def _mla_values_kernel(
+    kv_ptr, keys_ptr, p_ptr, mb_ptr, ms_ptr, ls_ptr, out_ptr,
+    T, S, H, N_SLOTS, SCORE_SPLITS, NUM_SPLITS, slots_per_split,
+    s_kvb, s_kvs, s_keyb, s_keyt, s_pr, s_ph, s_mbr, s_mbh, s_sr, s_ssp, s_ob, s_ot, s_osp, s_oh,
+    C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    GATHER: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """Pass 2 of the two-pass softmax: x[h, cols] = Σ_i p[h, i] · c[s_i, cols], one dot per step.
+
+    First the log2-sum-exp of each head from pass 1's per-split (max, sum) pairs: lse = m + log2 Σ_j l_j 2^(m_j-m).
+    Then block by block, p~_b (as stored: bf16, straight into the tensor cores) times the gathered value columns
+    c[s_i, cols] [BN, BLOCK_C], into an fp32 accumulator [BH, BLOCK_C] kept in units of the current block's max:
+    acc = acc · 2^(m_{b-1} - m_b) + p~_b · c_b (the one-pass kernel's rescaling, with its numbers); at the end
+    x = acc · 2^(m_last - lse) = acc / l. With SPLIT, this program's slots give a partial sum (fp32, already
+    divided by the whole l) that `_sum_splits_kernel` adds up. Grid: (T · NUM_SPLITS · head blocks · column
+    blocks, B)."""
+    pid = tl.program_id(0)  # column block fastest, then head block: neighbours share key rows or scores in L2
+    b = tl.program_id(1).to(tl.int64)
+    n_cb = tl.cdiv(C, BLOCK_C)
+    n_hb = tl.cdiv(H, BLOCK_H)
+    cb = pid % n_cb
+    hb = (pid // n_cb) % n_hb
+    split = (pid // n_cb // n_hb) % NUM_SPLITS
+    t = (pid // n_cb // n_hb // NUM_SPLITS).to(tl.int64)
+    row = b * T + t
+    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    h_ok, c_ok = offs_h < H, offs_c < C
+
+    stats = row * s_sr + offs_h  # the softmax normaliser over all of pass 1's splits
+    m = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+    for j in range(SCORE_SPLITS):
+        m = tl.maximum(m, tl.load(ms_ptr + stats + j * s_ssp, mask=h_ok, other=float("-inf")))
+    m = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for j in range(SCORE_SPLITS):
+        l += tl.load(ls_ptr + stats + j * s_ssp, mask=h_ok, other=0.0) * tl.exp2(
+            tl.load(ms_ptr + stats + j * s_ssp, mask=h_ok, other=float("-inf")) - m)
+    has_keys = l > 0  # a query without a valid key gets 0 (no division by an empty sum)
+    lse = m + tl.log2(tl.where(has_keys, l, 1.0))
+
+    key_row = keys_ptr + b * s_keyb + t * s_keyt
+    if GATHER:
+        n_slots = N_SLOTS
+    else:
+        n_slots = tl.minimum(tl.load(key_row) + 1, S).to(tl.int32)
+    start = split * slots_per_split
+    end = tl.minimum(start + slots_per_split, n_slots)
+    kv_base = kv_ptr + b * s_kvb
+    p_rows = p_ptr + row * s_pr + offs_h[:, None] * s_ph
+    mb_rows = mb_ptr + row * s_mbr + offs_h * s_mbh
+    acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
+    # this split's first block max (in the buffer even when the split is empty; then unwritten, so not used)
+    m_prev = tl.where(start < end, tl.load(mb_rows + start // BLOCK_N, mask=h_ok, other=0.0), 0.0)
+    for i in range(start, end, BLOCK_N):
+        offs_i = i + tl.arange(0, BLOCK_N)
+        if GATHER:
+            idx = tl.load(key_row + offs_i, mask=offs_i < end, other=-1)
+            rows = tl.where((idx >= 0) & (idx < S), idx, 0).to(tl.int64)
+        else:
+            rows = tl.minimum(offs_i, end - 1).to(tl.int64)
+        v = tl.load(kv_base + rows[:, None] * s_kvs + offs_c[None, :], mask=c_ok[None, :], other=0.0)  # [BN, BC]
+        p_blk = tl.load(p_rows + offs_i[None, :], mask=h_ok[:, None] & (offs_i < end)[None, :], other=0.0)
+        m_b = tl.load(mb_rows + i // BLOCK_N, mask=h_ok, other=0.0)
+        # pass 1's running max of this split only grows once a key was valid (before, acc is 0: any factor will do)
+        alpha = tl.exp2(tl.minimum(m_prev - m_b, 0.0))
+        acc = tl.dot(p_blk, v, acc * alpha[:, None])
+        m_prev = m_b
+    acc = acc * tl.where(has_keys, tl.exp2(m_prev - lse), 0.0)[:, None]  # = acc / l (this split's share)
+
+    ptrs = out_ptr + b * s_ob + t * s_ot + split * s_osp + offs_h[:, None] * s_oh + offs_c[None, :]
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, H, NUM_SPLITS, s_pb, s_pt, s_psp, s_ph, s_ob, s_ot, s_oh,
+                       C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out = Σ_j part_j: pass 2's partial sums over key splits (already normalised: a plain sum, fixed order)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    n_hb = tl.cdiv(H, BLOCK_H)
+    hb = pid % n_hb
+    t = (pid // n_hb).to(tl.int64)
+    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_c = tl.arange(0, BLOCK_C)
+    ok = (offs_h < H)[:, None] & (offs_c < C)[None, :]
+    rows = part_ptr + b * s_pb + t * s_pt + offs_h[:, None] * s_ph + offs_c[None, :]
+    acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
+    for j in range(NUM_SPLITS):
+        acc += tl.load(rows + j * s_psp, mask=ok, other=0.0)
+    tl.store(out_ptr + b * s_ob + t * s_ot + offs_h[:, None] * s_oh + offs_c[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
 # ---------------------------------------------------------------------------------------------------- wrappers
 def _check_mla(q_absorbed, q_rope, kv_latent, k_rope, name):
     if q_absorbed.dim() != 4 or q_rope.dim() != 4 or kv_latent.dim() != 3 or k_rope.dim() != 3:
@@ -282,6 +476,71 @@ def _launch(kernel, keys_of, q_absorbed, q_rope, kv_latent, k_rope, scale, keys,
     return out
 
 
+def _launch_two_pass(keys, gather: bool, q_absorbed, q_rope, kv_latent, k_rope, scale, n_slots: int, cfg: dict,
+                     out, num_splits: int | None):
+    """The two-pass softmax over chunks of queries: pass 1 writes the scores of a chunk into a buffer, pass 2
+    reads them back for the weighted sum. keys: selected [B, T, k] (gather) or positions [B, T] (dense, causal
+    over n_slots = S cache rows). Decode (few queries) splits each query's key slots over several programs, the
+    same splits in both passes: pass 2 merges pass 1's per-split (max, sum) itself, and its partial sums are
+    added up after."""
+    B, T, H, C = q_absorbed.shape
+    R = q_rope.shape[-1]
+    S = kv_latent.shape[1]
+    BN, HB1, HB2 = cfg["BLOCK_N"], cfg["SCORE_BLOCK_H"], cfg["VALUE_BLOCK_H"]
+    CB2 = min(cfg["VALUE_BLOCK_C"], pow2_block(C))
+    blocks = triton.cdiv(n_slots, BN)
+    slots = blocks * BN
+    dev = q_absorbed.device
+    bc = min(B, max(1, cfg["CHUNK"]))  # sequences and queries per pass pair: bc · tc score rows
+    tc = max(1, min(T, cfg["CHUNK"] // bc))
+    n_hb1, n_hb2, n_cb2 = triton.cdiv(H, HB1), triton.cdiv(H, HB2), triton.cdiv(C, CB2)
+
+    # Both passes split a query's key slots alike: within a split the stored running max only grows, which is
+    # what pass 2's rescaling relies on. Enough splits for the GPU in pass 1 (the fewer programs of the two).
+    per = -(-blocks // _num_splits(bc * tc * min(n_hb1, n_hb2 * n_cb2), blocks, dev, num_splits))
+    ns1 = ns2 = triton.cdiv(blocks, per)
+    sps1 = sps2 = per * BN
+    p_buf = torch.empty(bc * tc, H, slots, dtype=kv_latent.dtype, device=dev)  # p~, rounded like the one pass
+    mb_buf = torch.empty(bc * tc, H, blocks, dtype=torch.float32, device=dev)
+    ms_buf = torch.empty(bc * tc, ns1, H, dtype=torch.float32, device=dev)
+    ls_buf = torch.empty_like(ms_buf)
+    part = torch.empty(bc, tc, ns2, H, C, dtype=torch.float32, device=dev) if ns2 > 1 else None
+    buf_strides = (p_buf.stride(0), p_buf.stride(1), mb_buf.stride(0), mb_buf.stride(1), ms_buf.stride(0),
+                   ms_buf.stride(1))
+    for b0 in range(0, B, bc):
+        for t0 in range(0, T, tc):
+            bs, ts = slice(b0, b0 + bc), slice(t0, t0 + tc)
+            qa, qr, kv, kr, ky, o = q_absorbed[bs, ts], q_rope[bs, ts], kv_latent[bs], k_rope[bs], keys[bs, ts], out[bs, ts]
+            nb, nt = qa.shape[0], qa.shape[1]
+            _mla_scores_kernel[(nt * ns1 * n_hb1, nb)](
+                qa, qr, kv, kr, ky, p_buf, mb_buf, ms_buf, ls_buf, nt, S, H, n_slots, ns1, sps1, scale * LOG2E,
+                *qa.stride()[:3], *qr.stride()[:3], kv.stride(0), kv.stride(1), kr.stride(0), kr.stride(1),
+                ky.stride(0), ky.stride(1), *buf_strides,
+                C=C, R=R, BLOCK_C=pow2_block(C), BLOCK_R=pow2_block(R), BLOCK_H=HB1, BLOCK_N=BN, GATHER=gather,
+                num_warps=cfg["SCORE_WARPS"], num_stages=cfg["SCORE_STAGES"],
+            )
+            target = part[:nb, :nt] if part is not None else o
+            t_strides = (target.stride()[:4] if part is not None else (o.stride(0), o.stride(1), 0, o.stride(2)))
+            _mla_values_kernel[(nt * ns2 * n_hb2 * n_cb2, nb)](
+                kv, ky, p_buf, mb_buf, ms_buf, ls_buf, target, nt, S, H, n_slots, ns1, ns2, sps2,
+                kv.stride(0), kv.stride(1), ky.stride(0), ky.stride(1), *buf_strides, *t_strides,
+                C=C, BLOCK_H=HB2, BLOCK_C=CB2, BLOCK_N=BN, GATHER=gather, SPLIT=part is not None,
+                num_warps=cfg["VALUE_WARPS"], num_stages=cfg["VALUE_STAGES"],
+            )
+            if part is not None:
+                _sum_splits_kernel[(nt * triton.cdiv(H, COMBINE_BLOCK_H), nb)](
+                    target, o, H, ns2, *target.stride()[:4], o.stride(0), o.stride(1), o.stride(2),
+                    C=C, BLOCK_C=pow2_block(C), BLOCK_H=COMBINE_BLOCK_H, num_warps=4,
+                )
+    return out
+
+
+def _variant_config(variant: str, base: dict, config: dict | None) -> dict:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
+    return {**(TWO_PASS_CONFIG if variant == "two_pass" else base), **(config or {})}
+
+
 def _output(out, B, T, H, C, dtype, device, name):
     if out is None:
         return torch.empty(B, T, H, C, dtype=dtype, device=device)
@@ -293,7 +552,8 @@ def _output(out, B, T, H, C, dtype, device, name):
 
 def sparse_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.Tensor, k_rope: torch.Tensor,
                selected: torch.Tensor, scale: float, *, out: torch.Tensor | None = None,
-               num_splits: int | None = None, config: dict | None = None) -> torch.Tensor:
+               num_splits: int | None = None, config: dict | None = None,
+               variant: str = "one_pass") -> torch.Tensor:
     """DSA core attention over the selected keys: x `[B, T, H, C]` in the dtype of q_absorbed.
 
     q_absorbed `[B, T, H, C]` (= W_UKᵀ q_nope), q_rope `[B, T, H, R]`, kv_latent `[B, S, C]`, k_rope `[B, S, R]`,
@@ -301,6 +561,8 @@ def sparse_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.
     The maths of `dslib.sparse.sparse_attention`, with fp32 scores, softmax and accumulation (the probabilities
     enter the weighted sum in the inputs' dtype, as there). A query with no valid key gets 0 instead of NaN.
     `num_splits` overrides how many programs share one query's keys (default: chosen from the GPU's size).
+    `variant`: "one_pass" (online softmax, `_sparse_mla_kernel`) or "two_pass" (`_mla_scores_kernel` then
+    `_mla_values_kernel`); same maths, `config` keys as in SPARSE_CONFIG / TWO_PASS_CONFIG.
     """
     B, T, H, C, _, _ = _check_mla(q_absorbed, q_rope, kv_latent, k_rope, "sparse_mla")
     if selected.dim() != 3 or tuple(selected.shape[:2]) != (B, T):
@@ -308,14 +570,17 @@ def sparse_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.
     if selected.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"sparse_mla: selected must be int32 or int64, got {selected.dtype}.")
     require_device(q_absorbed=q_absorbed, q_rope=q_rope, kv_latent=kv_latent, k_rope=k_rope, selected=selected)
-    cfg = {**SPARSE_CONFIG, **(config or {})}
+    cfg = _variant_config(variant, SPARSE_CONFIG, config)
     out = _output(out, B, T, H, C, q_absorbed.dtype, q_absorbed.device, "sparse_mla")
     topk = selected.shape[-1]
     if B * T * H == 0:
         return out
-    if kv_latent.shape[1] == 0:  # no keys at all: every query gets 0
+    if kv_latent.shape[1] == 0 or topk == 0:  # no keys at all: every query gets 0
         return out.zero_()
     q_absorbed, q_rope, kv_latent, k_rope, selected = _unit_last(q_absorbed, q_rope, kv_latent, k_rope, selected)
+    if variant == "two_pass":
+        return _launch_two_pass(selected, True, q_absorbed, q_rope, kv_latent, k_rope, scale, topk, cfg, out,
+                                num_splits)
     blocks = triton.cdiv(max(topk, 1), cfg["BLOCK_N"])
     splits = _num_splits(B * T * triton.cdiv(H, cfg["BLOCK_H"]), blocks, q_absorbed.device, num_splits)
     keys_of = (selected, (topk,), (selected.stride(0), selected.stride(1)))
@@ -325,13 +590,15 @@ def sparse_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.
 
 def dense_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.Tensor, k_rope: torch.Tensor,
               q_positions: torch.Tensor, scale: float, *, out: torch.Tensor | None = None,
-              num_splits: int | None = None, config: dict | None = None) -> torch.Tensor:
+              num_splits: int | None = None, config: dict | None = None,
+              variant: str = "one_pass") -> torch.Tensor:
     """Dense absorbed (MQA-mode) attention, causal by position: x `[B, T, H, C]`; the decode baseline.
 
     Same inputs as `sparse_mla` with q_positions `[T]` or `[B, T]` instead of a selection: the query at position
     p attends to every cached key 0..p (the maths of `MLA.attend(mode="absorbed")` before W_UV, and of
     `dslib.sparse.dense_masked_attention` with a causal mask). Built for decode (few queries, long caches:
     the keys are split over programs, flash-decoding); it runs any T but has no prefill tiling.
+    `variant` as in `sparse_mla` ("two_pass": the keys are read once for the scores, once for the values).
     """
     B, T, H, C, _, S = _check_mla(q_absorbed, q_rope, kv_latent, k_rope, "dense_mla")
     pos = q_positions if q_positions.dim() == 2 else q_positions.reshape(1, -1)
@@ -342,11 +609,15 @@ def dense_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.T
         raise ValueError(f"dense_mla: q_positions must be integers, got {q_positions.dtype}.")
     require_device(q_absorbed=q_absorbed, q_rope=q_rope, kv_latent=kv_latent, k_rope=k_rope, q_positions=q_positions)
     pos = pos.expand(B, T).to(torch.int64).contiguous()
-    cfg = {**DENSE_CONFIG, **(config or {})}
+    cfg = _variant_config(variant, DENSE_CONFIG, config)
     out = _output(out, B, T, H, C, q_absorbed.dtype, q_absorbed.device, "dense_mla")
     if B * T * H == 0:
         return out
     q_absorbed, q_rope, kv_latent, k_rope = _unit_last(q_absorbed, q_rope, kv_latent, k_rope)
+    if variant == "two_pass":
+        if S == 0:
+            return out.zero_()
+        return _launch_two_pass(pos, False, q_absorbed, q_rope, kv_latent, k_rope, scale, S, cfg, out, num_splits)
     blocks = triton.cdiv(max(S, 1), cfg["BLOCK_N"])
     splits = _num_splits(B * T * triton.cdiv(H, cfg["BLOCK_H"]), blocks, q_absorbed.device, num_splits)
     return _launch(_dense_mla_kernel, (pos, (), (pos.stride(0),)), q_absorbed, q_rope, kv_latent, k_rope, scale, max(S, 1), splits,
@@ -360,4 +631,5 @@ def sparse_mla_flops(selected: torch.Tensor, num_heads: int, kv_lora_rank: int, 
     return valid * 2 * num_heads * (2 * kv_lora_rank + rope_dim)
 
 
-__all__ = ["DENSE_CONFIG", "SPARSE_CONFIG", "dense_mla", "sparse_mla", "sparse_mla_flops"]
+__all__ = ["DENSE_CONFIG", "SPARSE_CONFIG", "TWO_PASS_CONFIG", "VARIANTS", "dense_mla", "sparse_mla",
+           "sparse_mla_flops"]
