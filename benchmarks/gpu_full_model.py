@@ -481,6 +481,8 @@ def main(argv=None) -> None:
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp8"],
                     help="the indexer's arithmetic; auto: fp8 with the Triton kernels (as deployed), else fp32")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kernel-tuning", default=None,
+                    help="a gpu_kernels_best.json (benchmarks/gpu_kernels.py) whose tiles and variants the kernels use")
     ap.add_argument("--budget-s", type=float, default=480.0, help="the whole run's time budget in seconds")
     ap.add_argument("--reserve-s", type=float, default=None,
                     help="seconds kept for decode and the checkpoint (default 150; 60 with --quick)")
@@ -505,6 +507,12 @@ def main(argv=None) -> None:
             args.backend = "torch"
     if args.precision == "auto":
         args.precision = "fp8" if args.backend == "triton" else "fp32"
+    tuning = {}
+    if args.kernel_tuning and Path(args.kernel_tuning).is_file() and args.backend == "triton":
+        from dslib import kernels
+
+        tuning = kernels.use_tuning(args.kernel_tuning)
+        print(f"kernel tuning from {args.kernel_tuning}: {sorted(tuning)}", flush=True)
     if args.standin:
         cfg, args.dtype = standin_config(), torch.float32
         if args.standin_layers:
@@ -524,6 +532,7 @@ def main(argv=None) -> None:
     run = Run(out, time.perf_counter() + args.budget_s)
     run.results.update(machine=machine_name(device), torch=torch.__version__, python=platform.python_version(),
                        triton=_version("triton"), backend=args.backend, precision=args.precision,
+                       kernel_tuning=tuning,
                        prompt_len=args.prompt_len, seed=args.seed,
                        quick=args.quick, standin=args.standin, argv=sys.argv[1:],
                        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))

@@ -386,23 +386,18 @@ def test_two_pass_sparse_mla_bf16_and_wide_tiles():
 
 
 def test_sparse_mla_in_a_dsa_layer():
-    """Against the whole absorbed DSA path of a tiny layer (R = 8 < 16: padded tiles)."""
+    """The whole DSA layer with backend="triton" (indexer top-k and sparse MLA kernels, here in the interpreter)
+    against its PyTorch path (R = 8 < 16: padded tiles)."""
     from dslib.sparse import DSAttention
 
     cfg = ModelConfig.tiny()
     attn = DSAttention(cfg).eval()
     h = torch.randn(1, 10, cfg.hidden_size)
-    pos = torch.arange(10)
     with torch.no_grad():
-        cos, sin = attn.rotary(pos)
-        _, q_nope, q_rope = attn.project_q(h, cos, sin)
-        kv, kr = attn.project_kv(h, cos, sin)
-        sel = window_selection(pos, cfg.index_topk)
-        ref = attn.attend_selected(q_nope, q_rope, kv, kr, pos, sel, mode="absorbed")
-        qa = torch.einsum("bthd,hdc->bthc", q_nope, attn.w_uk())
-        x = kmla.sparse_mla(qa, q_rope, kv, kr, sel, attn.softmax_scale, config=MLA_TILES)
-        out = torch.einsum("bthc,hvc->bthv", x, attn.w_uv())
-    assert (out - ref).abs().max() < 1e-5
+        for attention in ("window", "sparse"):
+            ref = attn(h, attention=attention)
+            out = attn(h, attention=attention, backend="triton")
+            assert (out - ref).abs().max() < 1e-5, attention
 
 
 # --------------------------------------------------------------------------------------------- dense decode
@@ -501,6 +496,33 @@ def test_gpu_benchmark_helpers():
     x = torch.randn(1000, dtype=torch.float64)
     assert bench.cos_diff(x, x) == 0.0 and abs(bench.cos_diff(x, x * 1.01) - 0.01**2 / 2) < 1e-5  # ~ rel_err² / 2
     kw = bench.mla(bench.TWO_PASS_A)  # the sweep's configurations call the kernels with variant= and config=
-    assert kw["variant"] == "two_pass" and "variant" not in kw["config"] and set(kw["config"]) == set(kmla.TWO_PASS_CONFIG)
+    assert kw["variant"] == "two_pass" and "variant" not in kw["config"]
+    assert set(kw["config"]) == set(kmla.TWO_PASS_CONFIG)
     assert bench.mla(None) == {"variant": "one_pass", "config": None}
     assert bench.label(bench.TWO_PASS_A) == "two_pass N64 s64 v64x512 c4096"
+
+
+def test_use_tuning_sets_the_defaults(tmp_path):
+    """gpu_kernels_best.json -> the variant, tiles and top-k method a call without its own choice uses."""
+    import json
+
+    import dslib.kernels as kernels
+
+    best = {"sparse_prefill": {"variant": "two_pass", **kmla.TWO_PASS_CONFIG}, "index_prefill_fp8": None,
+            "topk_prefill": {"method": "radix", "score_dtype": "torch.bfloat16"}}
+    path = tmp_path / "gpu_kernels_best.json"
+    path.write_text(json.dumps({"env": {}, "best": best}))
+    try:
+        adopted = kernels.use_tuning(path)
+        assert set(adopted) == {"sparse_prefill", "topk_prefill"}  # a rejected (None) entry keeps the built-in
+        assert kmla._tuned_variant("sparse_prefill", None, None) == ("two_pass", kmla.TWO_PASS_CONFIG)
+        assert kmla._tuned_variant("sparse_decode", None, None) == ("one_pass", None)
+        assert kmla._tuned_variant("sparse_prefill", "one_pass", None) == ("one_pass", None)  # the caller wins
+        B, T, H, C, R, S = 1, 12, 4, 32, 16, 20
+        qa, qr, lat, kr = mla_inputs(B, T, H, C, R, S)
+        sel = window_selection(torch.arange(T), 8)
+        tuned_out = kmla.sparse_mla(qa, qr, lat, kr, sel, 0.2)  # two_pass, from the table
+        assert torch.allclose(tuned_out, kmla.sparse_mla(qa, qr, lat, kr, sel, 0.2, variant="one_pass",
+                                                          config=MLA_TILES), atol=1e-5)
+    finally:
+        kernels.TUNED.clear()

@@ -286,7 +286,8 @@ def test_reference_without_quantisation_is_chapter_4_dispatch():
     x = torch.randn(9, 128)
     experts = [lambda t, e=e: torch.nn.functional.linear(
         torch.nn.functional.silu(t @ dequantize_fp8_blocks(w13[e, :128], s13[e, :1]).T)
-        * (t @ dequantize_fp8_blocks(w13[e, 128:], s13[e, 1:]).T), dequantize_fp8_blocks(w2[e], s2[e])) for e in range(4)]
+        * (t @ dequantize_fp8_blocks(w13[e, 128:], s13[e, 1:]).T), dequantize_fp8_blocks(w2[e], s2[e]))
+        for e in range(4)]
     ref = dispatch(x, idx, wt, experts)
     assert torch.allclose(kmoe.moe_experts_torch(x, idx, wt, w13, s13, w2, s2, quantize=False), ref, atol=1e-6)
 

@@ -36,6 +36,30 @@ def available() -> bool:
 
 SUBMODULES = ("indexer", "topk", "sparse_mla", "fp8", "moe", "launch")
 
+# Tile configurations and variants measured fastest on a GPU (`benchmarks/gpu_kernels.py` writes them to
+# gpu_kernels_best.json; `use_tuning` reads that file). A kernel call that passes no `config` / `variant` /
+# `method` of its own uses these; empty = each kernel's built-in defaults. Only speed depends on them: every
+# configuration the benchmark may choose was checked against the PyTorch path first.
+TUNED: dict[str, dict] = {}
+
+
+def use_tuning(path) -> dict[str, dict]:
+    """Adopt the configurations in a `gpu_kernels_best.json` (e.g. data/gpu_kernels/gpu_kernels_best.json, measured
+    on an H200): {"sparse_prefill": {"variant": ..., tiles}, "index_prefill_fp8": {tiles}, "topk_prefill":
+    {"method": ..., "score_dtype": ...}, ...}. Returns what is now in use."""
+    import json
+    from pathlib import Path
+
+    best = json.loads(Path(path).read_text())["best"]
+    TUNED.clear()
+    TUNED.update({name: dict(value) for name, value in best.items() if isinstance(value, dict) and value})
+    return {name: dict(value) for name, value in TUNED.items()}
+
+
+def tuned(name: str) -> dict:
+    """A copy of the tuned entry `name` ({} when there is none)."""
+    return dict(TUNED.get(name, {}))
+
 
 def __getattr__(name: str):
     """`dslib.kernels.indexer` etc. load on first access (callers do `importlib.import_module("dslib.kernels")` and

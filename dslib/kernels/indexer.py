@@ -225,6 +225,15 @@ def _launch_scores(q, w, k, k_scale, pos, out, FP8: bool, decode: bool, config: 
     return out
 
 
+def _tuned_tiles(fp8: bool, decode: bool, config: dict | None) -> dict | None:
+    """The caller's tiles, else the tuned ones for this case (`dslib.kernels.use_tuning`), else None (built-in)."""
+    if config is not None:
+        return config
+    from dslib.kernels import tuned
+
+    return tuned(f"index_{'decode' if decode else 'prefill'}_{'fp8' if fp8 else 'bf16'}") or None
+
+
 def index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_positions: torch.Tensor, *, fp8: bool = False,
                  k_scale: torch.Tensor | None = None, rotate: bool = False, out: torch.Tensor | None = None,
                  config: dict | None = None) -> torch.Tensor:
@@ -244,6 +253,7 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_positions:
         raise ValueError(f"out must be a [B, T, S] = [{B}, {T}, {S}] fp32/bf16 tensor with unit last stride, got "
                          f"{out.dtype} {tuple(out.shape)}.")
     if B * T * S:
+        config = _tuned_tiles(FP8, T <= DECODE_MAX_QUERIES, config)
         _launch_scores(q, w, k, k_scale, pos, out, FP8, T <= DECODE_MAX_QUERIES, config)
     return out
 
@@ -253,7 +263,7 @@ TOPK_METHODS = ("torch", "radix")
 
 def index_topk(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_positions: torch.Tensor, topk: int, *,
                fp8: bool = False, k_scale: torch.Tensor | None = None, rotate: bool = False, chunk: int = 4096,
-               score_dtype: torch.dtype = torch.float32, sorted: bool = True, method: str = "torch",
+               score_dtype: torch.dtype | None = None, sorted: bool = True, method: str | None = None,
                config: dict | None = None, topk_config: dict | None = None) -> torch.Tensor:
     """The `topk` keys with the highest index score for every query: `[B, T, topk]` int64, -1 where there is none.
 
@@ -271,7 +281,16 @@ def index_topk(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_positions: t
     (radix select: a few histogram passes over the scores, no sort; ties at the threshold go to the earlier key,
     exactly as `topk_selection`); its positions come out in increasing order, and `sorted=True` then orders them
     by score (stable: the same order as `topk_selection`). `topk_config` sets its tiles.
+    With `method` / `score_dtype` / `config` not given: the tuned choices (`dslib.kernels.use_tuning`), else
+    torch.topk on fp32 scores with the built-in tiles.
     """
+    if method is None and score_dtype is None:
+        from dslib.kernels import tuned
+
+        choice = tuned("topk_decode" if q.shape[1] <= DECODE_MAX_QUERIES else "topk_prefill")
+        method = choice.get("method", "torch")
+        score_dtype = {"torch.bfloat16": torch.bfloat16}.get(choice.get("score_dtype"), torch.float32)
+    method, score_dtype = method or "torch", score_dtype or torch.float32
     if not isinstance(topk, int) or topk <= 0:
         raise ValueError(f"topk must be a positive integer, got {topk!r}.")
     if score_dtype not in (torch.float32, torch.bfloat16):
@@ -281,6 +300,7 @@ def index_topk(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_positions: t
     B, T, _, _, S, pos = _check(q, w, k, q_positions, k_scale)
     q, w, k, k_scale, FP8 = _prepare(q, w, k, k_scale, fp8, rotate)
     q, w, k = q.contiguous(), w.contiguous(), k.contiguous()
+    config = _tuned_tiles(FP8, T <= DECODE_MAX_QUERIES, config)
     selected = torch.full((B, T, topk), -1, dtype=torch.int64, device=q.device)
     if B * T * S == 0:
         return selected

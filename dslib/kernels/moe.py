@@ -30,8 +30,17 @@ import torch.nn.functional as F
 
 from dslib.checkpoint import FP8_DTYPE, FP8Linear, dequantize_fp8_blocks
 from dslib.kernels.fp8 import (
-    BLOCK, _act_quant_2d, _capability, _empty, _quantize_block, act_quant_torch, dequantize_act, tl, triton,
-    triton_runs_on, warn_once,
+    BLOCK,
+    _act_quant_2d,
+    _capability,
+    _empty,
+    _quantize_block,
+    act_quant_torch,
+    dequantize_act,
+    tl,
+    triton,
+    triton_runs_on,
+    warn_once,
 )
 from dslib.moe import MoE, Routing, dispatch
 
@@ -266,7 +275,8 @@ def _check_moe(x, topk_idx, topk_weight, w13, s13, w2, s2, check_indices: bool) 
 def moe_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w13: torch.Tensor,
                 s13: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, *, config: MoEConfig | None = None,
                 check: bool = True) -> torch.Tensor:
-    """Σ_j topk_weight[n, j] · Expert_{topk_idx[n, j]}(x[n]) for all tokens at once; Expert(x) = down(silu(gate x)·up x).
+    """Σ_j topk_weight[n, j] · Expert_{topk_idx[n, j]}(x[n]) for all tokens at once;
+    Expert(x) = down(silu(gate x)·up x).
 
     x [N, d] (bf16/fp16/fp32); topk_idx, topk_weight [N, k]; w13 [E, 2I, d] e4m3 + s13 [E, 2I/128, d/128];
     w2 [E, d, I] e4m3 + s2 [E, d/128, I/128] -> [N, d] in x's dtype. d and I multiples of 128. Without Triton

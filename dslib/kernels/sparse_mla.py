@@ -510,7 +510,8 @@ def _launch_two_pass(keys, gather: bool, q_absorbed, q_rope, kv_latent, k_rope, 
     for b0 in range(0, B, bc):
         for t0 in range(0, T, tc):
             bs, ts = slice(b0, b0 + bc), slice(t0, t0 + tc)
-            qa, qr, kv, kr, ky, o = q_absorbed[bs, ts], q_rope[bs, ts], kv_latent[bs], k_rope[bs], keys[bs, ts], out[bs, ts]
+            qa, qr, kv, kr = q_absorbed[bs, ts], q_rope[bs, ts], kv_latent[bs], k_rope[bs]
+            ky, o = keys[bs, ts], out[bs, ts]
             nb, nt = qa.shape[0], qa.shape[1]
             _mla_scores_kernel[(nt * ns1 * n_hb1, nb)](
                 qa, qr, kv, kr, ky, p_buf, mb_buf, ms_buf, ls_buf, nt, S, H, n_slots, ns1, sps1, scale * LOG2E,
@@ -535,6 +536,17 @@ def _launch_two_pass(keys, gather: bool, q_absorbed, q_rope, kv_latent, k_rope, 
     return out
 
 
+def _tuned_variant(name: str, variant: str | None, config: dict | None) -> tuple[str, dict | None]:
+    """The variant and tiles to use: the caller's, else the tuned entry `name` (`dslib.kernels.use_tuning`),
+    else "one_pass" with the built-in tiles."""
+    if variant is None and config is None:
+        from dslib.kernels import tuned
+
+        entry = tuned(name)
+        return entry.pop("variant", "one_pass"), entry or None
+    return variant or "one_pass", config
+
+
 def _variant_config(variant: str, base: dict, config: dict | None) -> dict:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
@@ -553,7 +565,7 @@ def _output(out, B, T, H, C, dtype, device, name):
 def sparse_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.Tensor, k_rope: torch.Tensor,
                selected: torch.Tensor, scale: float, *, out: torch.Tensor | None = None,
                num_splits: int | None = None, config: dict | None = None,
-               variant: str = "one_pass") -> torch.Tensor:
+               variant: str | None = None) -> torch.Tensor:
     """DSA core attention over the selected keys: x `[B, T, H, C]` in the dtype of q_absorbed.
 
     q_absorbed `[B, T, H, C]` (= W_UKᵀ q_nope), q_rope `[B, T, H, R]`, kv_latent `[B, S, C]`, k_rope `[B, S, R]`,
@@ -562,7 +574,8 @@ def sparse_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.
     enter the weighted sum in the inputs' dtype, as there). A query with no valid key gets 0 instead of NaN.
     `num_splits` overrides how many programs share one query's keys (default: chosen from the GPU's size).
     `variant`: "one_pass" (online softmax, `_sparse_mla_kernel`) or "two_pass" (`_mla_scores_kernel` then
-    `_mla_values_kernel`); same maths, `config` keys as in SPARSE_CONFIG / TWO_PASS_CONFIG.
+    `_mla_values_kernel`); same maths, `config` keys as in SPARSE_CONFIG / TWO_PASS_CONFIG. With neither given,
+    the tuned choice for decode (T <= 8) or prefill (`dslib.kernels.use_tuning`), else one_pass.
     """
     B, T, H, C, _, _ = _check_mla(q_absorbed, q_rope, kv_latent, k_rope, "sparse_mla")
     if selected.dim() != 3 or tuple(selected.shape[:2]) != (B, T):
@@ -570,6 +583,7 @@ def sparse_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.
     if selected.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"sparse_mla: selected must be int32 or int64, got {selected.dtype}.")
     require_device(q_absorbed=q_absorbed, q_rope=q_rope, kv_latent=kv_latent, k_rope=k_rope, selected=selected)
+    variant, config = _tuned_variant("sparse_decode" if T <= 8 else "sparse_prefill", variant, config)
     cfg = _variant_config(variant, SPARSE_CONFIG, config)
     out = _output(out, B, T, H, C, q_absorbed.dtype, q_absorbed.device, "sparse_mla")
     topk = selected.shape[-1]
@@ -591,7 +605,7 @@ def sparse_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.
 def dense_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.Tensor, k_rope: torch.Tensor,
               q_positions: torch.Tensor, scale: float, *, out: torch.Tensor | None = None,
               num_splits: int | None = None, config: dict | None = None,
-              variant: str = "one_pass") -> torch.Tensor:
+              variant: str | None = None) -> torch.Tensor:
     """Dense absorbed (MQA-mode) attention, causal by position: x `[B, T, H, C]`; the decode baseline.
 
     Same inputs as `sparse_mla` with q_positions `[T]` or `[B, T]` instead of a selection: the query at position
@@ -609,6 +623,7 @@ def dense_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.T
         raise ValueError(f"dense_mla: q_positions must be integers, got {q_positions.dtype}.")
     require_device(q_absorbed=q_absorbed, q_rope=q_rope, kv_latent=kv_latent, k_rope=k_rope, q_positions=q_positions)
     pos = pos.expand(B, T).to(torch.int64).contiguous()
+    variant, config = _tuned_variant("dense_decode", variant, config)
     cfg = _variant_config(variant, DENSE_CONFIG, config)
     out = _output(out, B, T, H, C, q_absorbed.dtype, q_absorbed.device, "dense_mla")
     if B * T * H == 0:
@@ -620,8 +635,8 @@ def dense_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.T
         return _launch_two_pass(pos, False, q_absorbed, q_rope, kv_latent, k_rope, scale, S, cfg, out, num_splits)
     blocks = triton.cdiv(max(S, 1), cfg["BLOCK_N"])
     splits = _num_splits(B * T * triton.cdiv(H, cfg["BLOCK_H"]), blocks, q_absorbed.device, num_splits)
-    return _launch(_dense_mla_kernel, (pos, (), (pos.stride(0),)), q_absorbed, q_rope, kv_latent, k_rope, scale, max(S, 1), splits,
-                   cfg, out)
+    return _launch(_dense_mla_kernel, (pos, (), (pos.stride(0),)), q_absorbed, q_rope, kv_latent, k_rope, scale,
+                   max(S, 1), splits, cfg, out)
 
 
 def sparse_mla_flops(selected: torch.Tensor, num_heads: int, kv_lora_rank: int, rope_dim: int) -> int:
