@@ -312,7 +312,9 @@ code(r"""
 res = recording.get("result", {})
 timings = recording.get("timings", [])
 if res:
-    print(f"{res['layers']} layers x {res['tokens']:,} tokens: {res['end_to_end_s']:.1f} s end to end "
+    # wall_s: the whole prefill as the script timed it (embedding and head included); pass_s: the pass through the layers
+    print(f"{res['layers']} layers x {res['tokens']:,} tokens: {res.get('wall_s', res['end_to_end_s']):.1f} s end to end, "
+          f"{res.get('pass_s', res['end_to_end_s']):.1f} s of it the pass through the layers "
           f"(weights {res['load_s']:.1f} s, attention {res['attention_s']:.1f} s of which indexer + top-k "
           f"{res['indexer_s']:.1f} s, FFN {res['ffn_s']:.1f} s)"
           + (f"; peak GPU memory {res['peak_reserved_GiB']:.1f} GiB (plan: {recording['plan']['planned_peak_GiB']:.1f})"
