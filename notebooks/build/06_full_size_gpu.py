@@ -451,6 +451,53 @@ viz.nodes_touched_bars(totals, title=f"GPUs each token must reach (experts on {G
 """)
 
 md(r"""
+**The same views with trained weights.** Synthetic weights show the mechanism, not language: the indexer above
+scores keys at random, so its picks spread over the whole past. Chapter 5's small DeepSeek-V3.2 was trained on
+Python's standard library (`data/textlm`); run it over held-out files with the same `SummaryRecorder` and compare.
+The trained indexer reaches far back mostly in its first layers and keeps most of its budget nearby in the last
+ones, and its layers agree with each other far more than random ones do.
+""")
+
+code(r"""
+from dslib import lm_data                  # chapter 5: the text model's data and training
+from dslib.lm_train import load_textlm
+from dslib.record import SummaryRecorder
+
+TEXTLM = DATA / "textlm"
+trained = None
+if (TEXTLM / "config.json").is_file():
+    lm, lm_tok, lm_log = load_textlm(TEXTLM)
+    lcfg = lm.config
+    held_out = [f for f in lm_log["corpus"]["eval_files"] if (lm_data.stdlib_root() / f).is_file()]
+    text = "".join(lm_data.read_source(lm_data.stdlib_root() / f) or "" for f in held_out[:3]) or \
+        "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n" * 40
+    ids_t = torch.tensor([lm_tok.encode(text).ids[: lcfg.max_position_embeddings]])
+    T_t = ids_t.shape[1]
+    rec_t = SummaryRecorder(lcfg, prompt_len=T_t, strip_queries=[T_t - 1],
+                            sample_queries=range(lcfg.index_topk, T_t, 32), ep_gpus=4)
+    rec_t.watch(lm)
+    with torch.no_grad():
+        lm(ids_t, recorder=rec_t)
+    trained = rec_t.to_dict(machine="this CPU", weights="trained on text (data/textlm)")
+    tsel = trained["selection"]
+    t_share = [b / e for b, e in zip(tsel["beyond_window"], tsel["eligible"])]
+    t_overlap = [tsel["layer_overlap"][i][j] for i in range(len(t_share)) for j in range(len(t_share)) if i != j]
+    assert min(t_share) < min(share)   # a trained indexer keeps more of its picks inside the window than a random one
+    assert t_share[0] > t_share[-1]    # ... most of all in its last layer
+    syn = sum(off) / len(off) if overlap else float("nan")
+    print(f"{T_t:,} held-out tokens, {len(t_share)} layers: selected keys beyond a {lcfg.index_topk}-token window "
+          + ", ".join(f"{x:.0%}" for x in t_share) + f" (synthetic full size: {min(share):.0%}..{max(share):.0%}); "
+          f"two layers share {sum(t_overlap) / len(t_overlap):.0%} of a query's keys (synthetic: {syn:.0%})")
+    display(viz.distance_histogram_figure(tsel["distance_bin_edges"],
+                                          {f"layer {l}": h for l, h in zip(tsel["layers"], tsel["distance_hist"])},
+                                          window=lcfg.index_topk, title="Trained on text: how far back the picks lie"))
+    display(viz.expert_load_grid_figure(trained["routing"]["load"], trained["routing"]["layers"], lcfg.n_group,
+                                        title="Trained on text: expert load on held-out files"))
+else:
+    print("data/textlm is missing (chapter 5's trained model): `python -m dslib.lm_train --out data/textlm` makes it")
+""")
+
+md(r"""
 ## 5. Decoding, and the step to 8 GPUs
 
 After the prefill, the resident layers keep their 128K-token caches, and the GPU run decodes one token at a time
