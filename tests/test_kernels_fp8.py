@@ -280,6 +280,25 @@ def test_scaled_mm_shape_rule_and_padded_quantisation():
     assert torch.equal(bits(qp[:5]), bits(q)) and torch.equal(sp[:5], s)
 
 
+def test_a_wrong_cublas_result_is_caught_once_per_shape(monkeypatch):
+    """torch._scaled_mm returned wrong numbers without an error for K = 256 on the H200 (tests/test_gpu_backends.py).
+    fp8_linear compares cuBLAS's first result for a weight shape with its Triton kernel's: a match is remembered,
+    a mismatch sends that shape to the Triton kernel from then on."""
+    monkeypatch.setattr(fp8, "_SCALED_MM_CHECKED", set())
+    monkeypatch.setattr(fp8, "_SCALED_MM_REFUSED", {})
+    monkeypatch.setattr(fp8, "_WARNED", set())
+    w8, ws = fp8_weight(96, 256)
+    x8, sx = fp8._act_quant_2d(torch.randn(20, 256))
+    right = fp8.fp8_gemm(x8, sx, w8, ws, torch.float32)
+    assert fp8._scaled_mm_agrees(right * (1 + 1e-4), x8, sx, w8, ws)
+    assert (96, 256, torch.float32) in fp8._SCALED_MM_CHECKED
+    assert fp8._scaled_mm_agrees(-right, x8, sx, w8, ws)  # checked already: not compared again
+    monkeypatch.setattr(fp8, "_SCALED_MM_CHECKED", set())
+    with pytest.warns(RuntimeWarning, match="wrong results"):
+        assert not fp8._scaled_mm_agrees(-right, x8, sx, w8, ws)
+    assert "wrong result" in fp8._SCALED_MM_REFUSED[(96, 256, torch.float32)]
+
+
 def test_reference_without_quantisation_is_chapter_4_dispatch():
     w13, s13, w2, s2 = stacked_fp8(4, 128, 128, seed=3)
     idx, wt = uneven_routing(9, 4, 2, seed=1)

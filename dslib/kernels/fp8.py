@@ -24,6 +24,7 @@ file without a new switch. fp32 activations keep the exact dequantise path (fp32
 """
 from __future__ import annotations
 
+import math
 import os
 import types
 import warnings
@@ -361,10 +362,12 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
 
     impl="auto": decided by shape, up front: the Triton kernel for fewer than SCALED_MM_MIN_M tokens (decode),
     torch._scaled_mm on Hopper otherwise, with the tokens padded to a multiple of SCALED_MM_M_MULTIPLE (shapes
-    cuBLAS refuses unpadded); should cuBLAS still refuse a shape, that shape falls back to the Triton kernel
-    (one warning per process, the shapes recorded in `_SCALED_MM_REFUSED`). The Triton kernel on other FP8
-    GPUs and under the interpreter, the torch reference elsewhere. "scaled_mm" / "triton" / "torch" force one
-    ("scaled_mm" unpadded: the benchmark probes which shapes cuBLAS takes)."""
+    cuBLAS refuses unpadded). The first time a weight shape (N, K) goes to cuBLAS, its result is checked
+    against the Triton kernel's (`_scaled_mm_agrees`): cuBLAS returned wrong numbers, without an error, for
+    K = 256 on an H200 (torch 2.11, CUDA 13). A shape cuBLAS refuses or gets wrong runs the Triton kernel
+    from then on (one warning per process, the shapes and reasons in `_SCALED_MM_REFUSED`). The Triton kernel
+    on other FP8 GPUs and under the interpreter, the torch reference elsewhere. "scaled_mm" / "triton" /
+    "torch" force one ("scaled_mm" unpadded and unchecked: the benchmark probes which shapes cuBLAS takes)."""
     _check_linear(x, weight, weight_scale_inv)
     K, N = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, K)
@@ -376,7 +379,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
         if not triton_runs_on(x):
             impl = "torch"
         elif (rows is not None and x.is_cuda and _capability(x.device) >= (9, 0) and hasattr(torch, "_scaled_mm")
-              and N % 16 == 0 and (rows, N, K, x.dtype) not in _SCALED_MM_REFUSED):
+              and N % 16 == 0 and (rows, N, K, x.dtype) not in _SCALED_MM_REFUSED
+              and (N, K, x.dtype) not in _SCALED_MM_REFUSED):
             impl = "scaled_mm"
         else:
             impl = "triton"
@@ -389,7 +393,6 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
         x8, sx = _act_quant_2d(x2, col_major_scale=True, rows=rows)  # rows >= M: the extra ones unwritten
         try:
             y = scaled_mm(x8, sx, weight, weight_scale_inv, x.dtype)[:M]
-            return y.view(*x.shape[:-1], N)
         except RuntimeError as err:
             if not chosen:  # asked for by name: report, do not hide
                 raise
@@ -397,9 +400,40 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
             warn_once("torch._scaled_mm refused block-scaled FP8 for some shapes; the Triton kernel runs those "
                       f"(first: x {tuple(x8.shape)} · W {tuple(weight.shape)}: {str(err).splitlines()[0][:120]}).")
             x8, sx = x8[:M], sx[:M]
+        else:
+            if not chosen or _scaled_mm_agrees(y, x8[:M], sx[:M], weight, weight_scale_inv):
+                return y.view(*x.shape[:-1], N)
+            x8, sx = x8[:M], sx[:M]
     else:
         x8, sx = _act_quant_2d(x2)
     return fp8_gemm(x8, sx, weight, weight_scale_inv, x.dtype, config).view(*x.shape[:-1], N)
+
+
+_SCALED_MM_CHECKED: set[tuple] = set()  # weight shapes (N, K, dtype) whose cuBLAS result matched the Triton kernel
+SCALED_MM_TOLERANCE = 1e-2  # the same maths in both (e4m3 products, fp32 sums): they differ by bf16 rounding, ~1e-3
+
+
+def _scaled_mm_agrees(y: torch.Tensor, x8: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor,
+                      weight_scale_inv: torch.Tensor) -> bool:
+    """Once per weight shape: is cuBLAS's y the Triton kernel's result, up to rounding? A shape that is not goes
+    into `_SCALED_MM_REFUSED` (the Triton kernel runs it from then on). Skipped while a CUDA graph is being
+    captured (the comparison reads a number back to the host); the warm-up before a capture does it."""
+    N, K = weight.shape
+    key = (N, K, y.dtype)
+    if key in _SCALED_MM_CHECKED or (y.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return True
+    ref = fp8_gemm(x8, sx, weight, weight_scale_inv, y.dtype).float()
+    norm = float(ref.norm())
+    if not math.isfinite(norm):  # a NaN or inf token: nothing to compare this time
+        return True
+    err = float((y.float() - ref).norm()) / max(norm, 1e-30)
+    if err <= SCALED_MM_TOLERANCE:
+        _SCALED_MM_CHECKED.add(key)
+        return True
+    _SCALED_MM_REFUSED[key] = f"wrong result: relative difference {err:.2e} from the Triton kernel"
+    warn_once(f"torch._scaled_mm gave wrong results for W {tuple(weight.shape)} (relative difference {err:.2e} from "
+              "the Triton kernel, no error raised); the Triton kernel runs that shape from now on.")
+    return False
 
 
 _FAST_PATH_BROKEN: list[str] = []

