@@ -520,22 +520,26 @@ class LabBrowser:
         if state["sliders"] and state["plots"] and not changed_a_plot:
             report.problems.append(f"none of the {state['sliders']} slider(s) changed a plot")
 
-    def _wait_for_effect(self, page, before, deadline, grace_s: float = 2.0):
+    def _wait_for_effect(self, page, before, deadline, grace_s: float = 6.0):
         """Poll until a plot, an output text or the tracebacks change and the kernel is idle; or until the kernel
-        has handled the change (a busy -> idle turn) and `grace_s` more passed with nothing changed; at most
-        `slider_s` in all."""
+        has handled the change (a busy -> idle turn) and stayed idle `grace_s` more with nothing changed; at most
+        `slider_s` in all. The grace is generous: on two busy cores Plotly may draw the new figure seconds after
+        the kernel went idle (a 2 s grace once reported a working slider as doing nothing), and a slider that
+        works returns as soon as its change shows, so only a broken one waits the whole grace."""
         end = min(deadline, time.monotonic() + self.slider_s)
         keys = ("signature", "texts", "widgetTracebacks", "logTracebacks")
-        handled_at = None
+        idle_since = None
         while True:
             state = page.evaluate(_JS_STATE)
             now = time.monotonic()
             if state["kernel"] == "idle" and any(state[k] != before[k] for k in keys):
                 time.sleep(0.5)  # let the rest of the same update land
                 return page.evaluate(_JS_STATE)
-            if handled_at is None and state["kernel"] == "idle" and state["idleTurns"] > before["idleTurns"]:
-                handled_at = now
-            if now > end or (handled_at is not None and now - handled_at > grace_s):
+            if state["kernel"] != "idle":
+                idle_since = None  # (still) handling it: the grace starts again when it is idle
+            elif idle_since is None and state["idleTurns"] > before["idleTurns"]:
+                idle_since = now
+            if now > end or (idle_since is not None and now - idle_since > grace_s):
                 return state
             time.sleep(0.25)
 
