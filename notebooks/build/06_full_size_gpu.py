@@ -308,10 +308,7 @@ print(f"{len(sel['layers'])} DSA layers and {len(routing['layers'])} MoE layers 
 
 md(r"""
 **Where the time went.** Per layer: making (or reading) its weights, the indexer + top-k, the rest of the attention,
-and the FFN. The first layers stayed resident: their weights were made once, before the pass. (One caveat, found
-after this run: the grouped FP8 MoE kernels' prefill tiles disagreed with the PyTorch path in a small-model GPU test,
-so the MoE outputs of this run, and the hidden states later layers routed, may be off; the times are what the
-kernels took, and with synthetic weights the views show the mechanism either way. The README says more.)
+and the FFN. The first layers stayed resident: their weights were made once, before the pass.
 """)
 
 code(r"""
