@@ -5,7 +5,8 @@ every kernel against the PyTorch path in Triton's interpreter instead).
 
 History (2026-12-02/03, one H200): the whole-model check first failed by a relative 0.98. The grouped MoE kernels
 were right at every tile size; the wrong numbers came from torch._scaled_mm, which returned garbage (relative error
-~11, no error raised) for block-scaled FP8 weights with in_features K = 256, a width the 671B model never has.
+~11, no error raised) for block-scaled FP8 weights with in_features K = 256 (wrong for any K not a multiple of 512;
+every K of the 671B model is one).
 `fp8_linear` now checks cuBLAS against its own Triton kernel once per weight shape (test_fp8_linear_k256)."""
 import pytest
 import torch

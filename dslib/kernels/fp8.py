@@ -364,7 +364,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
     torch._scaled_mm on Hopper otherwise, with the tokens padded to a multiple of SCALED_MM_M_MULTIPLE (shapes
     cuBLAS refuses unpadded). The first time a weight shape (N, K) goes to cuBLAS, its result is checked
     against the Triton kernel's (`_scaled_mm_agrees`): cuBLAS returned wrong numbers, without an error, for
-    K = 256 on an H200 (torch 2.11, CUDA 13). A shape cuBLAS refuses or gets wrong runs the Triton kernel
+    every K that is not a multiple of 512 on an H200 (torch 2.11, CUDA 13; data/gpu_fp8_checks.txt).
+    A shape cuBLAS refuses or gets wrong runs the Triton kernel
     from then on (one warning per process, the shapes and reasons in `_SCALED_MM_REFUSED`). The Triton kernel
     on other FP8 GPUs and under the interpreter, the torch reference elsewhere. "scaled_mm" / "triton" /
     "torch" force one ("scaled_mm" unpadded and unchecked: the benchmark probes which shapes cuBLAS takes)."""

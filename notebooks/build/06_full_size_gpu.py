@@ -345,7 +345,7 @@ def show_distances(layer=sel["layers"][len(sel["layers"]) // 2]):
     return viz.distance_histogram_figure(edges, rows, window=WINDOW)
 
 
-widgets.interact(show_distances, layer=widgets.SelectionSlider(options=sel["layers"], description="layer"));
+widgets.interact(show_distances, layer=widgets.SelectionSlider(options=sel["layers"], description="layer", continuous_update=False));
 """)
 
 md(r"""
@@ -365,7 +365,7 @@ def show_strip(layer=sel["layers"][0], query=strip_queries[-1]):
     return viz.selection_strip_figure(sel["strips"][j][i], query, window=WINDOW)
 
 
-widgets.interact(show_strip, layer=widgets.SelectionSlider(options=sel["layers"], description="layer"),
+widgets.interact(show_strip, layer=widgets.SelectionSlider(options=sel["layers"], description="layer", continuous_update=False),
                  query=widgets.Dropdown(options=strip_queries, value=strip_queries[-1], description="query"));
 """)
 
@@ -629,7 +629,7 @@ def show_ckpt_strip(layer=sc["layers"][-1]):
                                       title=f"layer {layer}: the keys query {last} ({pieces[last]!r}) selected")
 
 
-widgets.interact(show_ckpt_strip, layer=widgets.SelectionSlider(options=sc["layers"], description="layer"));
+widgets.interact(show_ckpt_strip, layer=widgets.SelectionSlider(options=sc["layers"], description="layer", continuous_update=False));
 """)
 
 code(r"""
