@@ -60,3 +60,18 @@ def test_gpu_check_numbers():
     assert float(triton_err) <= 1.25 * float(torch_err) + 5e-3  # what tests/test_gpu_backends.py asserts
     fp8 = (DATA / "gpu_fp8_checks.txt").read_text()
     assert "N=512 K=256 M=640: auto 1.1e+01, triton 1.7e-03, scaled_mm 1.1e+01" in fp8 and "K = 256" in README
+
+
+def test_notebook_time_table():
+    """The README's "Time on a laptop CPU" table is data/notebook_times.csv (full size), row for row."""
+    measured = {r["notebook"].removesuffix(".ipynb"): float(r["seconds"])
+                for r in rows(DATA / "notebook_times.csv") if r["mode"] == "full"}
+    table = README[README.index("### Time on a laptop CPU"):]
+    table = table[table.index("| notebook | seconds | goal |"):]
+    lines = [x for x in table.split("\n\n")[0].splitlines()[2:] if x.startswith("|")]
+    shown = {x.split("|")[1].split()[0]: float(x.split("|")[2]) for x in lines}
+    assert shown == measured
+    for x in lines:  # each goal that is stated is met
+        goal = x.split("|")[3].strip()
+        if goal.startswith("≤"):
+            assert float(x.split("|")[2]) <= float(goal[1:])
