@@ -98,11 +98,6 @@ def cases() -> list:
         types = dict(pos_ptr="*i64", out_ptr="*fp32", lse_ptr="*fp32", qk_scale="fp32")
         out.append((f"one_pass dense_mla split=True {tiles}", kmla._dense_mla_kernel, types,
                     {**mla, **tiles, "SPLIT": True}, cfg))
-    for cfg in [dict(num_warps=8, num_stages=st, BLOCK_H=64, BLOCK_N=n) for n in (32, 64) for st in (1, 2, 3)]:
-        tiles = dict(BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"])
-        types = dict(sel_ptr="*i64", out_ptr="*bf16", lse_ptr="*fp32", qk_scale="fp32")
-        out.append((f"lookahead sparse_mla {tiles} s{cfg['num_stages']}", kmla._sparse_mla_ahead_kernel, types,
-                    {**mla, **tiles, "SPLIT": False}, cfg))
     two = [c for c in bench.SWEEP["sparse_prefill"] + bench.SWEEP["dense_decode"] if c["variant"] == "two_pass"]
     seen = set()
     for cfg in two:

@@ -368,8 +368,6 @@ def test_two_pass_sparse_mla_matches_sparse_attention(num_splits):
     assert (out[ok] - ref[ok]).abs().max() < 1e-5
     one_pass = kmla.sparse_mla(qa, qr, lat, kr, sel, 0.3, num_splits=num_splits, config=MLA_TILES)
     assert (out - one_pass).abs().max() < 1e-5
-    ahead = kmla.sparse_mla(qa, qr, lat, kr, sel, 0.3, num_splits=num_splits, config=MLA_TILES, variant="lookahead")
-    assert (ahead - one_pass).abs().max() < 1e-5  # the lookahead variant: the same sums, one block apart
 
 
 def test_two_pass_sparse_mla_bf16_and_wide_tiles():
@@ -462,8 +460,6 @@ def test_mla_kernels_bad_input():
         kmla.dense_mla(qa, qr, lat, kr, torch.arange(3), 0.1)
     with pytest.raises(ValueError, match="variant"):
         kmla.sparse_mla(qa, qr, lat, kr, sel, 0.1, variant="three_pass")
-    with pytest.raises(ValueError, match="lookahead"):
-        kmla.dense_mla(qa, qr, lat, kr, torch.arange(qa.shape[1]), 0.1, variant="lookahead")
 
 
 def test_mla_kernels_with_an_empty_cache_give_zeros():
@@ -474,9 +470,8 @@ def test_mla_kernels_with_an_empty_cache_give_zeros():
     assert (kmla.dense_mla(qa, qr, lat, kr, torch.arange(2), 0.1, config=MLA_TILES) == 0).all()
     for variant in kmla.VARIANTS:
         assert (kmla.sparse_mla(qa, qr, lat, kr, sel, 0.1, variant=variant, config=TWO_PASS_TILES) == 0).all()
-        if variant != "lookahead":  # a sparse-only variant (dense_mla refuses it, tested with the bad input)
-            assert (kmla.dense_mla(qa, qr, lat, kr, torch.arange(2), 0.1, variant=variant, config=TWO_PASS_TILES)
-                    == 0).all()
+        assert (kmla.dense_mla(qa, qr, lat, kr, torch.arange(2), 0.1, variant=variant, config=TWO_PASS_TILES)
+                == 0).all()
 
 
 def test_gpu_benchmark_helpers():

@@ -28,6 +28,12 @@ double-buffered so the next rows arrive while this block computes; the accumulat
 registers, half the register file, hence 8 warps (128 registers each for it). Triton gives all warps of a dot
 whose result feeds another dot to the row axis, so with 64 heads both warpgroups compute the same scores: the
 q·k part runs twice, the weighted sum once (FlashMLA's hand-written kernel gives each warpgroup its own keys).
+Two ways around it were measured on the H200 and lost (T = 2048 queries at 128K, k = 2048): a "lookahead"
+kernel that computes the scores of block j+1 while summing block j (no product feeds another within a step, so
+Triton splits both over the warpgroups) ran at 105–150 TFLOP/s against this kernel's 244: the softmax then needs
+cross-warpgroup reductions and a layout change through shared memory every step, and block j's rows are read
+twice (commit 4615d13, data/gpu_kernels/lookahead_trial.csv). Walking the keys in position order instead of
+top-k order changes nothing (215 TFLOP/s both ways at 16K–128K: data/gpu_kernels/selection_order.csv).
 
 **Two-pass softmax** (`variant="two_pass"`): the same maths in two kernels, each with ONE matrix product per
 step, so no dot feeds another and every warp computes different numbers:
@@ -66,7 +72,7 @@ DENSE_CONFIG = dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=3)
 # (the score buffer: CHUNK × H × k × 2 bytes, 2 GiB at 4096 × 128 × 2048).
 TWO_PASS_CONFIG = dict(BLOCK_N=64, SCORE_BLOCK_H=64, SCORE_WARPS=8, SCORE_STAGES=2, VALUE_BLOCK_H=64,
                        VALUE_BLOCK_C=512, VALUE_WARPS=8, VALUE_STAGES=2, CHUNK=4096)
-VARIANTS = ("one_pass", "two_pass", "lookahead")
+VARIANTS = ("one_pass", "two_pass")
 MAX_LATENT = 512  # C: the fp32 accumulator [BLOCK_H, C] lives in registers
 MAX_ROPE = 128
 COMBINE_BLOCK_H = 16  # the merge holds [16, C] fp32 per program: no register spills at C = 512
@@ -148,87 +154,6 @@ def _sparse_mla_kernel(
         kc = tl.load(kv_base + rows[:, None] * s_kvs + offs_c[None, :], mask=c_ok[None, :], other=0.0)  # [BN, C]
         kr = tl.load(kr_base + rows[:, None] * s_krs + offs_r[None, :], mask=r_ok[None, :], other=0.0)  # [BN, R]
         m_i, l_i, acc = _attend_block(q_c, q_r, kc, kr, valid, m_i, l_i, acc, qk_scale)
-
-    _store_result(acc, m_i, l_i, out_ptr + b * s_ob + t * s_ot + split * s_osp, lse_ptr + b * s_lb + t * s_lt
-                  + split * s_lsp, offs_h, offs_c, h_ok, c_ok, s_oh, SPLIT)
-
-
-@triton.jit
-def _block_scores(q_c, q_r, kc, kr, valid, m_i, l_i, qk_scale):
-    """The softmax half of `_attend_block`: base-2 scores of one key block, the new running max and sum, the
-    factor alpha that rescales what was accumulated before, and p~ = exp2(s - max) [BH, BN]. The two products
-    are added, not chained (a dot feeding a dot makes Triton put every warp on the rows)."""
-    s = tl.dot(q_c, tl.trans(kc)) + tl.dot(q_r, tl.trans(kr))
-    s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_ref)
-    p = tl.exp2(s - m_ref[:, None])
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
-
-
-@triton.jit
-def _sparse_mla_ahead_kernel(
-    qc_ptr, qr_ptr, kv_ptr, kr_ptr, sel_ptr, out_ptr, lse_ptr,
-    T, S, H, TOPK, NUM_SPLITS, keys_per_split, qk_scale,
-    s_qcb, s_qct, s_qch, s_qrb, s_qrt, s_qrh, s_kvb, s_kvs, s_krb, s_krs, s_selb, s_selt,
-    s_ob, s_ot, s_osp, s_oh, s_lb, s_lt, s_lsp,
-    C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-):
-    """`_sparse_mla_kernel` with the scores one block ahead ("lookahead", software pipelining by hand): step j
-    computes the scores of key block j and the weighted sum of block j-1, whose p~ it carried over. No product
-    then feeds another within a step, so Triton splits both over the two warpgroups (by keys for the scores, by
-    value columns for the sum) instead of having both compute the same q·k; the price is reading block j-1's
-    rows a second time (from L2: this program just read them). Same maths and rounding as the one-pass kernel."""
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    n_hb = tl.cdiv(H, BLOCK_H)
-    hb = pid % n_hb
-    split = (pid // n_hb) % NUM_SPLITS
-    t = (pid // n_hb // NUM_SPLITS).to(tl.int64)
-    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_r = tl.arange(0, BLOCK_R)
-    h_ok, c_ok, r_ok = offs_h < H, offs_c < C, offs_r < R
-
-    q_c = tl.load(qc_ptr + b * s_qcb + t * s_qct + offs_h[:, None] * s_qch + offs_c[None, :],
-                  mask=h_ok[:, None] & c_ok[None, :], other=0.0)
-    q_r = tl.load(qr_ptr + b * s_qrb + t * s_qrt + offs_h[:, None] * s_qrh + offs_r[None, :],
-                  mask=h_ok[:, None] & r_ok[None, :], other=0.0)
-    sel_row = sel_ptr + b * s_selb + t * s_selt
-    kv_base = kv_ptr + b * s_kvb
-    kr_base = kr_ptr + b * s_krb
-    start = split * keys_per_split
-    end = tl.minimum(start + keys_per_split, TOPK)
-
-    # block 0: scores only
-    offs_i = start + tl.arange(0, BLOCK_N)
-    idx = tl.load(sel_row + offs_i, mask=offs_i < end, other=-1)
-    valid = (idx >= 0) & (idx < S)
-    rows = tl.where(valid, idx, 0).to(tl.int64)
-    kc = tl.load(kv_base + rows[:, None] * s_kvs + offs_c[None, :], mask=c_ok[None, :], other=0.0)
-    kr = tl.load(kr_base + rows[:, None] * s_krs + offs_r[None, :], mask=r_ok[None, :], other=0.0)
-    m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    p, alpha, m_i, l_i = _block_scores(q_c, q_r, kc, kr, valid, m_i, l_i, qk_scale)
-    p = p.to(kc.dtype)
-    acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
-    for i in range(start + BLOCK_N, end, BLOCK_N):
-        # the weighted sum of the previous block, with the p~ and alpha carried over from the last step
-        v = tl.load(kv_base + rows[:, None] * s_kvs + offs_c[None, :], mask=c_ok[None, :], other=0.0)
-        acc = tl.dot(p, v, acc * alpha[:, None])
-        # the scores of this block
-        offs_i = i + tl.arange(0, BLOCK_N)
-        idx = tl.load(sel_row + offs_i, mask=offs_i < end, other=-1)
-        valid = (idx >= 0) & (idx < S)
-        rows = tl.where(valid, idx, 0).to(tl.int64)
-        kc = tl.load(kv_base + rows[:, None] * s_kvs + offs_c[None, :], mask=c_ok[None, :], other=0.0)
-        kr = tl.load(kr_base + rows[:, None] * s_krs + offs_r[None, :], mask=r_ok[None, :], other=0.0)
-        p, alpha, m_i, l_i = _block_scores(q_c, q_r, kc, kr, valid, m_i, l_i, qk_scale)
-        p = p.to(kc.dtype)
-    v = tl.load(kv_base + rows[:, None] * s_kvs + offs_c[None, :], mask=c_ok[None, :], other=0.0)
-    acc = tl.dot(p, v, acc * alpha[:, None])  # the last block's weighted sum
 
     _store_result(acc, m_i, l_i, out_ptr + b * s_ob + t * s_ot + split * s_osp, lse_ptr + b * s_lb + t * s_lt
                   + split * s_lsp, offs_h, offs_c, h_ok, c_ok, s_oh, SPLIT)
@@ -679,8 +604,7 @@ def sparse_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.
     blocks = triton.cdiv(max(topk, 1), cfg["BLOCK_N"])
     splits = _num_splits(B * T * triton.cdiv(H, cfg["BLOCK_H"]), blocks, q_absorbed.device, num_splits)
     keys_of = (selected, (topk,), (selected.stride(0), selected.stride(1)))
-    kernel = _sparse_mla_ahead_kernel if variant == "lookahead" else _sparse_mla_kernel
-    return _launch(kernel, keys_of, q_absorbed, q_rope, kv_latent, k_rope, scale,
+    return _launch(_sparse_mla_kernel, keys_of, q_absorbed, q_rope, kv_latent, k_rope, scale,
                    max(topk, 1), splits, cfg, out)
 
 
@@ -706,9 +630,6 @@ def dense_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.T
     require_device(q_absorbed=q_absorbed, q_rope=q_rope, kv_latent=kv_latent, k_rope=k_rope, q_positions=q_positions)
     pos = pos.expand(B, T).to(torch.int64).contiguous()
     variant, config = _tuned_variant("dense_decode", variant, config)
-    if variant == "lookahead":
-        raise ValueError("dense_mla: variant 'lookahead' is a prefill variant of sparse_mla; use 'one_pass' or "
-                         "'two_pass'.")
     cfg = _variant_config(variant, DENSE_CONFIG, config)
     out = _output(out, B, T, H, C, q_absorbed.dtype, q_absorbed.device, "dense_mla")
     if B * T * H == 0:
