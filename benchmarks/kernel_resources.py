@@ -94,10 +94,10 @@ def cases() -> list:
         for split in (False, True):
             types = dict(sel_ptr="*i64", out_ptr="*fp32" if split else "*bf16", lse_ptr="*fp32", qk_scale="fp32")
             out.append((f"one_pass sparse_mla split={split} {tiles}", kmla._sparse_mla_kernel, types,
-                        {**mla, **tiles, "SPLIT": split}, cfg))
+                        {**mla, **tiles, "SPLIT": split, "OFF32": True}, cfg))
         types = dict(pos_ptr="*i64", out_ptr="*fp32", lse_ptr="*fp32", qk_scale="fp32")
         out.append((f"one_pass dense_mla split=True {tiles}", kmla._dense_mla_kernel, types,
-                    {**mla, **tiles, "SPLIT": True}, cfg))
+                    {**mla, **tiles, "SPLIT": True, "OFF32": True}, cfg))
     two = [c for c in bench.SWEEP["sparse_prefill"] + bench.SWEEP["dense_decode"] if c["variant"] == "two_pass"]
     seen = set()
     for cfg in two:

@@ -332,6 +332,20 @@ def test_sparse_mla_matches_sparse_attention(num_splits):
     assert torch.equal(again[0, 3], out[0, 3])
 
 
+def test_mla_kernels_64_bit_offsets(monkeypatch):
+    """Caches too long for 32-bit offsets take the int64 address path: same results (forced here)."""
+    cache = torch.empty(1, 0, 576)  # [B, S, C + R]: row stride 576, as the 671B cache
+    assert kmla._offsets_fit_32(131072, cache) and not kmla._offsets_fit_32(2**22, cache)
+    B, T, H, C, R, S, k = 1, 3, 16, 32, 8, 40, 24
+    qa, qr, lat, kr = mla_inputs(B, T, H, C, R, S)
+    sel = random_selection(torch.tensor([5, 30, S - 1]), k, B)
+    fast = kmla.sparse_mla(qa, qr, lat, kr, sel, 0.3, config=MLA_TILES)
+    dense = kmla.dense_mla(qa, qr, lat, kr, torch.tensor([5, 30, S - 1]), 0.3, config=MLA_TILES)
+    monkeypatch.setattr(kmla, "_offsets_fit_32", lambda S, *caches: False)
+    assert torch.equal(kmla.sparse_mla(qa, qr, lat, kr, sel, 0.3, config=MLA_TILES), fast)
+    assert torch.equal(kmla.dense_mla(qa, qr, lat, kr, torch.tensor([5, 30, S - 1]), 0.3, config=MLA_TILES), dense)
+
+
 def test_sparse_mla_bf16_window_selection_t_below_k():
     """bf16 in/out; a window of 32 > most positions (T < k: leading -1 slots), int32 indices."""
     B, T, H, C, R, S = 1, 6, 16, 64, 16, 12
