@@ -32,10 +32,11 @@ Two ways around it were measured on the H200 and lost (T = 2048 queries at 128K,
 kernel that computes the scores of block j+1 while summing block j (no product feeds another within a step, so
 Triton splits both over the warpgroups) ran at 105–150 TFLOP/s against this kernel's 244: the softmax then needs
 cross-warpgroup reductions and a layout change through shared memory every step, and block j's rows are read
-twice (commit 4615d13, data/gpu_kernels/lookahead_trial.csv). Rescaling the accumulator only when a running maximum grew
-by more than 8 (base 2: a factor 256; a branch per step) lost too (200 against 244), and walking the keys in position order
-instead of top-k order changes nothing (215 TFLOP/s both ways at 16K–128K: data/gpu_kernels/gather_trial.csv,
-selection_order.csv). What helped: 32-bit gather offsets (`_load_rows`), 244 -> 256.
+twice (commit 4615d13, data/gpu_kernels/lookahead_trial.csv). Rescaling the accumulator only when a running
+maximum grew by more than 8 (base 2: a factor 256; a branch per step) lost too (200 against 244), and walking
+the keys in position order instead of top-k order changes nothing (215 TFLOP/s both ways at 16K–128K:
+data/gpu_kernels/gather_trial.csv, selection_order.csv). What helped: 32-bit gather offsets (`_load_rows`),
+244 -> 256.
 
 **Two-pass softmax** (`variant="two_pass"`): the same maths in two kernels, each with ONE matrix product per
 step, so no dot feeds another and every warp computes different numbers:
