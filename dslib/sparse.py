@@ -177,8 +177,8 @@ def _kernels(backend: str, device: torch.device):
     """`dslib.kernels` (chapter 6) for backend="triton" when it can run here; None means the PyTorch path.
 
     The kernels plug in here, imported only when asked for (a later chapter, so by name at run time). When they
-    cannot run (not installed, no CUDA device, no Triton / FP8 support), warn once with the reason and use PyTorch:
-    the same numbers, computed by this module's own code."""
+    cannot run (`kernels.unavailable_reason()`: no CUDA device, no Triton or one older than 3.6), warn once with
+    the reason and use PyTorch: the same numbers, computed by this module's own code."""
     if backend == "torch":
         return None
     try:
@@ -186,11 +186,10 @@ def _kernels(backend: str, device: torch.device):
     except ImportError as err:
         reason = f"dslib.kernels is not importable ({err})"
     else:
-        if not kernels.available():
-            reason = "dslib.kernels.available() is False (no CUDA device, or Triton / FP8 support missing)"
-        elif device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
+        reason = kernels.unavailable_reason()
+        if reason is None and device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
             reason = f"the tensors are on {device}, the kernels run on CUDA devices"
-        else:
+        if reason is None:
             return kernels
     if reason not in _WARNED:
         _WARNED.add(reason)

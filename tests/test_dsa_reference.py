@@ -2,11 +2,12 @@
 weights selects the same tokens and gives the same output as `dslib.sparse.DSAttention`."""
 import pytest
 import torch
+from oracle import need_transformers
 
 from dslib.config import ModelConfig
 from dslib.sparse import AttentionStats, DSAttention
 
-transformers = pytest.importorskip("transformers")
+need_transformers(module_level=True)
 from transformers.models.deepseek_v32 import modeling_deepseek_v32 as hf  # noqa: E402
 from transformers.models.deepseek_v32.configuration_deepseek_v32 import DeepseekV32Config  # noqa: E402
 

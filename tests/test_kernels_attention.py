@@ -16,6 +16,10 @@ import torch
 
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
+from dslib.kernels import triton_problem  # noqa: E402  (reads the version only; imports no Triton)
+
+if triton_problem() is not None:  # e.g. torch 2.4, which ships Triton 3.0
+    pytest.skip(f"the kernels do not run here: {triton_problem()}", allow_module_level=True)
 
 for _name in ("dslib.kernels.topk", "dslib.kernels.indexer", "dslib.kernels.sparse_mla"):  # decorated earlier?
     if _name in sys.modules:
@@ -29,6 +33,7 @@ from dslib.kernels import sparse_mla as kmla  # noqa: E402
 from dslib.kernels import topk as ktopk  # noqa: E402
 from dslib.mla import MLA  # noqa: E402
 from dslib.sparse import (  # noqa: E402
+    DSAttention,
     causal_mask,
     dense_masked_attention,
     sparse_attention,
@@ -74,7 +79,23 @@ def test_available_under_the_interpreter_and_without_triton(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    assert not kernels.available() and "not installed" in kernels.unavailable_reason()
+
+
+def test_a_triton_older_than_3_6_is_not_used(monkeypatch):
+    """torch 2.4 ships Triton 3.0: the kernels are not tested there, so DSA takes the PyTorch path, with one warning."""
+    assert kernels.triton_version() >= (3, 6)
+    monkeypatch.setattr(kernels, "triton_version", lambda: (3, 0, 0))
     assert not kernels.available()
+    assert kernels.unavailable_reason() == kernels.triton_problem()
+    assert "Triton 3.0.0 is older than 3.6" in kernels.triton_problem()
+    cfg = ModelConfig.tiny(index_topk=4)
+    attn = DSAttention(cfg).eval()
+    h = torch.randn(1, 6, cfg.hidden_size)
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"Triton 3\.0\.0 is older than 3\.6.*PyTorch path"):
+        out = attn(h, backend="triton")
+    with torch.no_grad():
+        torch.testing.assert_close(out, attn(h), rtol=0, atol=0)
 
 
 def test_cpu_tensors_without_the_interpreter_raise(monkeypatch):

@@ -76,7 +76,9 @@ def test_attention_matches_torch_sdpa(kv_heads):
     q = torch.randn(2, 4, 9, 8)
     k, v = torch.randn(2, kv_heads, 9, 8), torch.randn(2, kv_heads, 9, 8)
     ours = causal_attention(q, k, v, torch.arange(9))
-    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    group = q.shape[1] // kv_heads  # each KV head serves `group` query heads (SDPA's enable_gqa, torch >= 2.5)
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                         is_causal=True)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 

@@ -6,12 +6,13 @@ k_rope is a permutation of dslib's (scores are unchanged); keep mscale == mscale
 """
 import pytest
 import torch
+from oracle import need_transformers
 
 from dslib.config import ModelConfig
 from dslib.mla import MLA, LatentCache, load_weights
 from dslib.rope import softmax_scale
 
-transformers = pytest.importorskip("transformers")
+need_transformers(module_level=True)
 from transformers import DeepseekV3Config, DeepseekV32Config  # noqa: E402
 from transformers.cache_utils import DynamicCache  # noqa: E402
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding  # noqa: E402

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracle import need_transformers
 
 import dslib
 from dslib.checkpoint import SafetensorsSource, dequantize_fp8_blocks, write_checkpoint
 
-transformers = pytest.importorskip("transformers")
+need_transformers(module_level=True)
 from transformers import DeepseekV32Config, DeepseekV32ForCausalLM  # noqa: E402
 
 # index_topk 4 < prompt length 14: DSA is really sparse. 8 indexer heads: with very few heads, ReLU makes many

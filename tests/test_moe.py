@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from oracle import need_transformers
 
 from dslib.attention import FeedForward
 from dslib.config import ConfigError, ModelConfig
@@ -90,6 +91,7 @@ def test_state_dict_names_are_the_checkpoints():
 
 # ---------------------------------------------------------------------------------------------------- oracle
 def test_mlp_equals_transformers():
+    need_transformers()
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MLP
 
     cfg = cfg_()
@@ -102,6 +104,7 @@ def test_mlp_equals_transformers():
 
 @pytest.mark.parametrize("groups", [(4, 2), (4, 1), (8, 3), (1, 1)])
 def test_gate_equals_transformers_router(groups):
+    need_transformers()
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
     n_group, topk_group = groups
@@ -118,6 +121,7 @@ def test_gate_equals_transformers_router(groups):
 
 
 def test_moe_block_equals_transformers():
+    need_transformers()
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
     cfg = cfg_()

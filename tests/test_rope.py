@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from oracle import need_transformers
 
 from dslib.config import ConfigError, ModelConfig
 from dslib.rope import (
@@ -33,6 +34,7 @@ def test_yarn_range_and_frequencies_671b():
 
 
 def test_frequencies_match_transformers():
+    need_transformers()
     from transformers import DeepseekV32Config
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -106,6 +108,7 @@ def test_half_split_complex_vs_rotate_half():
     rotation = torch.polar(torch.ones(5, 4).double(), angles.double())[:, None]
     z = torch.complex(x[..., :4].double(), x[..., 4:].double()) * rotation
     torch.testing.assert_close(out.double(), torch.cat([z.real, z.imag], -1), rtol=1e-5, atol=1e-6)
+    need_transformers()  # and the same with transformers' rotate-half
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import apply_rotary_pos_emb
 
     emb = torch.cat([angles, angles], -1)
@@ -115,6 +118,7 @@ def test_half_split_complex_vs_rotate_half():
 
 def test_interleaved_vs_transformers_is_a_permutation():
     """transformers writes the interleaved result as [even | odd] (REFERENCE §9.2 item 7)."""
+    need_transformers()
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import apply_rotary_pos_emb_interleave
 
     x = torch.randn(1, 4, 2, 8)

@@ -5,7 +5,8 @@ CPU under Triton's interpreter (`TRITON_INTERPRET=1`, tiny shapes) and at full w
 imported from this package until a caller asks for a kernel (`backend="triton"`, or an FP8 linear on a GPU), so
 the rest of dslib runs without Triton, with or without CUDA.
 
-    available()     can the kernels run here? (Triton importable, and a CUDA GPU or the CPU interpreter)
+    available()     can the kernels run here? (Triton >= 3.6, and a CUDA GPU or the CPU interpreter);
+                    unavailable_reason() says why not
     indexer         the lightning indexer's scores and top-k, fused (bf16 / FP8)
     topk            top-k selection by radix select (histograms of key digits, no sort)
     sparse_mla      sparse MLA attention over the selected latents (in-kernel gather; online or two-pass softmax)
@@ -14,8 +15,10 @@ the rest of dslib runs without Triton, with or without CUDA.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import re
 
 
 def interpreting() -> bool:
@@ -23,15 +26,63 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def available() -> bool:
-    """Whether the Triton kernels can run here: Triton importable and a CUDA device present (or the interpreter)."""
+# The oldest Triton these kernels have run with: 3.6 compiled (the H200 image, torch 2.11) and 3.9 in the CPU
+# interpreter (CI). Older ones are not used: untested there, and their interpreter fails on NumPy 2 scalars.
+OLDEST_TRITON = (3, 6)
+
+
+def triton_version() -> tuple[int, ...] | None:
+    """The installed Triton's version as numbers, e.g. (3, 6, 0); None when Triton is not installed. Read from the
+    package metadata, so Triton is not imported (it must see TRITON_INTERPRET before it is)."""
     if importlib.util.find_spec("triton") is None:
-        return False
-    if interpreting():
-        return True
+        return None
+    return _installed_triton_version()
+
+
+@functools.cache
+def _installed_triton_version() -> tuple[int, ...]:
+    from importlib import metadata
+
+    for dist in ("triton", "pytorch-triton"):
+        try:
+            text = metadata.version(dist)
+            break
+        except metadata.PackageNotFoundError:
+            continue
+    else:
+        import triton
+
+        text = triton.__version__
+    return tuple(int(part) for part in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+def triton_problem() -> str | None:
+    """What is wrong with this machine's Triton for the kernels (not installed, or older than 3.6); None if nothing."""
+    version = triton_version()
+    if version is None:
+        return "Triton is not installed (PyTorch's CUDA wheels ship it)"
+    if version[:2] < OLDEST_TRITON:
+        return (f"Triton {'.'.join(map(str, version))} is older than {'.'.join(map(str, OLDEST_TRITON))}, the oldest "
+                "these kernels are tested with (PyTorch >= 2.11 ships it)")
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """Why the Triton kernels cannot run here, in words; None when they can (Triton >= 3.6, and a CUDA device or
+    the interpreter)."""
+    problem = triton_problem()
+    if problem is not None or interpreting():
+        return problem
     import torch
 
-    return torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        return "no CUDA device (TRITON_INTERPRET=1 runs the kernels, slowly, on the CPU)"
+    return None
+
+
+def available() -> bool:
+    """Whether the Triton kernels can run here (`unavailable_reason()` says why not)."""
+    return unavailable_reason() is None
 
 
 SUBMODULES = ("indexer", "topk", "sparse_mla", "fp8", "moe", "launch")

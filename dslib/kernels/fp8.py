@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from dslib.checkpoint import FP8_DTYPE, FP8_MAX, dequantize_fp8_blocks, scale_shape
+from dslib.kernels import triton_problem
 
 try:
     import triton
@@ -450,6 +451,9 @@ def linear_fast_path(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: to
             or weight.device != x.device
             or block != BLOCK or x.shape[-1] % BLOCK or (x.requires_grad and torch.is_grad_enabled())
             or _capability(x.device) < (8, 9)):
+        return None
+    if (problem := triton_problem()) is not None:
+        warn_once(f"FP8Linear: {problem}; the weight is dequantised instead (same numbers, slower).")
         return None
     try:
         return fp8_linear(x, weight, weight_scale_inv)
