@@ -235,7 +235,8 @@ def test_triton_backend_dispatch_and_fallback(monkeypatch):
             calls.append(("sparse_mla", q_absorbed.shape, selected.shape))
             return sparse.sparse_attention(q_absorbed, q_rope, kv_latent, k_rope, selected, scale)
 
-        fake = types.SimpleNamespace(available=lambda: True, indexer=types.SimpleNamespace(index_topk=index_topk),
+        fake = types.SimpleNamespace(unavailable_reason=lambda: None,
+                                     indexer=types.SimpleNamespace(index_topk=index_topk),
                                      sparse_mla=types.SimpleNamespace(sparse_mla=sparse_mla))
         monkeypatch.setitem(sys.modules, "dslib.kernels", fake)
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors are fine for the interpreter
