@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,3 +76,18 @@ def test_notebook_time_table():
         goal = x.split("|")[3].strip()
         if goal.startswith("≤"):
             assert float(x.split("|")[2]) <= float(goal[1:])
+
+
+def test_oldest_torch_record():
+    """What README says about torch 2.4 is what the recorded run printed."""
+    record = (DATA / "oldest_torch.txt").read_text()
+    unit = re.search(r"(\d+) passed, (\d+) skipped, \d+ deselected", record)
+    cells = re.search(r"= (\d+) passed in", record.split("test-notebooks")[-1])
+    assert "torch 2.4.1" in record and "failed" not in record
+    assert f"all six\n  notebooks pass ({cells[1]} cells) and {unit[1]} unit tests pass; {unit[2]} skip" in README
+    reasons = re.findall(r"^SKIPPED \[(\d+)\] [^:]+:\d+: (.*)$", record, re.M)
+    assert sum(int(n) for n, _ in reasons) == int(unit[2])
+    assert {why for _, why in reasons} <= {
+        "transformers 5, the reference, needs torch >= 2.6; this is torch 2.4.1+cu121", "needs a CUDA GPU",
+        "the kernels do not run here: Triton 3.0.0 is older than 3.6, the oldest these kernels are tested with "
+        "(PyTorch >= 2.11 ships it)"}
