@@ -87,7 +87,6 @@ def test_oldest_torch_record():
     assert f"all six\n  notebooks pass ({cells[1]} cells) and {unit[1]} unit tests pass; {unit[2]} skip" in README
     reasons = re.findall(r"^SKIPPED \[(\d+)\] [^:]+:\d+: (.*)$", record, re.M)
     assert sum(int(n) for n, _ in reasons) == int(unit[2])
-    assert {why for _, why in reasons} <= {
-        "transformers 5, the reference, needs torch >= 2.6; this is torch 2.4.1+cu121", "needs a CUDA GPU",
-        "the kernels do not run here: Triton 3.0.0 is older than 3.6, the oldest these kernels are tested with "
-        "(PyTorch >= 2.11 ships it)"}
+    known = ("transformers 5, the reference, needs torch >= 2.6; this is torch 2.4.1", "needs a CUDA GPU",
+             "the kernels do not run here: Triton 3.0.0 is older than 3.6, the oldest these kernels are tested with")
+    assert all(why.startswith(known) for _, why in reasons), reasons

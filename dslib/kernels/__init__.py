@@ -63,7 +63,7 @@ def triton_problem() -> str | None:
         return "Triton is not installed (PyTorch's CUDA wheels ship it)"
     if version[:2] < OLDEST_TRITON:
         return (f"Triton {'.'.join(map(str, version))} is older than {'.'.join(map(str, OLDEST_TRITON))}, the oldest "
-                "these kernels are tested with (PyTorch >= 2.11 ships it)")
+                "these kernels are tested with (PyTorch >= 2.10 ships it)")
     return None
 
 
