@@ -384,6 +384,18 @@ def test_moe_falls_back_with_one_warning_for_fp32_experts():
         moe(x, backend="cuda")
 
 
+def test_moe_falls_back_with_one_warning_for_a_too_old_triton(monkeypatch):
+    cfg = ModelConfig.tiny(hidden_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+                           n_group=4, topk_group=2)
+    moe = MoE(cfg).to(torch.bfloat16)
+    x = torch.randn(1, 5, 64, dtype=torch.bfloat16)
+    fp8._WARNED.clear()
+    monkeypatch.setattr(kmoe, "TRITON_PROBLEM", "Triton 3.0.0 is older than 3.6")
+    with pytest.warns(RuntimeWarning, match=r"Triton 3\.0\.0 is older than 3\.6; using the torch path"):
+        y = moe(x, backend="triton")
+    assert torch.equal(y, moe(x, backend="torch"))
+
+
 def test_moe_nan_token_poisons_only_its_own_output(poisoned):
     w13, s13, w2, s2 = stacked_fp8(4, 128, 128, seed=5)
     idx, wt = uneven_routing(12, 4, 2, seed=2)

@@ -42,6 +42,8 @@ except ImportError:  # PyTorch's CPU wheels ship without Triton: the torch paths
     triton = types.SimpleNamespace(jit=lambda fn: fn)
     tl = None
 
+TRITON_PROBLEM = triton_problem()  # checked once, off the hot path: None, or why this Triton is not used
+
 BLOCK = 128  # channels per activation scale, rows and columns per weight scale (`weight_block_size`)
 AMAX_FLOOR = 1e-4  # an all-zero block still gets a finite scale (as DeepSeek's act_quant)
 POISON = False  # tests set True: every output buffer starts as NaN, so an element a kernel forgets shows up
@@ -452,8 +454,8 @@ def linear_fast_path(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: to
             or block != BLOCK or x.shape[-1] % BLOCK or (x.requires_grad and torch.is_grad_enabled())
             or _capability(x.device) < (8, 9)):
         return None
-    if (problem := triton_problem()) is not None:
-        warn_once(f"FP8Linear: {problem}; the weight is dequantised instead (same numbers, slower).")
+    if TRITON_PROBLEM is not None:
+        warn_once(f"FP8Linear: {TRITON_PROBLEM}; the weight is dequantised instead (same numbers, slower).")
         return None
     try:
         return fp8_linear(x, weight, weight_scale_inv)

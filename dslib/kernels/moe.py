@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from dslib.checkpoint import FP8_DTYPE, FP8Linear, dequantize_fp8_blocks
-from dslib.kernels import triton_problem
 from dslib.kernels.fp8 import (
     BLOCK,
+    TRITON_PROBLEM,
     _act_quant_2d,
     _capability,
     _empty,
@@ -481,8 +481,8 @@ def stack_experts(moe: MoE) -> StackedExperts:
 
 def _why_not(moe: MoE, x: torch.Tensor) -> str | None:
     """Why the grouped path cannot run this call (None when it can)."""
-    if tl is None or triton_problem() is not None:
-        return triton_problem() or "Triton is not importable"
+    if TRITON_PROBLEM is not None or tl is None:
+        return TRITON_PROBLEM or "Triton is not importable"
     if not triton_runs_on(x):
         return f"the tokens are on {x.device}, and Triton runs on CUDA GPUs (or on CPU with TRITON_INTERPRET=1)"
     lin = moe.experts[0].gate_proj
