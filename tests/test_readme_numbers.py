@@ -90,3 +90,18 @@ def test_oldest_torch_record():
     known = ("transformers 5, the reference, needs torch >= 2.6; this is torch 2.4.1", "needs a CUDA GPU",
              "the kernels do not run here: Triton 3.0.0 is older than 3.6, the oldest these kernels are tested with")
     assert all(why.startswith(known) for _, why in reasons), reasons
+
+
+def test_make_test_record():
+    """The README's account of the repeated `make test` runs is data/make_test_runs.csv."""
+    runs = {r["run"]: r for r in rows(DATA / "make_test_runs.csv")}
+    ten = [runs[f"ten{i}"] for i in range(1, 11)]
+    assert {r["commit"] for r in ten} == {"95e6732"} and all(r["exit_code"] == "0" for r in ten)
+    seconds = [int(r["seconds"]) for r in ten]
+    assert f"commit 95e6732, {min(seconds)}–{max(seconds)} s each) all passed" in README
+    ci1 = runs["ci1"]
+    pytest_s = re.search(r"in ([\d.]+)s", ci1["summary"])[1]
+    assert ci1["exit_code"] == "0" and "every install" in ci1["note"]
+    minutes, secs = divmod(int(ci1["seconds"]), 60)
+    assert f"every install included, passed in {minutes} min {secs} s (pytest {float(pytest_s):.0f} s;" in README
+    assert all(runs[r]["exit_code"] == "0" for r in ("ci2", "ci3"))
