@@ -405,6 +405,32 @@ def test_two_pass_sparse_mla_matches_sparse_attention(num_splits):
     assert (out - one_pass).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_key_rows_sparse_mla_matches_sparse_attention(num_splits):
+    """The key-rows variant (keys as the rows of the score product) on the ragged case of the one-pass test:
+    same results as the PyTorch path and as the one-pass kernel, fp32 and bf16."""
+    B, T, H, C, R, S, k = 2, 4, 20, 32, 16, 40, 24
+    qa, qr, lat, kr = mla_inputs(B, T, H, C, R, S)
+    sel = random_selection(torch.tensor([5, 17, 30, S - 1]), k, B)
+    sel[0, 3, 7:] = -1
+    sel[1, 2] = -1
+    sel[0, 1, 2] = S + 3
+    out = torch.full((B, T, H, C), float("nan"))
+    kmla.sparse_mla(qa, qr, lat, kr, sel, 0.3, out=out, num_splits=num_splits, config=MLA_TILES, variant="key_rows")
+    ref_sel = sel.clone()
+    ref_sel[0, 1, 2] = -1
+    ref = sparse_attention(qa, qr, lat, kr, ref_sel, 0.3)
+    assert ref[1, 2].isnan().all() and (out[1, 2] == 0).all()
+    ok = ~ref.isnan()
+    assert (out[ok] - ref[ok]).abs().max() < 1e-5
+    one_pass = kmla.sparse_mla(qa, qr, lat, kr, sel, 0.3, num_splits=num_splits, config=MLA_TILES)
+    assert (out - one_pass).abs().max() < 1e-5
+    b16 = [t.bfloat16() for t in (qa, qr, lat, kr)]
+    got = kmla.sparse_mla(*b16, sel.to(torch.int32), 0.3, config=MLA_TILES, variant="key_rows")
+    want = kmla.sparse_mla(*b16, sel.to(torch.int32), 0.3, config=MLA_TILES)
+    assert rel_err(got, want) < 1e-2
+
+
 def test_two_pass_sparse_mla_bf16_and_wide_tiles():
     """bf16 (p~ stored in bf16, as the one-pass kernel rounds p), value tiles of 32 columns over C = 64, 32 heads
     in one score block and two value blocks, the default chunking."""
@@ -495,6 +521,8 @@ def test_mla_kernels_bad_input():
         kmla.dense_mla(qa, qr, lat, kr, torch.arange(3), 0.1)
     with pytest.raises(ValueError, match="variant"):
         kmla.sparse_mla(qa, qr, lat, kr, sel, 0.1, variant="three_pass")
+    with pytest.raises(ValueError, match="sparse_mla only|variant must be"):
+        kmla.dense_mla(qa, qr, lat, kr, torch.arange(2), 0.1, variant="key_rows")
 
 
 def test_mla_kernels_with_an_empty_cache_give_zeros():
@@ -504,7 +532,9 @@ def test_mla_kernels_with_an_empty_cache_give_zeros():
     assert (kmla.sparse_mla(qa, qr, lat, kr, sel, 0.1, config=MLA_TILES) == 0).all()
     assert (kmla.dense_mla(qa, qr, lat, kr, torch.arange(2), 0.1, config=MLA_TILES) == 0).all()
     for variant in kmla.VARIANTS:
-        assert (kmla.sparse_mla(qa, qr, lat, kr, sel, 0.1, variant=variant, config=TWO_PASS_TILES) == 0).all()
+        tiles = MLA_TILES if variant == "key_rows" else TWO_PASS_TILES
+        assert (kmla.sparse_mla(qa, qr, lat, kr, sel, 0.1, variant=variant, config=tiles) == 0).all()
+    for variant in kmla.DENSE_VARIANTS:
         assert (kmla.dense_mla(qa, qr, lat, kr, torch.arange(2), 0.1, variant=variant, config=TWO_PASS_TILES)
                 == 0).all()
 
