@@ -96,8 +96,8 @@ def one_pass(block_h, block_n, warps, stages, variant="one_pass"):
     return dict(variant=variant, BLOCK_H=block_h, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
 
-def key_rows(block_h, block_n, warps, stages):  # the one-pass maths with keys as the score product's rows
-    return one_pass(block_h, block_n, warps, stages, variant="key_rows")
+def key_rows(block_h, block_n, warps, stages, acc_t=False):  # the one-pass maths, keys as the scores' rows
+    return {**one_pass(block_h, block_n, warps, stages, variant="key_rows"), "ACC_T": acc_t}
 
 
 # Candidates. Hopper: 227 KB shared memory per block, 64K registers per SM; tl.dot tiles >= 16. Resources from an
@@ -117,7 +117,7 @@ SWEEP = {
     # most promising first (a tight budget cuts the sweep after TUNING_SHARE of it); the first version's tiles
     # are measured in any case (the before / after rows reuse its compiled kernel)
     "sparse_prefill": [one_pass(64, 64, 8, 2), key_rows(64, 128, 8, 1), key_rows(32, 128, 8, 2), TWO_PASS_A,
-                       one_pass(64, 32, 8, 3), key_rows(32, 64, 4, 2), TWO_PASS_B, {**TWO_PASS_A, "CHUNK": 512},
+                       one_pass(64, 32, 8, 3), key_rows(32, 64, 4, 2, acc_t=True), TWO_PASS_B, {**TWO_PASS_A, "CHUNK": 512},
                        TWO_PASS_C],
     "sparse_decode": [TWO_PASS_A, one_pass(64, 32, 8, 3), key_rows(64, 128, 8, 1), TWO_PASS_B],
     "dense_decode": [TWO_PASS_A, one_pass(64, 32, 8, 3), TWO_PASS_B, one_pass(64, 64, 8, 2)],
@@ -128,7 +128,8 @@ TINY_TWO_PASS = dict(variant="two_pass", BLOCK_N=16, SCORE_BLOCK_H=16, SCORE_WAR
 TINY_SWEEP = {"index_prefill_fp8": [dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)],
               "index_prefill_bf16": [dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)],
               "index_decode": [dict(BLOCK_N=16, num_warps=4, num_stages=1)],
-              "sparse_prefill": [one_pass(16, 16, 4, 1), key_rows(16, 16, 4, 1), TINY_TWO_PASS],
+              "sparse_prefill": [one_pass(16, 16, 4, 1), key_rows(16, 16, 4, 1), key_rows(16, 16, 4, 1, True),
+                                 TINY_TWO_PASS],
               "sparse_decode": [one_pass(16, 16, 4, 1), TINY_TWO_PASS],
               "dense_decode": [one_pass(16, 16, 4, 1), TINY_TWO_PASS]}
 TINY_RADIX = dict(BLOCK=32, num_warps=4)
@@ -200,7 +201,8 @@ def label(cfg: dict | None) -> str:
     if cfg.get("variant") == "two_pass":
         return (f"two_pass N{cfg['BLOCK_N']} s{cfg['SCORE_BLOCK_H']} v{cfg['VALUE_BLOCK_H']}x{cfg['VALUE_BLOCK_C']} "
                 f"c{cfg['CHUNK']}")
-    return f"{cfg.get('variant', 'one_pass')} h{cfg.get('BLOCK_H')} n{cfg.get('BLOCK_N')}"
+    return f"{cfg.get('variant', 'one_pass')} h{cfg.get('BLOCK_H')} n{cfg.get('BLOCK_N')}" + \
+        (" accT" if cfg.get("ACC_T") else "")
 
 
 def free() -> None:

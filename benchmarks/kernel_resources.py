@@ -90,7 +90,7 @@ def cases() -> list:
                     dict(D=128, BLOCK_D=128, BLOCK_H=64, BLOCK_N=cfg["BLOCK_N"], FP8=fp8), cfg))
     one = [c for c in bench.SWEEP["sparse_prefill"] + bench.SWEEP["dense_decode"] if c["variant"] == "one_pass"]
     for cfg in [c for c in bench.SWEEP["sparse_prefill"] if c["variant"] == "key_rows"]:
-        tiles = dict(BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"])
+        tiles = dict(BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], ACC_T=cfg["ACC_T"])
         types = dict(sel_ptr="*i32", out_ptr="*bf16", lse_ptr="*fp32", qk_scale="fp32")
         out.append((f"key_rows sparse_mla split=False {tiles} w{cfg['num_warps']} s{cfg['num_stages']}",
                     kmla._sparse_mla_key_rows_kernel, types, {**mla, **tiles, "SPLIT": False, "OFF32": True}, cfg))

@@ -7,6 +7,7 @@ sentinel), so an element the kernel forgets to write fails the comparison.
 """
 from __future__ import annotations
 
+import csv
 import importlib
 import os
 import sys
@@ -405,10 +406,10 @@ def test_two_pass_sparse_mla_matches_sparse_attention(num_splits):
     assert (out - one_pass).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_key_rows_sparse_mla_matches_sparse_attention(num_splits):
-    """The key-rows variant (keys as the rows of the score product) on the ragged case of the one-pass test:
-    same results as the PyTorch path and as the one-pass kernel, fp32 and bf16."""
+@pytest.mark.parametrize("num_splits,acc_t", [(1, False), (3, False), (1, True)])
+def test_key_rows_sparse_mla_matches_sparse_attention(num_splits, acc_t):
+    """The key-rows variant (keys as the rows of the score product; ACC_T: accumulator kept as [C, heads]) on the
+    ragged case of the one-pass test: same results as the PyTorch path and as the one-pass kernel, fp32 and bf16."""
     B, T, H, C, R, S, k = 2, 4, 20, 32, 16, 40, 24
     qa, qr, lat, kr = mla_inputs(B, T, H, C, R, S)
     sel = random_selection(torch.tensor([5, 17, 30, S - 1]), k, B)
@@ -416,7 +417,8 @@ def test_key_rows_sparse_mla_matches_sparse_attention(num_splits):
     sel[1, 2] = -1
     sel[0, 1, 2] = S + 3
     out = torch.full((B, T, H, C), float("nan"))
-    kmla.sparse_mla(qa, qr, lat, kr, sel, 0.3, out=out, num_splits=num_splits, config=MLA_TILES, variant="key_rows")
+    tiles = {**MLA_TILES, "ACC_T": acc_t}
+    kmla.sparse_mla(qa, qr, lat, kr, sel, 0.3, out=out, num_splits=num_splits, config=tiles, variant="key_rows")
     ref_sel = sel.clone()
     ref_sel[0, 1, 2] = -1
     ref = sparse_attention(qa, qr, lat, kr, ref_sel, 0.3)
@@ -426,7 +428,7 @@ def test_key_rows_sparse_mla_matches_sparse_attention(num_splits):
     one_pass = kmla.sparse_mla(qa, qr, lat, kr, sel, 0.3, num_splits=num_splits, config=MLA_TILES)
     assert (out - one_pass).abs().max() < 1e-5
     b16 = [t.bfloat16() for t in (qa, qr, lat, kr)]
-    got = kmla.sparse_mla(*b16, sel.to(torch.int32), 0.3, config=MLA_TILES, variant="key_rows")
+    got = kmla.sparse_mla(*b16, sel.to(torch.int32), 0.3, config=tiles, variant="key_rows")
     want = kmla.sparse_mla(*b16, sel.to(torch.int32), 0.3, config=MLA_TILES)
     assert rel_err(got, want) < 1e-2
 
@@ -591,3 +593,15 @@ def test_use_tuning_sets_the_defaults(tmp_path):
                                                           config=MLA_TILES), atol=1e-5)
     finally:
         kernels.TUNED.clear()
+
+
+def test_key_rows_trial_dry_run(tmp_path):
+    """benchmarks/key_rows_trial.py (the GPU timing of the key-rows variant) runs its logic on tiny dims."""
+    sys.path.insert(0, str(os.path.join(os.path.dirname(__file__), "..", "benchmarks")))
+    import key_rows_trial
+
+    assert key_rows_trial.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "key_rows_trial.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [eval(r["config"])["variant"] for r in rows] == ["one_pass", "key_rows", "key_rows"]  # noqa: S307
+    assert all(r["ok"] == "True" and float(r["rel_err"]) < 1e-5 for r in rows)

@@ -79,7 +79,8 @@ from dslib.kernels.launch import pow2_block, require_device, require_dtype, sm_c
 SPARSE_CONFIG = dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=3)
 # variant="key_rows": 128 keys per step (two warpgroups of 64 key rows); q 72 KB + 128 gathered rows 144 KB leave
 # no room for a second stage.
-KEY_ROWS_CONFIG = dict(BLOCK_H=64, BLOCK_N=128, num_warps=8, num_stages=1)
+# ACC_T=True keeps the accumulator as [C, heads] (with 32 heads and 4 warps: two stages fit, no spills offline).
+KEY_ROWS_CONFIG = dict(BLOCK_H=64, BLOCK_N=128, num_warps=8, num_stages=1, ACC_T=False)
 DENSE_CONFIG = dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=3)
 # The two-pass variant: BLOCK_N keys per step in both passes (the granularity of the stored running max);
 # pass 1 SCORE_BLOCK_H heads per program, pass 2 VALUE_BLOCK_H heads × VALUE_BLOCK_C value columns (the fp32
@@ -191,11 +192,12 @@ def _sparse_mla_kernel(
 
 
 @triton.jit
-def _attend_block_key_rows(qT_c, qT_r, kc, kr, valid, m_i, l_i, acc, qk_scale):
+def _attend_block_key_rows(qT_c, qT_r, kc, kr, valid, m_i, l_i, acc, qk_scale, ACC_T: tl.constexpr):
     """`_attend_block` with the keys as the rows of the score product: sᵀ = kc · q_cᵀ is [BN, BH]. Triton gives
     all warps of a product that feeds another to its rows; here those are BLOCK_N = 128 keys, so each warpgroup
     scores its own 64 keys (no q·k computed twice) and the weighted sum, which feeds nothing, splits its 512
-    columns over the warpgroups. The softmax's max and sum now run down the columns, across warps."""
+    columns over the warpgroups. The softmax's max and sum now run down the columns, across warps.
+    ACC_T: the accumulator is kept transposed, [C, BH] += kcᵀ · pᵀ (the latent columns as its rows)."""
     sT = tl.dot(kc, qT_c)  # [BN, BH]
     sT = tl.dot(kr, qT_r, sT)
     sT = tl.where(valid[:, None], sT * qk_scale, float("-inf"))
@@ -204,7 +206,10 @@ def _attend_block_key_rows(qT_c, qT_r, kc, kr, valid, m_i, l_i, acc, qk_scale):
     alpha = tl.exp2(m_i - m_ref)
     pT = tl.exp2(sT - m_ref[None, :])  # [BN, BH]
     l_i = l_i * alpha + tl.sum(pT, axis=0)
-    acc = acc * alpha[:, None] + tl.dot(tl.trans(pT.to(kc.dtype)), kc)  # [BH, BN] × [BN, C]
+    if ACC_T:
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(kc), pT.to(kc.dtype))  # [C, BN] × [BN, BH]
+    else:
+        acc = acc * alpha[:, None] + tl.dot(tl.trans(pT.to(kc.dtype)), kc)  # [BH, BN] × [BN, C]
     return m_new, l_i, acc
 
 
@@ -215,10 +220,10 @@ def _sparse_mla_key_rows_kernel(
     s_qcb, s_qct, s_qch, s_qrb, s_qrt, s_qrh, s_kvb, s_kvs, s_krb, s_krs, s_selb, s_selt,
     s_ob, s_ot, s_osp, s_oh, s_lb, s_lt, s_lsp,
     C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, OFF32: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, OFF32: tl.constexpr, ACC_T: tl.constexpr,
 ):
-    """`_sparse_mla_kernel` (same arguments and grid) with q loaded transposed, [C, BH] and [R, BH], the second
-    operands of `_attend_block_key_rows`' score product."""
+    """`_sparse_mla_kernel` (same arguments and grid, plus ACC_T) with q loaded transposed, [C, BH] and [R, BH],
+    the second operands of `_attend_block_key_rows`' score product."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     n_hb = tl.cdiv(H, BLOCK_H)
@@ -236,7 +241,10 @@ def _sparse_mla_key_rows_kernel(
                    mask=r_ok[:, None] & h_ok[None, :], other=0.0)  # [R, BH]
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
+    if ACC_T:
+        acc = tl.zeros((BLOCK_C, BLOCK_H), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
 
     sel_row = sel_ptr + b * s_selb + t * s_selt
     kv_base = kv_ptr + b * s_kvb
@@ -250,7 +258,9 @@ def _sparse_mla_key_rows_kernel(
         rows = tl.where(valid, idx, 0)
         kc = _load_rows(kv_base, rows, s_kvs, offs_c, C, BLOCK_C, OFF32)  # [BN, C]
         kr = _load_rows(kr_base, rows, s_krs, offs_r, R, BLOCK_R, OFF32)  # [BN, R]
-        m_i, l_i, acc = _attend_block_key_rows(qT_c, qT_r, kc, kr, valid, m_i, l_i, acc, qk_scale)
+        m_i, l_i, acc = _attend_block_key_rows(qT_c, qT_r, kc, kr, valid, m_i, l_i, acc, qk_scale, ACC_T)
+    if ACC_T:
+        acc = tl.trans(acc)  # [BH, C] for the store
 
     _store_result(acc, m_i, l_i, out_ptr + b * s_ob + t * s_ot + split * s_osp, lse_ptr + b * s_lb + t * s_lt
                   + split * s_lsp, offs_h, offs_c, h_ok, c_ok, s_oh, SPLIT)
