@@ -43,6 +43,7 @@ def ptxas() -> Path:
 
 
 def report(fn, types: dict, consts: dict, num_warps: int, num_stages: int) -> dict:
+    consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.name not in consts}, **consts}
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -93,7 +94,8 @@ def cases() -> list:
         tiles = dict(BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], ACC_T=cfg["ACC_T"])
         types = dict(sel_ptr="*i32", out_ptr="*bf16", lse_ptr="*fp32", qk_scale="fp32")
         out.append((f"key_rows sparse_mla split=False {tiles} w{cfg['num_warps']} s{cfg['num_stages']}",
-                    kmla._sparse_mla_key_rows_kernel, types, {**mla, **tiles, "SPLIT": False, "OFF32": True}, cfg))
+                    kmla._sparse_mla_kernel, types, {**mla, **tiles, "SPLIT": False, "OFF32": True, "KEY_ROWS": True},
+                    cfg))
     for cfg in [c for i, c in enumerate(one) if c not in one[:i]]:
         tiles = dict(BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"])
         for split in (False, True):

@@ -523,8 +523,10 @@ def test_mla_kernels_bad_input():
         kmla.dense_mla(qa, qr, lat, kr, torch.arange(3), 0.1)
     with pytest.raises(ValueError, match="variant"):
         kmla.sparse_mla(qa, qr, lat, kr, sel, 0.1, variant="three_pass")
-    with pytest.raises(ValueError, match="sparse_mla only|variant must be"):
+    with pytest.raises(ValueError, match="variant must be"):
         kmla.dense_mla(qa, qr, lat, kr, torch.arange(2), 0.1, variant="key_rows")
+    with pytest.raises(ValueError, match="ACC_T is an option"):
+        kmla.sparse_mla(qa, qr, lat, kr, sel, 0.1, variant="one_pass", config={**MLA_TILES, "ACC_T": True})
 
 
 def test_mla_kernels_with_an_empty_cache_give_zeros():

@@ -38,7 +38,7 @@ the keys in position order instead of top-k order changes nothing (215 TFLOP/s b
 data/gpu_kernels/gather_trial.csv, selection_order.csv). What helped: 32-bit gather offsets (`_load_rows`),
 244 -> 256.
 
-**Keys as rows** (`variant="key_rows"`, `_sparse_mla_key_rows_kernel`): the same online softmax with the score
+**Keys as rows** (`variant="key_rows"`, `_attend_block_key_rows`): the same online softmax with the score
 product transposed, sᵀ = [c | k_rope] · qᵀ of shape [128 keys, 64 heads]. The rule above then gives each
 warpgroup 64 keys of its own (no q·k computed twice), and the weighted sum, whose result feeds no product, splits
 its 512 columns over the two warpgroups. An offline sm_90a compile (Triton 3.6, benchmarks/kernel_resources.py)
@@ -115,6 +115,28 @@ def _attend_block(q_c, q_r, kc, kr, valid, m_i, l_i, acc, qk_scale):
 
 
 @triton.jit
+def _attend_block_key_rows(qT_c, qT_r, kc, kr, valid, m_i, l_i, acc, qk_scale, ACC_T: tl.constexpr):
+    """`_attend_block` with the keys as the rows of the score product: sᵀ = kc · q_cᵀ is [BN, BH]. Triton gives
+    all warps of a product that feeds another to its rows; here those are BLOCK_N = 128 keys, so each warpgroup
+    scores its own 64 keys (no q·k computed twice) and the weighted sum, which feeds nothing, splits its 512
+    columns over the warpgroups. The softmax's max and sum now run down the columns, across warps.
+    ACC_T: the accumulator is kept transposed, [C, BH] += kcᵀ · pᵀ (the latent columns as its rows)."""
+    sT = tl.dot(kc, qT_c)  # [BN, BH]
+    sT = tl.dot(kr, qT_r, sT)
+    sT = tl.where(valid[:, None], sT * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sT, axis=0))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)
+    pT = tl.exp2(sT - m_ref[None, :])  # [BN, BH]
+    l_i = l_i * alpha + tl.sum(pT, axis=0)
+    if ACC_T:
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(kc), pT.to(kc.dtype))  # [C, BN] × [BN, BH]
+    else:
+        acc = acc * alpha[:, None] + tl.dot(tl.trans(pT.to(kc.dtype)), kc)  # [BH, BN] × [BN, C]
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _load_rows(base, rows, stride, offs, n: tl.constexpr, BLOCK: tl.constexpr, OFF32: tl.constexpr):
     """The cache rows `rows` [BN] of a [*, n] matrix at base, columns offs [BLOCK]: the in-kernel gather. OFF32:
     the wrapper found that every offset fits in 32 bits, which saves address arithmetic (~5% faster at the 671B
@@ -149,9 +171,12 @@ def _sparse_mla_kernel(
     s_ob, s_ot, s_osp, s_oh, s_lb, s_lt, s_lsp,
     C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, OFF32: tl.constexpr,
+    KEY_ROWS: tl.constexpr = False, ACC_T: tl.constexpr = False,
 ):
     """q_absorbed [B,T,H,C], q_rope [B,T,H,R], kv_latent [B,S,C], k_rope [B,S,R], selected [B,T,TOPK] ->
-    out [B,T,NUM_SPLITS,H,C] (+ lse [B,T,NUM_SPLITS,H] when SPLIT). Grid: (T · NUM_SPLITS · head blocks, B)."""
+    out [B,T,NUM_SPLITS,H,C] (+ lse [B,T,NUM_SPLITS,H] when SPLIT). Grid: (T · NUM_SPLITS · head blocks, B).
+    KEY_ROWS (variant="key_rows"): q is loaded transposed, [C, BH] and [R, BH], for `_attend_block_key_rows`;
+    ACC_T: its accumulator is [C, BH]."""
     pid = tl.program_id(0)  # head block fastest: the head blocks of one query gather the same rows (L2 hits)
     b = tl.program_id(1).to(tl.int64)
     n_hb = tl.cdiv(H, BLOCK_H)
@@ -163,13 +188,22 @@ def _sparse_mla_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     h_ok, c_ok, r_ok = offs_h < H, offs_c < C, offs_r < R
 
-    q_c = tl.load(qc_ptr + b * s_qcb + t * s_qct + offs_h[:, None] * s_qch + offs_c[None, :],
-                  mask=h_ok[:, None] & c_ok[None, :], other=0.0)  # [BH, C]
-    q_r = tl.load(qr_ptr + b * s_qrb + t * s_qrt + offs_h[:, None] * s_qrh + offs_r[None, :],
-                  mask=h_ok[:, None] & r_ok[None, :], other=0.0)  # [BH, R]
+    if KEY_ROWS:
+        q_c = tl.load(qc_ptr + b * s_qcb + t * s_qct + offs_h[None, :] * s_qch + offs_c[:, None],
+                      mask=c_ok[:, None] & h_ok[None, :], other=0.0)  # [C, BH]
+        q_r = tl.load(qr_ptr + b * s_qrb + t * s_qrt + offs_h[None, :] * s_qrh + offs_r[:, None],
+                      mask=r_ok[:, None] & h_ok[None, :], other=0.0)  # [R, BH]
+    else:
+        q_c = tl.load(qc_ptr + b * s_qcb + t * s_qct + offs_h[:, None] * s_qch + offs_c[None, :],
+                      mask=h_ok[:, None] & c_ok[None, :], other=0.0)  # [BH, C]
+        q_r = tl.load(qr_ptr + b * s_qrb + t * s_qrt + offs_h[:, None] * s_qrh + offs_r[None, :],
+                      mask=h_ok[:, None] & r_ok[None, :], other=0.0)  # [BH, R]
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
+    if ACC_T:
+        acc = tl.zeros((BLOCK_C, BLOCK_H), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
 
     sel_row = sel_ptr + b * s_selb + t * s_selt
     kv_base = kv_ptr + b * s_kvb
@@ -185,80 +219,10 @@ def _sparse_mla_kernel(
         rows = tl.where(valid, idx, 0)
         kc = _load_rows(kv_base, rows, s_kvs, offs_c, C, BLOCK_C, OFF32)  # [BN, C]
         kr = _load_rows(kr_base, rows, s_krs, offs_r, R, BLOCK_R, OFF32)  # [BN, R]
-        m_i, l_i, acc = _attend_block(q_c, q_r, kc, kr, valid, m_i, l_i, acc, qk_scale)
-
-    _store_result(acc, m_i, l_i, out_ptr + b * s_ob + t * s_ot + split * s_osp, lse_ptr + b * s_lb + t * s_lt
-                  + split * s_lsp, offs_h, offs_c, h_ok, c_ok, s_oh, SPLIT)
-
-
-@triton.jit
-def _attend_block_key_rows(qT_c, qT_r, kc, kr, valid, m_i, l_i, acc, qk_scale, ACC_T: tl.constexpr):
-    """`_attend_block` with the keys as the rows of the score product: sᵀ = kc · q_cᵀ is [BN, BH]. Triton gives
-    all warps of a product that feeds another to its rows; here those are BLOCK_N = 128 keys, so each warpgroup
-    scores its own 64 keys (no q·k computed twice) and the weighted sum, which feeds nothing, splits its 512
-    columns over the warpgroups. The softmax's max and sum now run down the columns, across warps.
-    ACC_T: the accumulator is kept transposed, [C, BH] += kcᵀ · pᵀ (the latent columns as its rows)."""
-    sT = tl.dot(kc, qT_c)  # [BN, BH]
-    sT = tl.dot(kr, qT_r, sT)
-    sT = tl.where(valid[:, None], sT * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(sT, axis=0))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_ref)
-    pT = tl.exp2(sT - m_ref[None, :])  # [BN, BH]
-    l_i = l_i * alpha + tl.sum(pT, axis=0)
-    if ACC_T:
-        acc = acc * alpha[None, :] + tl.dot(tl.trans(kc), pT.to(kc.dtype))  # [C, BN] × [BN, BH]
-    else:
-        acc = acc * alpha[:, None] + tl.dot(tl.trans(pT.to(kc.dtype)), kc)  # [BH, BN] × [BN, C]
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _sparse_mla_key_rows_kernel(
-    qc_ptr, qr_ptr, kv_ptr, kr_ptr, sel_ptr, out_ptr, lse_ptr,
-    T, S, H, TOPK, NUM_SPLITS, keys_per_split, qk_scale,
-    s_qcb, s_qct, s_qch, s_qrb, s_qrt, s_qrh, s_kvb, s_kvs, s_krb, s_krs, s_selb, s_selt,
-    s_ob, s_ot, s_osp, s_oh, s_lb, s_lt, s_lsp,
-    C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, OFF32: tl.constexpr, ACC_T: tl.constexpr,
-):
-    """`_sparse_mla_kernel` (same arguments and grid, plus ACC_T) with q loaded transposed, [C, BH] and [R, BH],
-    the second operands of `_attend_block_key_rows`' score product."""
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    n_hb = tl.cdiv(H, BLOCK_H)
-    hb = pid % n_hb
-    split = (pid // n_hb) % NUM_SPLITS
-    t = (pid // n_hb // NUM_SPLITS).to(tl.int64)
-    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_r = tl.arange(0, BLOCK_R)
-    h_ok, c_ok, r_ok = offs_h < H, offs_c < C, offs_r < R
-
-    qT_c = tl.load(qc_ptr + b * s_qcb + t * s_qct + offs_h[None, :] * s_qch + offs_c[:, None],
-                   mask=c_ok[:, None] & h_ok[None, :], other=0.0)  # [C, BH]
-    qT_r = tl.load(qr_ptr + b * s_qrb + t * s_qrt + offs_h[None, :] * s_qrh + offs_r[:, None],
-                   mask=r_ok[:, None] & h_ok[None, :], other=0.0)  # [R, BH]
-    m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    if ACC_T:
-        acc = tl.zeros((BLOCK_C, BLOCK_H), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
-
-    sel_row = sel_ptr + b * s_selb + t * s_selt
-    kv_base = kv_ptr + b * s_kvb
-    kr_base = kr_ptr + b * s_krb
-    start = split * keys_per_split
-    end = tl.minimum(start + keys_per_split, TOPK)
-    for i in range(start, end, BLOCK_N):
-        offs_i = i + tl.arange(0, BLOCK_N)
-        idx = tl.load(sel_row + offs_i, mask=offs_i < end, other=-1)
-        valid = (idx >= 0) & (idx < S)
-        rows = tl.where(valid, idx, 0)
-        kc = _load_rows(kv_base, rows, s_kvs, offs_c, C, BLOCK_C, OFF32)  # [BN, C]
-        kr = _load_rows(kr_base, rows, s_krs, offs_r, R, BLOCK_R, OFF32)  # [BN, R]
-        m_i, l_i, acc = _attend_block_key_rows(qT_c, qT_r, kc, kr, valid, m_i, l_i, acc, qk_scale, ACC_T)
+        if KEY_ROWS:
+            m_i, l_i, acc = _attend_block_key_rows(q_c, q_r, kc, kr, valid, m_i, l_i, acc, qk_scale, ACC_T)
+        else:
+            m_i, l_i, acc = _attend_block(q_c, q_r, kc, kr, valid, m_i, l_i, acc, qk_scale)
     if ACC_T:
         acc = tl.trans(acc)  # [BH, C] for the store
 
@@ -719,8 +683,11 @@ def sparse_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.
     blocks = triton.cdiv(max(topk, 1), cfg["BLOCK_N"])
     splits = _num_splits(B * T * triton.cdiv(H, cfg["BLOCK_H"]), blocks, q_absorbed.device, num_splits)
     keys_of = (selected, (topk,), (selected.stride(0), selected.stride(1)))
-    kernel = _sparse_mla_key_rows_kernel if variant == "key_rows" else _sparse_mla_kernel
-    return _launch(kernel, keys_of, q_absorbed, q_rope, kv_latent, k_rope, scale,
+    if variant == "key_rows":
+        cfg = {**cfg, "KEY_ROWS": True}
+    elif cfg.pop("ACC_T", False):
+        raise ValueError(f'sparse_mla: ACC_T is an option of variant="key_rows", not of {variant!r}.')
+    return _launch(_sparse_mla_kernel, keys_of, q_absorbed, q_rope, kv_latent, k_rope, scale,
                    max(topk, 1), splits, cfg, out)
 
 
