@@ -382,11 +382,9 @@ def test_sparse_mla_bf16_window_selection_t_below_k():
     assert rel_err(out, ref32) <= 2 * rel_err(sparse_attention(qa, qr, lat, kr, sel, 0.125), ref32) + 1e-3
 
 
-@pytest.mark.parametrize("num_splits", [1, 3, None])
-def test_two_pass_sparse_mla_matches_sparse_attention(num_splits):
-    """The two-pass variant on the same ragged case: CHUNK = 3 score rows per pass pair, so B = 2, T = 4 run as
-    several chunks (over sequences and queries); 20 heads in blocks of 16; k = 24 in blocks of 16; -1 slots, a
-    query with no valid key (0, not NaN), an index >= S."""
+def check_variant_on_ragged_case(num_splits, variant, tiles):
+    """B = 2, T = 4, 20 heads in blocks of 16, k = 24 in blocks of 16; -1 slots, a query with no valid key (0, not
+    NaN), an index >= S (treated as none): `variant` against the PyTorch path and against the one-pass kernel."""
     B, T, H, C, R, S, k = 2, 4, 20, 32, 16, 40, 24
     qa, qr, lat, kr = mla_inputs(B, T, H, C, R, S)
     sel = random_selection(torch.tensor([5, 17, 30, S - 1]), k, B)
@@ -394,8 +392,7 @@ def test_two_pass_sparse_mla_matches_sparse_attention(num_splits):
     sel[1, 2] = -1
     sel[0, 1, 2] = S + 3
     out = torch.full((B, T, H, C), float("nan"))
-    kmla.sparse_mla(qa, qr, lat, kr, sel, 0.3, out=out, num_splits=num_splits, config=TWO_PASS_TILES,
-                    variant="two_pass")
+    kmla.sparse_mla(qa, qr, lat, kr, sel, 0.3, out=out, num_splits=num_splits, config=tiles, variant=variant)
     ref_sel = sel.clone()
     ref_sel[0, 1, 2] = -1
     ref = sparse_attention(qa, qr, lat, kr, ref_sel, 0.3)
@@ -404,29 +401,22 @@ def test_two_pass_sparse_mla_matches_sparse_attention(num_splits):
     assert (out[ok] - ref[ok]).abs().max() < 1e-5
     one_pass = kmla.sparse_mla(qa, qr, lat, kr, sel, 0.3, num_splits=num_splits, config=MLA_TILES)
     assert (out - one_pass).abs().max() < 1e-5
+    return qa, qr, lat, kr, sel
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, None])
+def test_two_pass_sparse_mla_matches_sparse_attention(num_splits):
+    """The two-pass variant on the ragged case: CHUNK = 3 score rows per pass pair, so B = 2, T = 4 run as several
+    chunks (over sequences and queries)."""
+    check_variant_on_ragged_case(num_splits, "two_pass", TWO_PASS_TILES)
 
 
 @pytest.mark.parametrize("num_splits,acc_t", [(1, False), (3, False), (1, True)])
 def test_key_rows_sparse_mla_matches_sparse_attention(num_splits, acc_t):
     """The key-rows variant (keys as the rows of the score product; ACC_T: accumulator kept as [C, heads]) on the
-    ragged case of the one-pass test: same results as the PyTorch path and as the one-pass kernel, fp32 and bf16."""
-    B, T, H, C, R, S, k = 2, 4, 20, 32, 16, 40, 24
-    qa, qr, lat, kr = mla_inputs(B, T, H, C, R, S)
-    sel = random_selection(torch.tensor([5, 17, 30, S - 1]), k, B)
-    sel[0, 3, 7:] = -1
-    sel[1, 2] = -1
-    sel[0, 1, 2] = S + 3
-    out = torch.full((B, T, H, C), float("nan"))
+    ragged case, fp32, then bf16 against the one-pass kernel."""
     tiles = {**MLA_TILES, "ACC_T": acc_t}
-    kmla.sparse_mla(qa, qr, lat, kr, sel, 0.3, out=out, num_splits=num_splits, config=tiles, variant="key_rows")
-    ref_sel = sel.clone()
-    ref_sel[0, 1, 2] = -1
-    ref = sparse_attention(qa, qr, lat, kr, ref_sel, 0.3)
-    assert ref[1, 2].isnan().all() and (out[1, 2] == 0).all()
-    ok = ~ref.isnan()
-    assert (out[ok] - ref[ok]).abs().max() < 1e-5
-    one_pass = kmla.sparse_mla(qa, qr, lat, kr, sel, 0.3, num_splits=num_splits, config=MLA_TILES)
-    assert (out - one_pass).abs().max() < 1e-5
+    qa, qr, lat, kr, sel = check_variant_on_ragged_case(num_splits, "key_rows", tiles)
     b16 = [t.bfloat16() for t in (qa, qr, lat, kr)]
     got = kmla.sparse_mla(*b16, sel.to(torch.int32), 0.3, config=tiles, variant="key_rows")
     want = kmla.sparse_mla(*b16, sel.to(torch.int32), 0.3, config=MLA_TILES)
