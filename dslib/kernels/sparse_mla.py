@@ -46,6 +46,9 @@ shows the layouts (warps 8x1 and 4x2): per key and head the tensor cores do 2·(
 the one-pass kernel's 2·2·(C + R) + 2·C = 3,328 (1.53x). The price is a softmax that reduces across warps,
 and q (72 KB) + 128 gathered rows (144 KB) = 216 KB of shared memory, no room for a second pipeline stage.
 Not yet timed on a GPU: benchmarks/key_rows_trial.py does that, and benchmarks/gpu_kernels.py sweeps it.
+(Triton 3.6's automatic warp specialisation, `tl.range(..., warp_specialize=True)`, is no way out either: in an
+offline sm_90a compile of this loop it changes nothing with 8 warps and stops on an assertion in its Hopper pass
+with 4.)
 
 **Two-pass softmax** (`variant="two_pass"`): the same maths in two kernels, each with ONE matrix product per
 step, so no dot feeds another and every warp computes different numbers:
