@@ -82,7 +82,7 @@ from dslib.kernels.launch import pow2_block, require_device, require_dtype, sm_c
 SPARSE_CONFIG = dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=3)
 # variant="key_rows": 128 keys per step (two warpgroups of 64 key rows); q 72 KB + 128 gathered rows 144 KB leave
 # no room for a second stage.
-# ACC_T=True keeps the accumulator as [C, heads] (with 32 heads and 4 warps: two stages fit, no spills offline).
+# ACC_T=True keeps the accumulator as [C, heads] (32 heads, 4 warps: two stages fit, 184 KB, 4 B of spill offline).
 KEY_ROWS_CONFIG = dict(BLOCK_H=64, BLOCK_N=128, num_warps=8, num_stages=1, ACC_T=False)
 DENSE_CONFIG = dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=3)
 # The two-pass variant: BLOCK_N keys per step in both passes (the granularity of the stored running max);
