@@ -92,12 +92,8 @@ def two_pass(block_n, score_h, score_stages, value_h, value_c, value_stages, chu
                 VALUE_STAGES=value_stages, CHUNK=chunk)
 
 
-def one_pass(block_h, block_n, warps, stages, variant="one_pass"):
-    return dict(variant=variant, BLOCK_H=block_h, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-
-
-def key_rows(block_h, block_n, warps, stages, acc_t=False):  # the one-pass maths, keys as the scores' rows
-    return {**one_pass(block_h, block_n, warps, stages, variant="key_rows"), "ACC_T": acc_t}
+def one_pass(block_h, block_n, warps, stages):
+    return dict(variant="one_pass", BLOCK_H=block_h, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
 
 # Candidates. Hopper: 227 KB shared memory per block, 64K registers per SM; tl.dot tiles >= 16. Resources from an
@@ -116,10 +112,9 @@ SWEEP = {
     "index_decode": [dict(BLOCK_N=128, num_warps=4, num_stages=1), dict(BLOCK_N=256, num_warps=8, num_stages=1)],
     # most promising first (a tight budget cuts the sweep after TUNING_SHARE of it); the first version's tiles
     # are measured in any case (the before / after rows reuse its compiled kernel)
-    "sparse_prefill": [one_pass(64, 64, 8, 2), key_rows(64, 128, 8, 1), key_rows(32, 128, 8, 2), TWO_PASS_A,
-                       one_pass(64, 32, 8, 3), key_rows(32, 64, 4, 2, acc_t=True), TWO_PASS_B, {**TWO_PASS_A, "CHUNK": 512},
-                       TWO_PASS_C],
-    "sparse_decode": [TWO_PASS_A, one_pass(64, 32, 8, 3), key_rows(64, 128, 8, 1), TWO_PASS_B],
+    "sparse_prefill": [TWO_PASS_A, one_pass(64, 32, 8, 3), TWO_PASS_B, {**TWO_PASS_A, "CHUNK": 512}, TWO_PASS_C,
+                       one_pass(64, 64, 8, 2)],
+    "sparse_decode": [TWO_PASS_A, one_pass(64, 32, 8, 3), TWO_PASS_B],
     "dense_decode": [TWO_PASS_A, one_pass(64, 32, 8, 3), TWO_PASS_B, one_pass(64, 64, 8, 2)],
 }
 TUNING_SHARE = 0.45  # of the budget: later candidates of a sweep are skipped once tuning has used this much
@@ -128,8 +123,7 @@ TINY_TWO_PASS = dict(variant="two_pass", BLOCK_N=16, SCORE_BLOCK_H=16, SCORE_WAR
 TINY_SWEEP = {"index_prefill_fp8": [dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)],
               "index_prefill_bf16": [dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)],
               "index_decode": [dict(BLOCK_N=16, num_warps=4, num_stages=1)],
-              "sparse_prefill": [one_pass(16, 16, 4, 1), key_rows(16, 16, 4, 1), key_rows(16, 16, 4, 1, True),
-                                 TINY_TWO_PASS],
+              "sparse_prefill": [one_pass(16, 16, 4, 1), TINY_TWO_PASS],
               "sparse_decode": [one_pass(16, 16, 4, 1), TINY_TWO_PASS],
               "dense_decode": [one_pass(16, 16, 4, 1), TINY_TWO_PASS]}
 TINY_RADIX = dict(BLOCK=32, num_warps=4)
@@ -201,8 +195,7 @@ def label(cfg: dict | None) -> str:
     if cfg.get("variant") == "two_pass":
         return (f"two_pass N{cfg['BLOCK_N']} s{cfg['SCORE_BLOCK_H']} v{cfg['VALUE_BLOCK_H']}x{cfg['VALUE_BLOCK_C']} "
                 f"c{cfg['CHUNK']}")
-    return f"{cfg.get('variant', 'one_pass')} h{cfg.get('BLOCK_H')} n{cfg.get('BLOCK_N')}" + \
-        (" accT" if cfg.get("ACC_T") else "")
+    return f"one_pass h{cfg.get('BLOCK_H')} n{cfg.get('BLOCK_N')}"
 
 
 def free() -> None:

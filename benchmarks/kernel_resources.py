@@ -43,7 +43,6 @@ def ptxas() -> Path:
 
 
 def report(fn, types: dict, consts: dict, num_warps: int, num_stages: int) -> dict:
-    consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.name not in consts}, **consts}
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -90,12 +89,6 @@ def cases() -> list:
         out.append((f"index decode {'fp8' if fp8 else 'bf16'} {cfg}", kidx._index_scores_decode_kernel, types,
                     dict(D=128, BLOCK_D=128, BLOCK_H=64, BLOCK_N=cfg["BLOCK_N"], FP8=fp8), cfg))
     one = [c for c in bench.SWEEP["sparse_prefill"] + bench.SWEEP["dense_decode"] if c["variant"] == "one_pass"]
-    for cfg in [c for c in bench.SWEEP["sparse_prefill"] if c["variant"] == "key_rows"]:
-        tiles = dict(BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], ACC_T=cfg["ACC_T"])
-        types = dict(sel_ptr="*i32", out_ptr="*bf16", lse_ptr="*fp32", qk_scale="fp32")
-        out.append((f"key_rows sparse_mla split=False {tiles} w{cfg['num_warps']} s{cfg['num_stages']}",
-                    kmla._sparse_mla_kernel, types, {**mla, **tiles, "SPLIT": False, "OFF32": True, "KEY_ROWS": True},
-                    cfg))
     for cfg in [c for i, c in enumerate(one) if c not in one[:i]]:
         tiles = dict(BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"])
         for split in (False, True):

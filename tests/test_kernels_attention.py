@@ -7,7 +7,6 @@ sentinel), so an element the kernel forgets to write fails the comparison.
 """
 from __future__ import annotations
 
-import csv
 import importlib
 import os
 import sys
@@ -382,9 +381,11 @@ def test_sparse_mla_bf16_window_selection_t_below_k():
     assert rel_err(out, ref32) <= 2 * rel_err(sparse_attention(qa, qr, lat, kr, sel, 0.125), ref32) + 1e-3
 
 
-def check_variant_on_ragged_case(num_splits, variant, tiles):
-    """B = 2, T = 4, 20 heads in blocks of 16, k = 24 in blocks of 16; -1 slots, a query with no valid key (0, not
-    NaN), an index >= S (treated as none): `variant` against the PyTorch path and against the one-pass kernel."""
+@pytest.mark.parametrize("num_splits", [1, 3, None])
+def test_two_pass_sparse_mla_matches_sparse_attention(num_splits):
+    """The two-pass variant on the same ragged case: CHUNK = 3 score rows per pass pair, so B = 2, T = 4 run as
+    several chunks (over sequences and queries); 20 heads in blocks of 16; k = 24 in blocks of 16; -1 slots, a
+    query with no valid key (0, not NaN), an index >= S."""
     B, T, H, C, R, S, k = 2, 4, 20, 32, 16, 40, 24
     qa, qr, lat, kr = mla_inputs(B, T, H, C, R, S)
     sel = random_selection(torch.tensor([5, 17, 30, S - 1]), k, B)
@@ -392,7 +393,8 @@ def check_variant_on_ragged_case(num_splits, variant, tiles):
     sel[1, 2] = -1
     sel[0, 1, 2] = S + 3
     out = torch.full((B, T, H, C), float("nan"))
-    kmla.sparse_mla(qa, qr, lat, kr, sel, 0.3, out=out, num_splits=num_splits, config=tiles, variant=variant)
+    kmla.sparse_mla(qa, qr, lat, kr, sel, 0.3, out=out, num_splits=num_splits, config=TWO_PASS_TILES,
+                    variant="two_pass")
     ref_sel = sel.clone()
     ref_sel[0, 1, 2] = -1
     ref = sparse_attention(qa, qr, lat, kr, ref_sel, 0.3)
@@ -401,26 +403,6 @@ def check_variant_on_ragged_case(num_splits, variant, tiles):
     assert (out[ok] - ref[ok]).abs().max() < 1e-5
     one_pass = kmla.sparse_mla(qa, qr, lat, kr, sel, 0.3, num_splits=num_splits, config=MLA_TILES)
     assert (out - one_pass).abs().max() < 1e-5
-    return qa, qr, lat, kr, sel
-
-
-@pytest.mark.parametrize("num_splits", [1, 3, None])
-def test_two_pass_sparse_mla_matches_sparse_attention(num_splits):
-    """The two-pass variant on the ragged case: CHUNK = 3 score rows per pass pair, so B = 2, T = 4 run as several
-    chunks (over sequences and queries)."""
-    check_variant_on_ragged_case(num_splits, "two_pass", TWO_PASS_TILES)
-
-
-@pytest.mark.parametrize("num_splits,acc_t", [(1, False), (3, False), (1, True)])
-def test_key_rows_sparse_mla_matches_sparse_attention(num_splits, acc_t):
-    """The key-rows variant (keys as the rows of the score product; ACC_T: accumulator kept as [C, heads]) on the
-    ragged case, fp32, then bf16 against the one-pass kernel."""
-    tiles = {**MLA_TILES, "ACC_T": acc_t}
-    qa, qr, lat, kr, sel = check_variant_on_ragged_case(num_splits, "key_rows", tiles)
-    b16 = [t.bfloat16() for t in (qa, qr, lat, kr)]
-    got = kmla.sparse_mla(*b16, sel.to(torch.int32), 0.3, config=tiles, variant="key_rows")
-    want = kmla.sparse_mla(*b16, sel.to(torch.int32), 0.3, config=MLA_TILES)
-    assert rel_err(got, want) < 1e-2
 
 
 def test_two_pass_sparse_mla_bf16_and_wide_tiles():
@@ -513,10 +495,6 @@ def test_mla_kernels_bad_input():
         kmla.dense_mla(qa, qr, lat, kr, torch.arange(3), 0.1)
     with pytest.raises(ValueError, match="variant"):
         kmla.sparse_mla(qa, qr, lat, kr, sel, 0.1, variant="three_pass")
-    with pytest.raises(ValueError, match="variant must be"):
-        kmla.dense_mla(qa, qr, lat, kr, torch.arange(2), 0.1, variant="key_rows")
-    with pytest.raises(ValueError, match="ACC_T is an option"):
-        kmla.sparse_mla(qa, qr, lat, kr, sel, 0.1, variant="one_pass", config={**MLA_TILES, "ACC_T": True})
 
 
 def test_mla_kernels_with_an_empty_cache_give_zeros():
@@ -526,9 +504,7 @@ def test_mla_kernels_with_an_empty_cache_give_zeros():
     assert (kmla.sparse_mla(qa, qr, lat, kr, sel, 0.1, config=MLA_TILES) == 0).all()
     assert (kmla.dense_mla(qa, qr, lat, kr, torch.arange(2), 0.1, config=MLA_TILES) == 0).all()
     for variant in kmla.VARIANTS:
-        tiles = MLA_TILES if variant == "key_rows" else TWO_PASS_TILES
-        assert (kmla.sparse_mla(qa, qr, lat, kr, sel, 0.1, variant=variant, config=tiles) == 0).all()
-    for variant in kmla.DENSE_VARIANTS:
+        assert (kmla.sparse_mla(qa, qr, lat, kr, sel, 0.1, variant=variant, config=TWO_PASS_TILES) == 0).all()
         assert (kmla.dense_mla(qa, qr, lat, kr, torch.arange(2), 0.1, variant=variant, config=TWO_PASS_TILES)
                 == 0).all()
 
@@ -585,15 +561,3 @@ def test_use_tuning_sets_the_defaults(tmp_path):
                                                           config=MLA_TILES), atol=1e-5)
     finally:
         kernels.TUNED.clear()
-
-
-def test_key_rows_trial_dry_run(tmp_path):
-    """benchmarks/key_rows_trial.py (the GPU timing of the key-rows variant) runs its logic on tiny dims."""
-    sys.path.insert(0, str(os.path.join(os.path.dirname(__file__), "..", "benchmarks")))
-    import key_rows_trial
-
-    assert key_rows_trial.main(["--dry-run", "--out", str(tmp_path)]) == 0
-    with open(tmp_path / "key_rows_trial.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [eval(r["config"])["variant"] for r in rows] == ["one_pass", "key_rows", "key_rows"]  # noqa: S307
-    assert all(r["ok"] == "True" and float(r["rel_err"]) < 1e-5 for r in rows)

@@ -36,19 +36,15 @@ twice (commit 4615d13, data/gpu_kernels/lookahead_trial.csv). Rescaling the accu
 maximum grew by more than 8 (base 2: a factor 256; a branch per step) lost too (200 against 244), and walking
 the keys in position order instead of top-k order changes nothing (215 TFLOP/s both ways at 16K–128K:
 data/gpu_kernels/gather_trial.csv, selection_order.csv). What helped: 32-bit gather offsets (`_load_rows`),
-244 -> 256.
-
-**Keys as rows** (`variant="key_rows"`, `_attend_block_key_rows`): the same online softmax with the score
-product transposed, sᵀ = [c | k_rope] · qᵀ of shape [128 keys, 64 heads]. The rule above then gives each
-warpgroup 64 keys of its own (no q·k computed twice), and the weighted sum, whose result feeds no product, splits
-its 512 columns over the two warpgroups. An offline sm_90a compile (Triton 3.6, benchmarks/kernel_resources.py)
-shows the layouts (warps 8x1 and 4x2): per key and head the tensor cores do 2·(C + R) + 2·C = 2,176 FLOPs, not
-the one-pass kernel's 2·2·(C + R) + 2·C = 3,328 (1.53x). The price is a softmax that reduces across warps,
-and q (72 KB) + 128 gathered rows (144 KB) = 216 KB of shared memory, no room for a second pipeline stage.
-Not yet timed on a GPU: benchmarks/key_rows_trial.py does that, and benchmarks/gpu_kernels.py sweeps it.
-(Triton 3.6's automatic warp specialisation, `tl.range(..., warp_specialize=True)`, is no way out either: in an
-offline sm_90a compile of this loop it changes nothing with 8 warps and stops on an assertion in its Hopper pass
-with 4.)
+244 -> 256. A third way lost as well: the score product transposed, sᵀ = [c | k_rope] · qᵀ of shape [128 keys, 64
+heads], so that each warpgroup scores its own 64 keys (2,176 tensor FLOPs per key and head instead of 3,328;
+offline sm_90a compile: warps 8x1 for the scores, 4x2 for the weighted sum). Measured on an H100 against this
+kernel on the same card, six tile choices: at best 217 TFLOP/s against 253 at 128K and 248 against 262 at 16K.
+What it pays instead (not measured apart): a softmax that reduces across warps, and no second pipeline stage,
+since q (72 KB) + 128 gathered rows (144 KB) fill shared memory (commit 38e6f3a,
+data/gpu_kernels/key_rows_trial.csv). Triton 3.6's automatic warp specialisation, `tl.range(...,
+warp_specialize=True)`, is no way out either: in an offline sm_90a compile of this loop it changes nothing with 8
+warps and stops on an assertion in its Hopper pass with 4.
 
 **Two-pass softmax** (`variant="two_pass"`): the same maths in two kernels, each with ONE matrix product per
 step, so no dot feeds another and every warp computes different numbers:
@@ -80,10 +76,6 @@ from dslib.kernels.launch import pow2_block, require_device, require_dtype, sm_c
 # 64 heads per program with 8 warps: the [64, 512] fp32 accumulator is 128 registers per thread; 32 keys per step
 # keep shared memory at ~145 KB (q 72 KB + 2 × 36 KB of gathered rows) and register spills small.
 SPARSE_CONFIG = dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=3)
-# variant="key_rows": 128 keys per step (two warpgroups of 64 key rows); q 72 KB + 128 gathered rows 144 KB leave
-# no room for a second stage.
-# ACC_T=True keeps the accumulator as [C, heads] (32 heads, 4 warps: two stages fit, 184 KB, 4 B of spill offline).
-KEY_ROWS_CONFIG = dict(BLOCK_H=64, BLOCK_N=128, num_warps=8, num_stages=1, ACC_T=False)
 DENSE_CONFIG = dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=3)
 # The two-pass variant: BLOCK_N keys per step in both passes (the granularity of the stored running max);
 # pass 1 SCORE_BLOCK_H heads per program, pass 2 VALUE_BLOCK_H heads × VALUE_BLOCK_C value columns (the fp32
@@ -91,8 +83,7 @@ DENSE_CONFIG = dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=3)
 # (the score buffer: CHUNK × H × k × 2 bytes, 2 GiB at 4096 × 128 × 2048).
 TWO_PASS_CONFIG = dict(BLOCK_N=64, SCORE_BLOCK_H=64, SCORE_WARPS=8, SCORE_STAGES=2, VALUE_BLOCK_H=64,
                        VALUE_BLOCK_C=512, VALUE_WARPS=8, VALUE_STAGES=2, CHUNK=4096)
-VARIANTS = ("one_pass", "two_pass", "key_rows")
-DENSE_VARIANTS = VARIANTS[:2]  # key_rows gathers: sparse_mla only
+VARIANTS = ("one_pass", "two_pass")
 MAX_LATENT = 512  # C: the fp32 accumulator [BLOCK_H, C] lives in registers
 MAX_ROPE = 128
 COMBINE_BLOCK_H = 16  # the merge holds [16, C] fp32 per program: no register spills at C = 512
@@ -114,28 +105,6 @@ def _attend_block(q_c, q_r, kc, kr, valid, m_i, l_i, acc, qk_scale):
     p = tl.exp2(s - m_ref[:, None])  # [BH, BN] unnormalised probabilities
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(kc.dtype), kc)  # the values are the gathered latents themselves
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _attend_block_key_rows(qT_c, qT_r, kc, kr, valid, m_i, l_i, acc, qk_scale, ACC_T: tl.constexpr):
-    """`_attend_block` with the keys as the rows of the score product: sᵀ = kc · q_cᵀ is [BN, BH]. Triton gives
-    all warps of a product that feeds another to its rows; here those are BLOCK_N = 128 keys, so each warpgroup
-    scores its own 64 keys (no q·k computed twice) and the weighted sum, which feeds nothing, splits its 512
-    columns over the warpgroups. The softmax's max and sum now run down the columns, across warps.
-    ACC_T: the accumulator is kept transposed, [C, BH] += kcᵀ · pᵀ (the latent columns as its rows)."""
-    sT = tl.dot(kc, qT_c)  # [BN, BH]
-    sT = tl.dot(kr, qT_r, sT)
-    sT = tl.where(valid[:, None], sT * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(sT, axis=0))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_ref)
-    pT = tl.exp2(sT - m_ref[None, :])  # [BN, BH]
-    l_i = l_i * alpha + tl.sum(pT, axis=0)
-    if ACC_T:
-        acc = acc * alpha[None, :] + tl.dot(tl.trans(kc), pT.to(kc.dtype))  # [C, BN] × [BN, BH]
-    else:
-        acc = acc * alpha[:, None] + tl.dot(tl.trans(pT.to(kc.dtype)), kc)  # [BH, BN] × [BN, C]
     return m_new, l_i, acc
 
 
@@ -174,12 +143,9 @@ def _sparse_mla_kernel(
     s_ob, s_ot, s_osp, s_oh, s_lb, s_lt, s_lsp,
     C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, OFF32: tl.constexpr,
-    KEY_ROWS: tl.constexpr = False, ACC_T: tl.constexpr = False,
 ):
     """q_absorbed [B,T,H,C], q_rope [B,T,H,R], kv_latent [B,S,C], k_rope [B,S,R], selected [B,T,TOPK] ->
-    out [B,T,NUM_SPLITS,H,C] (+ lse [B,T,NUM_SPLITS,H] when SPLIT). Grid: (T · NUM_SPLITS · head blocks, B).
-    KEY_ROWS (variant="key_rows"): q is loaded transposed, [C, BH] and [R, BH], for `_attend_block_key_rows`;
-    ACC_T: its accumulator is [C, BH]."""
+    out [B,T,NUM_SPLITS,H,C] (+ lse [B,T,NUM_SPLITS,H] when SPLIT). Grid: (T · NUM_SPLITS · head blocks, B)."""
     pid = tl.program_id(0)  # head block fastest: the head blocks of one query gather the same rows (L2 hits)
     b = tl.program_id(1).to(tl.int64)
     n_hb = tl.cdiv(H, BLOCK_H)
@@ -191,22 +157,13 @@ def _sparse_mla_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     h_ok, c_ok, r_ok = offs_h < H, offs_c < C, offs_r < R
 
-    if KEY_ROWS:
-        q_c = tl.load(qc_ptr + b * s_qcb + t * s_qct + offs_h[None, :] * s_qch + offs_c[:, None],
-                      mask=c_ok[:, None] & h_ok[None, :], other=0.0)  # [C, BH]
-        q_r = tl.load(qr_ptr + b * s_qrb + t * s_qrt + offs_h[None, :] * s_qrh + offs_r[:, None],
-                      mask=r_ok[:, None] & h_ok[None, :], other=0.0)  # [R, BH]
-    else:
-        q_c = tl.load(qc_ptr + b * s_qcb + t * s_qct + offs_h[:, None] * s_qch + offs_c[None, :],
-                      mask=h_ok[:, None] & c_ok[None, :], other=0.0)  # [BH, C]
-        q_r = tl.load(qr_ptr + b * s_qrb + t * s_qrt + offs_h[:, None] * s_qrh + offs_r[None, :],
-                      mask=h_ok[:, None] & r_ok[None, :], other=0.0)  # [BH, R]
+    q_c = tl.load(qc_ptr + b * s_qcb + t * s_qct + offs_h[:, None] * s_qch + offs_c[None, :],
+                  mask=h_ok[:, None] & c_ok[None, :], other=0.0)  # [BH, C]
+    q_r = tl.load(qr_ptr + b * s_qrb + t * s_qrt + offs_h[:, None] * s_qrh + offs_r[None, :],
+                  mask=h_ok[:, None] & r_ok[None, :], other=0.0)  # [BH, R]
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    if ACC_T:
-        acc = tl.zeros((BLOCK_C, BLOCK_H), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
 
     sel_row = sel_ptr + b * s_selb + t * s_selt
     kv_base = kv_ptr + b * s_kvb
@@ -222,12 +179,7 @@ def _sparse_mla_kernel(
         rows = tl.where(valid, idx, 0)
         kc = _load_rows(kv_base, rows, s_kvs, offs_c, C, BLOCK_C, OFF32)  # [BN, C]
         kr = _load_rows(kr_base, rows, s_krs, offs_r, R, BLOCK_R, OFF32)  # [BN, R]
-        if KEY_ROWS:
-            m_i, l_i, acc = _attend_block_key_rows(q_c, q_r, kc, kr, valid, m_i, l_i, acc, qk_scale, ACC_T)
-        else:
-            m_i, l_i, acc = _attend_block(q_c, q_r, kc, kr, valid, m_i, l_i, acc, qk_scale)
-    if ACC_T:
-        acc = tl.trans(acc)  # [BH, C] for the store
+        m_i, l_i, acc = _attend_block(q_c, q_r, kc, kr, valid, m_i, l_i, acc, qk_scale)
 
     _store_result(acc, m_i, l_i, out_ptr + b * s_ob + t * s_ot + split * s_osp, lse_ptr + b * s_lb + t * s_lt
                   + split * s_lsp, offs_h, offs_c, h_ok, c_ok, s_oh, SPLIT)
@@ -637,8 +589,7 @@ def _tuned_variant(name: str, variant: str | None, config: dict | None) -> tuple
 def _variant_config(variant: str, base: dict, config: dict | None) -> dict:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
-    defaults = {"two_pass": TWO_PASS_CONFIG, "key_rows": KEY_ROWS_CONFIG}.get(variant, base)
-    return {**defaults, **(config or {})}
+    return {**(TWO_PASS_CONFIG if variant == "two_pass" else base), **(config or {})}
 
 
 def _output(out, B, T, H, C, dtype, device, name):
@@ -686,10 +637,6 @@ def sparse_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.
     blocks = triton.cdiv(max(topk, 1), cfg["BLOCK_N"])
     splits = _num_splits(B * T * triton.cdiv(H, cfg["BLOCK_H"]), blocks, q_absorbed.device, num_splits)
     keys_of = (selected, (topk,), (selected.stride(0), selected.stride(1)))
-    if variant == "key_rows":
-        cfg = {**cfg, "KEY_ROWS": True}
-    elif cfg.pop("ACC_T", False):
-        raise ValueError(f'sparse_mla: ACC_T is an option of variant="key_rows", not of {variant!r}.')
     return _launch(_sparse_mla_kernel, keys_of, q_absorbed, q_rope, kv_latent, k_rope, scale,
                    max(topk, 1), splits, cfg, out)
 
@@ -716,8 +663,6 @@ def dense_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.T
     require_device(q_absorbed=q_absorbed, q_rope=q_rope, kv_latent=kv_latent, k_rope=k_rope, q_positions=q_positions)
     pos = pos.expand(B, T).to(torch.int64).contiguous()
     variant, config = _tuned_variant("dense_decode", variant, config)
-    if variant not in DENSE_VARIANTS:
-        raise ValueError(f"dense_mla: variant must be one of {DENSE_VARIANTS}, got {variant!r}.")
     cfg = _variant_config(variant, DENSE_CONFIG, config)
     out = _output(out, B, T, H, C, q_absorbed.dtype, q_absorbed.device, "dense_mla")
     if B * T * H == 0:
@@ -740,5 +685,5 @@ def sparse_mla_flops(selected: torch.Tensor, num_heads: int, kv_lora_rank: int, 
     return valid * 2 * num_heads * (2 * kv_lora_rank + rope_dim)
 
 
-__all__ = ["DENSE_CONFIG", "DENSE_VARIANTS", "KEY_ROWS_CONFIG", "SPARSE_CONFIG", "TWO_PASS_CONFIG", "VARIANTS",
-           "dense_mla", "sparse_mla", "sparse_mla_flops"]
+__all__ = ["DENSE_CONFIG", "SPARSE_CONFIG", "TWO_PASS_CONFIG", "VARIANTS", "dense_mla", "sparse_mla",
+           "sparse_mla_flops"]
