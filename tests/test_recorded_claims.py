@@ -70,7 +70,8 @@ def test_notebook06_kernel_trial_claims():
         assert gather[("True", "False", bn)] < gather[("False", "False", bn)]
         assert 1.03 < gather[("False", "True", bn)] / gather[("False", "False", bn)] < 1.10
     key_rows = [r for r in rows("key_rows_trial.csv") if r["shape"].startswith("T=2048 S=131072")]
-    assert len({r["device"] for r in key_rows}) == 1 and all(r["ok"] == "True" for r in key_rows)
+    assert {r["device"] for r in key_rows} == {"NVIDIA H100 80GB HBM3"}  # the markdown says "measured on an H100"
+    assert all(r["ok"] == "True" for r in key_rows)
     best_kr = {v: max(float(r["tflops"]) for r in key_rows if f"'{v}'" in r["config"])
                for v in ("one_pass", "key_rows")}
     assert len(key_rows) - 1 == 6 and 0 < best_kr["key_rows"] < best_kr["one_pass"]  # six tile choices, all slower

@@ -752,10 +752,10 @@ memory at every step, and each block's rows are read twice; duplicated work with
 Skipping the rescale while the maximum grows little (a branch per step) also lost. What helped was less arithmetic:
 32-bit instead of 64-bit offsets for the gather, about 5%. A later trial (the last line, measured on an H100, so
 compare it only with the one-pass line beside it) turned the score product around: the keys as its rows, so each
-warpgroup scores keys of its own and nothing is computed twice. It lost too. What it pays instead is a softmax that sums
-across warps and no second pipeline stage (its 128 gathered rows fill the shared memory). FlashMLA gets past the duplication with warp
-specialisation (one warpgroup computes scores while the others sum), which Triton 3.6 does not do for this kernel on
-Hopper. (`tests/test_recorded_claims.py` checks these statements against the files.)
+warpgroup scores keys of its own and nothing is computed twice. It lost too. What it pays instead is a softmax that
+sums across warps and no second pipeline stage (its 128 gathered rows fill the shared memory). FlashMLA gets past the
+duplication with warp specialisation (one warpgroup computes scores while the others sum), which Triton 3.6 does not
+do for this kernel on Hopper. (`tests/test_recorded_claims.py` checks these statements against the files.)
 """)
 
 md(r"""
