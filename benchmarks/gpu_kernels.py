@@ -92,8 +92,9 @@ def two_pass(block_n, score_h, score_stages, value_h, value_c, value_stages, chu
                 VALUE_STAGES=value_stages, CHUNK=chunk)
 
 
-def one_pass(block_h, block_n, warps, stages):
-    return dict(variant="one_pass", BLOCK_H=block_h, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+def one_pass(block_h, block_n, warps, stages, vsplit=1):
+    cfg = dict(variant="one_pass", BLOCK_H=block_h, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    return {**cfg, "VSPLIT": vsplit} if vsplit > 1 else cfg
 
 
 # Candidates. Hopper: 227 KB shared memory per block, 64K registers per SM; tl.dot tiles >= 16. Resources from an
@@ -112,8 +113,11 @@ SWEEP = {
     "index_decode": [dict(BLOCK_N=128, num_warps=4, num_stages=1), dict(BLOCK_N=256, num_warps=8, num_stages=1)],
     # most promising first (a tight budget cuts the sweep after TUNING_SHARE of it); the first version's tiles
     # are measured in any case (the before / after rows reuse its compiled kernel)
-    "sparse_prefill": [TWO_PASS_A, one_pass(64, 32, 8, 3), TWO_PASS_B, {**TWO_PASS_A, "CHUNK": 512}, TWO_PASS_C,
-                       one_pass(64, 64, 8, 2)],
+    # VSPLIT 2: two programs of one warpgroup per head block, each with half of the value columns, so that two
+    # programs fit an SM (one per SM otherwise) and one's softmax overlaps the other's products
+    "sparse_prefill": [TWO_PASS_A, one_pass(64, 32, 8, 3), one_pass(64, 32, 4, 1, 2), one_pass(64, 16, 4, 2, 2),
+                       one_pass(64, 64, 8, 2), one_pass(64, 32, 4, 2, 2), one_pass(64, 64, 4, 1, 2), TWO_PASS_B,
+                       {**TWO_PASS_A, "CHUNK": 512}, TWO_PASS_C],
     "sparse_decode": [TWO_PASS_A, one_pass(64, 32, 8, 3), TWO_PASS_B],
     "dense_decode": [TWO_PASS_A, one_pass(64, 32, 8, 3), TWO_PASS_B, one_pass(64, 64, 8, 2)],
 }
@@ -195,7 +199,8 @@ def label(cfg: dict | None) -> str:
     if cfg.get("variant") == "two_pass":
         return (f"two_pass N{cfg['BLOCK_N']} s{cfg['SCORE_BLOCK_H']} v{cfg['VALUE_BLOCK_H']}x{cfg['VALUE_BLOCK_C']} "
                 f"c{cfg['CHUNK']}")
-    return f"one_pass h{cfg.get('BLOCK_H')} n{cfg.get('BLOCK_N')}"
+    vsplit = f" v{cfg['VSPLIT']}" if cfg.get("VSPLIT", 1) > 1 else ""
+    return f"one_pass h{cfg.get('BLOCK_H')} n{cfg.get('BLOCK_N')}{vsplit}"
 
 
 def free() -> None:

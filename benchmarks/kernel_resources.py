@@ -91,10 +91,16 @@ def cases() -> list:
     one = [c for c in bench.SWEEP["sparse_prefill"] + bench.SWEEP["dense_decode"] if c["variant"] == "one_pass"]
     for cfg in [c for i, c in enumerate(one) if c not in one[:i]]:
         tiles = dict(BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"])
+        if cfg.get("VSPLIT", 1) > 1:  # sparse only: half of the value columns per program
+            types = dict(sel_ptr="*i64", out_ptr="*bf16", lse_ptr="*fp32", qk_scale="fp32")
+            out.append((f"one_pass sparse_mla split=False {tiles} VSPLIT={cfg['VSPLIT']} warps={cfg['num_warps']} "
+                        f"stages={cfg['num_stages']}", kmla._sparse_mla_kernel, types,
+                        {**mla, **tiles, "SPLIT": False, "OFF32": True, "VSPLIT": cfg["VSPLIT"]}, cfg))
+            continue
         for split in (False, True):
             types = dict(sel_ptr="*i64", out_ptr="*fp32" if split else "*bf16", lse_ptr="*fp32", qk_scale="fp32")
             out.append((f"one_pass sparse_mla split={split} {tiles}", kmla._sparse_mla_kernel, types,
-                        {**mla, **tiles, "SPLIT": split, "OFF32": True}, cfg))
+                        {**mla, **tiles, "SPLIT": split, "OFF32": True, "VSPLIT": 1}, cfg))
         types = dict(pos_ptr="*i64", out_ptr="*fp32", lse_ptr="*fp32", qk_scale="fp32")
         out.append((f"one_pass dense_mla split=True {tiles}", kmla._dense_mla_kernel, types,
                     {**mla, **tiles, "SPLIT": True, "OFF32": True}, cfg))

@@ -331,10 +331,12 @@ def random_selection(pos, k, B):
     return torch.stack(rows)
 
 
+@pytest.mark.parametrize("vsplit", [1, 2])
 @pytest.mark.parametrize("num_splits", [1, 3, None])
-def test_sparse_mla_matches_sparse_attention(num_splits):
+def test_sparse_mla_matches_sparse_attention(num_splits, vsplit):
     """H = 20 (a full and a partial head block of 16), k = 24 (a partial key block), -1 slots, one query with
-    no valid key at all (the kernel gives 0, the PyTorch softmax NaN), an index >= S (treated as none)."""
+    no valid key at all (the kernel gives 0, the PyTorch softmax NaN), an index >= S (treated as none); VSPLIT
+    = 2: two programs per head block, each with half of the value columns."""
     B, T, H, C, R, S, k = 2, 4, 20, 32, 16, 40, 24
     qa, qr, lat, kr = mla_inputs(B, T, H, C, R, S)
     pos = torch.tensor([5, 17, 30, S - 1])
@@ -342,14 +344,15 @@ def test_sparse_mla_matches_sparse_attention(num_splits):
     sel[0, 3, 7:] = -1
     sel[1, 2] = -1
     out = torch.full((B, T, H, C), float("nan"))
-    kmla.sparse_mla(qa, qr, lat, kr, sel, 0.3, out=out, num_splits=num_splits, config=MLA_TILES)
+    tiles = {**MLA_TILES, "VSPLIT": vsplit}
+    kmla.sparse_mla(qa, qr, lat, kr, sel, 0.3, out=out, num_splits=num_splits, config=tiles)
     ref = sparse_attention(qa, qr, lat, kr, sel, 0.3)
     assert ref[1, 2].isnan().all() and (out[1, 2] == 0).all()
     ok = ~ref.isnan()
     assert (out[ok] - ref[ok]).abs().max() < 1e-5
     sel_oob = sel.clone()
     sel_oob[0, 3, 7] = S + 5  # past the cache: contributes nothing, like -1
-    again = kmla.sparse_mla(qa, qr, lat, kr, sel_oob, 0.3, num_splits=num_splits, config=MLA_TILES)
+    again = kmla.sparse_mla(qa, qr, lat, kr, sel_oob, 0.3, num_splits=num_splits, config=tiles)
     assert torch.equal(again[0, 3], out[0, 3])
 
 
@@ -495,6 +498,12 @@ def test_mla_kernels_bad_input():
         kmla.dense_mla(qa, qr, lat, kr, torch.arange(3), 0.1)
     with pytest.raises(ValueError, match="variant"):
         kmla.sparse_mla(qa, qr, lat, kr, sel, 0.1, variant="three_pass")
+    with pytest.raises(ValueError, match="VSPLIT"):
+        kmla.sparse_mla(qa, qr, lat, kr, sel, 0.1, config={"VSPLIT": 4})
+    with pytest.raises(ValueError, match="VSPLIT"):
+        kmla.sparse_mla(torch.randn(1, 2, 4, 16), qr, torch.randn(1, 8, 16), kr, sel, 0.1, config={"VSPLIT": 2})
+    with pytest.raises(ValueError, match="VSPLIT"):
+        kmla.dense_mla(qa, qr, lat, kr, torch.arange(2), 0.1, config={"VSPLIT": 2})
 
 
 def test_mla_kernels_with_an_empty_cache_give_zeros():
