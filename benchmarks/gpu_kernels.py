@@ -134,6 +134,9 @@ TINY_RADIX = dict(BLOCK=32, num_warps=4)
 # top-k candidates: (method, score dtype); "torch fp32" is the first version's choice
 TOPK_CANDIDATES = [("torch", torch.float32), ("torch", torch.bfloat16), ("radix", torch.float32),
                    ("radix", torch.bfloat16)]
+# prefill also: threshold select from the indexer's group maxima (decode would fall back to torch.topk)
+PREFILL_TOPK_CANDIDATES = [*TOPK_CANDIDATES[:2], ("threshold", torch.bfloat16), *TOPK_CANDIDATES[2:],
+                           ("threshold", torch.float32)]
 OLD = {"topk": ("torch", torch.float32), "sparse": one_pass(64, 32, 8, 3), "dense": one_pass(64, 32, 8, 3)}
 
 
@@ -647,10 +650,10 @@ def section_tuning(run: Run) -> None:
             agree = topk_agreement(sel, exact, sc)
             return agree["same_counts"] and agree["score_gap"] < NEAR_TIE, agree["score_gap"]
 
-        run.best["topk_prefill"] = sweep(run, "index_topk_prefill", TOPK_CANDIDATES, fn, verify,
+        run.best["topk_prefill"] = sweep(run, "index_topk_prefill", PREFILL_TOPK_CANDIDATES, fn, verify,
                                          indexer_flops(run, causal_pairs(pos)), None, "fp8",
                                          f"T={rows_t} S={width} fp8 indexer + top-k",
-                                         names=[topk_name(*c) for c in TOPK_CANDIDATES]) or OLD["topk"]
+                                         names=[topk_name(*c) for c in PREFILL_TOPK_CANDIDATES]) or OLD["topk"]
         del q, w, k, exact, sc
         free()
 

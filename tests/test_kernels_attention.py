@@ -285,6 +285,54 @@ def test_index_topk_radix_matches_topk_selection():
     assert_valid_topk(sel16, torch_indexer.index_scores(q1, w1, k, p1), 16, tol=2e-2)
 
 
+def test_threshold_group_needs_enough_groups():
+    assert ktopk.threshold_group(131072, 2048, 128) == 32
+    assert ktopk.threshold_group(16384, 2048, 128) == 4  # 2k groups of 4
+    assert ktopk.threshold_group(16383, 2048, 128) == 0  # too short: torch.topk
+    assert ktopk.threshold_group(4096, 16, 16) == 16  # never larger than the key tile
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_index_topk_threshold_matches_topk_selection(dtype, monkeypatch):
+    """index_topk(method="threshold"): chunks of 16 queries; the first chunk is too short for group maxima (the
+    torch path), the later ones take G = 4 and 8. Same sets as topk_selection (fp32; bf16: a valid top-k up to
+    rounding), sorted by score when asked."""
+    B, T, H, D, S, topk = 2, 40, 4, 32, 300, 4
+    q, w, k = indexer_inputs(B, T, H, D, S)
+    pos = torch.stack([torch.arange(S - T, S), torch.arange(0, 2 * T, 2) + 10])
+    groups = []
+    pick = ktopk.threshold_group
+    monkeypatch.setattr(ktopk, "threshold_group", lambda *a: groups.append(pick(*a)) or groups[-1])
+    scores = torch_indexer.index_scores(q, w, k, pos)
+    ref = topk_selection(scores, topk, pos)
+    sel = kidx.index_topk(q, w, k, pos, topk, chunk=16, config=SMALL_TILES, method="threshold",
+                          score_dtype=dtype, sorted=False)
+    assert groups == [0, 4, 8]
+    if dtype == torch.float32:
+        assert same_sets(sel, ref)
+        sel_sorted = kidx.index_topk(q, w, k, pos, topk, chunk=16, config=SMALL_TILES, method="threshold")
+        assert torch.equal(sel_sorted, ref)  # tie-free scores: sorted = topk_selection's order
+    else:
+        assert_valid_topk(sel, scores, topk, tol=2e-2)
+
+
+def test_threshold_select_overflow_and_ties_fall_back():
+    """Rows whose candidates overflow (all scores equal: every one is >= the threshold) or whose threshold is
+    not finite go through torch.topk over the whole row; NaN scores are candidates, as torch.topk ranks them."""
+    B, T, N, k = 1, 3, 64, 2
+    pos = torch.full((B, T), N - 1)
+    x = torch.randn(B, T, N)
+    x[0, 0] = 0.25  # one big tie
+    x[0, 2, 5] = float("nan")
+    gmax = x.view(B, T, N // 4, 4).amax(-1)
+    gmax[0, 2] = x[0, 2].view(N // 4, 4).nan_to_num(float("-inf")).amax(-1)  # the kernel's max skips NaN
+    out = torch.full((B, T, k), 12345, dtype=torch.int64)
+    ktopk.threshold_select(x, gmax, k, pos, out=out, config=RADIX_TILES)
+    assert (x[0, 0, out[0, 0]] == 0.25).all() and out[0, 0].unique().numel() == k
+    assert same_sets(out[:, 1:2], torch.topk(x[:, 1:2], k).indices)
+    assert 5 in out[0, 2].tolist()
+
+
 def test_radix_topk_bad_input():
     with pytest.raises(ValueError, match="bf16 or fp32 scores"):
         ktopk.radix_topk(torch.randn(2, 8), 3)
