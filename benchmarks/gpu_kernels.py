@@ -92,9 +92,8 @@ def two_pass(block_n, score_h, score_stages, value_h, value_c, value_stages, chu
                 VALUE_STAGES=value_stages, CHUNK=chunk)
 
 
-def one_pass(block_h, block_n, warps, stages, vsplit=1):
-    cfg = dict(variant="one_pass", BLOCK_H=block_h, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-    return {**cfg, "VSPLIT": vsplit} if vsplit > 1 else cfg
+def one_pass(block_h, block_n, warps, stages):
+    return dict(variant="one_pass", BLOCK_H=block_h, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
 
 # Candidates. Hopper: 227 KB shared memory per block, 64K registers per SM; tl.dot tiles >= 16. Resources from an
@@ -113,11 +112,8 @@ SWEEP = {
     "index_decode": [dict(BLOCK_N=128, num_warps=4, num_stages=1), dict(BLOCK_N=256, num_warps=8, num_stages=1)],
     # most promising first (a tight budget cuts the sweep after TUNING_SHARE of it); the first version's tiles
     # are measured in any case (the before / after rows reuse its compiled kernel)
-    # VSPLIT 2: two programs of one warpgroup per head block, each with half of the value columns, so that two
-    # programs fit an SM (one per SM otherwise) and one's softmax overlaps the other's products
-    "sparse_prefill": [TWO_PASS_A, one_pass(64, 32, 8, 3), one_pass(64, 32, 4, 1, 2), one_pass(64, 16, 4, 2, 2),
-                       one_pass(64, 64, 8, 2), one_pass(64, 32, 4, 2, 2), one_pass(64, 64, 4, 1, 2), TWO_PASS_B,
-                       {**TWO_PASS_A, "CHUNK": 512}, TWO_PASS_C],
+    "sparse_prefill": [TWO_PASS_A, one_pass(64, 32, 8, 3), TWO_PASS_B, {**TWO_PASS_A, "CHUNK": 512}, TWO_PASS_C,
+                       one_pass(64, 64, 8, 2)],
     "sparse_decode": [TWO_PASS_A, one_pass(64, 32, 8, 3), TWO_PASS_B],
     "dense_decode": [TWO_PASS_A, one_pass(64, 32, 8, 3), TWO_PASS_B, one_pass(64, 64, 8, 2)],
 }
@@ -134,9 +130,6 @@ TINY_RADIX = dict(BLOCK=32, num_warps=4)
 # top-k candidates: (method, score dtype); "torch fp32" is the first version's choice
 TOPK_CANDIDATES = [("torch", torch.float32), ("torch", torch.bfloat16), ("radix", torch.float32),
                    ("radix", torch.bfloat16)]
-# prefill also: threshold select from the indexer's group maxima (decode would fall back to torch.topk)
-PREFILL_TOPK_CANDIDATES = [*TOPK_CANDIDATES[:2], ("threshold", torch.bfloat16), *TOPK_CANDIDATES[2:],
-                           ("threshold", torch.float32)]
 OLD = {"topk": ("torch", torch.float32), "sparse": one_pass(64, 32, 8, 3), "dense": one_pass(64, 32, 8, 3)}
 
 
@@ -202,8 +195,7 @@ def label(cfg: dict | None) -> str:
     if cfg.get("variant") == "two_pass":
         return (f"two_pass N{cfg['BLOCK_N']} s{cfg['SCORE_BLOCK_H']} v{cfg['VALUE_BLOCK_H']}x{cfg['VALUE_BLOCK_C']} "
                 f"c{cfg['CHUNK']}")
-    vsplit = f" v{cfg['VSPLIT']}" if cfg.get("VSPLIT", 1) > 1 else ""
-    return f"one_pass h{cfg.get('BLOCK_H')} n{cfg.get('BLOCK_N')}{vsplit}"
+    return f"one_pass h{cfg.get('BLOCK_H')} n{cfg.get('BLOCK_N')}"
 
 
 def free() -> None:
@@ -471,8 +463,10 @@ def section_checks(run: Run) -> None:
               agree["same_counts"] and agree["score_gap"] < 1e-5, **agree)
         sel_r = kidx.index_topk(q, w, k, pos, topk, method="radix", topk_config=run.radix,
                                 config=run.best["index_prefill_bf16"])
+        own = topk_selection(kidx.index_scores(q, w, k, pos, config=run.best["index_prefill_bf16"]), topk, pos)
         check(run, "index_topk bf16 (radix, sorted) == topk_selection (same scores, ties to the earlier key)",
-              torch.equal(sel_r, ref_sel), same_rows=float((sel_r == ref_sel).all(-1).float().mean()))
+              torch.equal(sel_r, own), same_rows=float((sel_r == own).all(-1).float().mean()),
+              same_rows_vs_torch_scores=float((sel_r == ref_sel).all(-1).float().mean()))
         scores16 = kidx.index_scores(q, w, k, pos, config=run.best["index_prefill_bf16"],
                                      out=torch.empty(1, T, S, dtype=torch.bfloat16, device=dev))
         sel16 = ktopk.radix_topk(scores16, topk, pos.view(1, T), config=run.radix)
@@ -488,7 +482,7 @@ def section_checks(run: Run) -> None:
               and agree["score_gap"] < NEAR_TIE, **agree)
         agree = topk_agreement(sel8, ref_sel, ref)
         check(run, "index_topk fp8 vs exact selection (information: FP8's effect)", True, **agree)
-        del q, w, k, ref, sim, sel, sel_r, sel16, ref16, scores16, sel8, ref_sel
+        del q, w, k, ref, sim, sel, sel_r, sel16, ref16, scores16, sel8, ref_sel, own
         free()
         Bd = 4
         q, w, k = indexer_inputs(run, Bd, 1, S, seed=12)
@@ -650,10 +644,10 @@ def section_tuning(run: Run) -> None:
             agree = topk_agreement(sel, exact, sc)
             return agree["same_counts"] and agree["score_gap"] < NEAR_TIE, agree["score_gap"]
 
-        run.best["topk_prefill"] = sweep(run, "index_topk_prefill", PREFILL_TOPK_CANDIDATES, fn, verify,
+        run.best["topk_prefill"] = sweep(run, "index_topk_prefill", TOPK_CANDIDATES, fn, verify,
                                          indexer_flops(run, causal_pairs(pos)), None, "fp8",
                                          f"T={rows_t} S={width} fp8 indexer + top-k",
-                                         names=[topk_name(*c) for c in PREFILL_TOPK_CANDIDATES]) or OLD["topk"]
+                                         names=[topk_name(*c) for c in TOPK_CANDIDATES]) or OLD["topk"]
         del q, w, k, exact, sc
         free()
 

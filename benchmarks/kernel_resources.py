@@ -84,30 +84,17 @@ def cases() -> list:
         types = dict(q_ptr=dt, k_ptr=dt, w_ptr="*fp32", k_scale_ptr="*fp32", pos_ptr="*i64", out_ptr="*fp32")
         for cfg in bench.SWEEP["index_prefill_fp8" if fp8 else "index_prefill_bf16"]:
             out.append((f"index prefill {'fp8' if fp8 else 'bf16'} {cfg}", kidx._index_scores_kernel, types,
-                        dict(D=128, BLOCK_D=128, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], FP8=fp8, GROUP=0),
-                        cfg))
-        cfg = kidx.PREFILL_CONFIG
-        for group in (8, 32):  # with the group maxima for threshold select (bf16 scores)
-            out.append((f"index prefill {'fp8' if fp8 else 'bf16'} {cfg} group max {group}", kidx._index_scores_kernel,
-                        {**types, "out_ptr": "*bf16", "gmax_ptr": "*fp32"},
-                        dict(D=128, BLOCK_D=128, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], FP8=fp8, GROUP=group),
-                        cfg))
+                        dict(D=128, BLOCK_D=128, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], FP8=fp8), cfg))
         cfg = kidx.DECODE_CONFIG
         out.append((f"index decode {'fp8' if fp8 else 'bf16'} {cfg}", kidx._index_scores_decode_kernel, types,
                     dict(D=128, BLOCK_D=128, BLOCK_H=64, BLOCK_N=cfg["BLOCK_N"], FP8=fp8), cfg))
     one = [c for c in bench.SWEEP["sparse_prefill"] + bench.SWEEP["dense_decode"] if c["variant"] == "one_pass"]
     for cfg in [c for i, c in enumerate(one) if c not in one[:i]]:
         tiles = dict(BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"])
-        if cfg.get("VSPLIT", 1) > 1:  # sparse only: half of the value columns per program
-            types = dict(sel_ptr="*i64", out_ptr="*bf16", lse_ptr="*fp32", qk_scale="fp32")
-            out.append((f"one_pass sparse_mla split=False {tiles} VSPLIT={cfg['VSPLIT']} warps={cfg['num_warps']} "
-                        f"stages={cfg['num_stages']}", kmla._sparse_mla_kernel, types,
-                        {**mla, **tiles, "SPLIT": False, "OFF32": True, "VSPLIT": cfg["VSPLIT"]}, cfg))
-            continue
         for split in (False, True):
             types = dict(sel_ptr="*i64", out_ptr="*fp32" if split else "*bf16", lse_ptr="*fp32", qk_scale="fp32")
             out.append((f"one_pass sparse_mla split={split} {tiles}", kmla._sparse_mla_kernel, types,
-                        {**mla, **tiles, "SPLIT": split, "OFF32": True, "VSPLIT": 1}, cfg))
+                        {**mla, **tiles, "SPLIT": split, "OFF32": True}, cfg))
         types = dict(pos_ptr="*i64", out_ptr="*fp32", lse_ptr="*fp32", qk_scale="fp32")
         out.append((f"one_pass dense_mla split=True {tiles}", kmla._dense_mla_kernel, types,
                     {**mla, **tiles, "SPLIT": True, "OFF32": True}, cfg))
@@ -144,10 +131,6 @@ def cases() -> list:
         passes = -(-bits // ktopk.DIGIT_BITS)
         out.append((f"radix top-k histogram {dtype[1:]} (pass 1 of {passes})", ktopk._radix_hist_kernel,
                     dict(x_ptr=dtype, pos_ptr="*i64", hist_ptr="*i32"), {**radix, "PASS": 1}, launch))
-        out.append((f"threshold collect {dtype[1:]}", ktopk._collect_above_kernel,
-                    dict(x_ptr=dtype, tau_ptr="*fp32", pos_ptr="*i64", idx_ptr="*i32", val_ptr=dtype,
-                         count_ptr="*i32"), {"BLOCK": ktopk.COLLECT_CONFIG["BLOCK"]},
-                    dict(num_warps=ktopk.COLLECT_CONFIG["num_warps"], num_stages=1)))
         out.append((f"radix top-k collect {dtype[1:]}", ktopk._radix_select_kernel,
                     dict(x_ptr=dtype, pos_ptr="*i64", hist_ptr="*i32", out_ptr="*i64"), {**radix, "PASSES": passes},
                     launch))

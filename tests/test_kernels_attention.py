@@ -285,54 +285,6 @@ def test_index_topk_radix_matches_topk_selection():
     assert_valid_topk(sel16, torch_indexer.index_scores(q1, w1, k, p1), 16, tol=2e-2)
 
 
-def test_threshold_group_needs_enough_groups():
-    assert ktopk.threshold_group(131072, 2048, 128) == 32
-    assert ktopk.threshold_group(16384, 2048, 128) == 4  # 2k groups of 4
-    assert ktopk.threshold_group(16383, 2048, 128) == 0  # too short: torch.topk
-    assert ktopk.threshold_group(4096, 16, 16) == 16  # never larger than the key tile
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_index_topk_threshold_matches_topk_selection(dtype, monkeypatch):
-    """index_topk(method="threshold"): chunks of 16 queries; the first chunk is too short for group maxima (the
-    torch path), the later ones take G = 4 and 8. Same sets as topk_selection (fp32; bf16: a valid top-k up to
-    rounding), sorted by score when asked."""
-    B, T, H, D, S, topk = 2, 40, 4, 32, 300, 4
-    q, w, k = indexer_inputs(B, T, H, D, S)
-    pos = torch.stack([torch.arange(S - T, S), torch.arange(0, 2 * T, 2) + 10])
-    groups = []
-    pick = ktopk.threshold_group
-    monkeypatch.setattr(ktopk, "threshold_group", lambda *a: groups.append(pick(*a)) or groups[-1])
-    scores = torch_indexer.index_scores(q, w, k, pos)
-    ref = topk_selection(scores, topk, pos)
-    sel = kidx.index_topk(q, w, k, pos, topk, chunk=16, config=SMALL_TILES, method="threshold",
-                          score_dtype=dtype, sorted=False)
-    assert groups == [0, 4, 8]
-    if dtype == torch.float32:
-        assert same_sets(sel, ref)
-        sel_sorted = kidx.index_topk(q, w, k, pos, topk, chunk=16, config=SMALL_TILES, method="threshold")
-        assert torch.equal(sel_sorted, ref)  # tie-free scores: sorted = topk_selection's order
-    else:
-        assert_valid_topk(sel, scores, topk, tol=2e-2)
-
-
-def test_threshold_select_overflow_and_ties_fall_back():
-    """Rows whose candidates overflow (all scores equal: every one is >= the threshold) or whose threshold is
-    not finite go through torch.topk over the whole row; NaN scores are candidates, as torch.topk ranks them."""
-    B, T, N, k = 1, 3, 64, 2
-    pos = torch.full((B, T), N - 1)
-    x = torch.randn(B, T, N)
-    x[0, 0] = 0.25  # one big tie
-    x[0, 2, 5] = float("nan")
-    gmax = x.view(B, T, N // 4, 4).amax(-1)
-    gmax[0, 2] = x[0, 2].view(N // 4, 4).nan_to_num(float("-inf")).amax(-1)  # the kernel's max skips NaN
-    out = torch.full((B, T, k), 12345, dtype=torch.int64)
-    ktopk.threshold_select(x, gmax, k, pos, out=out, config=RADIX_TILES)
-    assert (x[0, 0, out[0, 0]] == 0.25).all() and out[0, 0].unique().numel() == k
-    assert same_sets(out[:, 1:2], torch.topk(x[:, 1:2], k).indices)
-    assert 5 in out[0, 2].tolist()
-
-
 def test_radix_topk_bad_input():
     with pytest.raises(ValueError, match="bf16 or fp32 scores"):
         ktopk.radix_topk(torch.randn(2, 8), 3)
@@ -379,12 +331,10 @@ def random_selection(pos, k, B):
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("vsplit", [1, 2])
 @pytest.mark.parametrize("num_splits", [1, 3, None])
-def test_sparse_mla_matches_sparse_attention(num_splits, vsplit):
+def test_sparse_mla_matches_sparse_attention(num_splits):
     """H = 20 (a full and a partial head block of 16), k = 24 (a partial key block), -1 slots, one query with
-    no valid key at all (the kernel gives 0, the PyTorch softmax NaN), an index >= S (treated as none); VSPLIT
-    = 2: two programs per head block, each with half of the value columns."""
+    no valid key at all (the kernel gives 0, the PyTorch softmax NaN), an index >= S (treated as none)."""
     B, T, H, C, R, S, k = 2, 4, 20, 32, 16, 40, 24
     qa, qr, lat, kr = mla_inputs(B, T, H, C, R, S)
     pos = torch.tensor([5, 17, 30, S - 1])
@@ -392,15 +342,14 @@ def test_sparse_mla_matches_sparse_attention(num_splits, vsplit):
     sel[0, 3, 7:] = -1
     sel[1, 2] = -1
     out = torch.full((B, T, H, C), float("nan"))
-    tiles = {**MLA_TILES, "VSPLIT": vsplit}
-    kmla.sparse_mla(qa, qr, lat, kr, sel, 0.3, out=out, num_splits=num_splits, config=tiles)
+    kmla.sparse_mla(qa, qr, lat, kr, sel, 0.3, out=out, num_splits=num_splits, config=MLA_TILES)
     ref = sparse_attention(qa, qr, lat, kr, sel, 0.3)
     assert ref[1, 2].isnan().all() and (out[1, 2] == 0).all()
     ok = ~ref.isnan()
     assert (out[ok] - ref[ok]).abs().max() < 1e-5
     sel_oob = sel.clone()
     sel_oob[0, 3, 7] = S + 5  # past the cache: contributes nothing, like -1
-    again = kmla.sparse_mla(qa, qr, lat, kr, sel_oob, 0.3, num_splits=num_splits, config=tiles)
+    again = kmla.sparse_mla(qa, qr, lat, kr, sel_oob, 0.3, num_splits=num_splits, config=MLA_TILES)
     assert torch.equal(again[0, 3], out[0, 3])
 
 
@@ -546,12 +495,6 @@ def test_mla_kernels_bad_input():
         kmla.dense_mla(qa, qr, lat, kr, torch.arange(3), 0.1)
     with pytest.raises(ValueError, match="variant"):
         kmla.sparse_mla(qa, qr, lat, kr, sel, 0.1, variant="three_pass")
-    with pytest.raises(ValueError, match="VSPLIT"):
-        kmla.sparse_mla(qa, qr, lat, kr, sel, 0.1, config={"VSPLIT": 4})
-    with pytest.raises(ValueError, match="VSPLIT"):
-        kmla.sparse_mla(torch.randn(1, 2, 4, 16), qr, torch.randn(1, 8, 16), kr, sel, 0.1, config={"VSPLIT": 2})
-    with pytest.raises(ValueError, match="VSPLIT"):
-        kmla.dense_mla(qa, qr, lat, kr, torch.arange(2), 0.1, config={"VSPLIT": 2})
 
 
 def test_mla_kernels_with_an_empty_cache_give_zeros():

@@ -51,11 +51,8 @@ def _index_scores_kernel(
     stride_qb, stride_qt, stride_qh, stride_wb, stride_wt, stride_kb, stride_ks, stride_sb, stride_pb,
     stride_ob, stride_ot,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr,
-    gmax_ptr=None, stride_gb=0, stride_gt=0, GROUP: tl.constexpr = 0,
 ):
-    """One tile of index scores: BLOCK_M queries × BLOCK_N keys, reduced over all H heads in registers.
-    GROUP > 0: also the maximum of every GROUP consecutive stored scores, into gmax [B, T, ceil(S / GROUP)]
-    fp32 (the threshold top-k's first step, `dslib.kernels.topk.threshold_topk`)."""
+    """One tile of index scores: BLOCK_M queries × BLOCK_N keys, reduced over all H heads in registers."""
     pid_n = tl.program_id(0)  # key block: the fastest grid axis, so programs sharing a query block run together
     pid_m = tl.program_id(1)  # query block
     b = tl.program_id(2).to(tl.int64)
@@ -86,15 +83,8 @@ def _index_scores_kernel(
         acc = acc * k_scale[None, :]
 
     acc = tl.where(offs_n[None, :] <= pos[:, None], acc, float("-inf"))  # future keys: -inf, as in chapter 3
-    score = acc.to(out_ptr.dtype.element_ty)
     out = out_ptr + b * stride_ob + offs_m[:, None].to(tl.int64) * stride_ot + offs_n[None, :]
-    tl.store(out, score, mask=m_ok[:, None] & n_ok[None, :])
-    if GROUP > 0:  # max over each GROUP keys of the scores as stored (rounded), so the threshold compares alike
-        NG: tl.constexpr = BLOCK_N // GROUP
-        gmax = tl.max(tl.reshape(score.to(tl.float32), (BLOCK_M, NG, GROUP)), axis=2)  # [BM, NG]
-        offs_g = pid_n * NG + tl.arange(0, NG)
-        g_rows = gmax_ptr + b * stride_gb + offs_m[:, None].to(tl.int64) * stride_gt + offs_g[None, :]
-        tl.store(g_rows, gmax, mask=m_ok[:, None] & (offs_g < tl.cdiv(S, GROUP))[None, :])
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -217,11 +207,9 @@ def _prepare(q, w, k, k_scale, fp8: bool, rotate: bool):
     return q8, w, k, k_scale.float().contiguous(), True
 
 
-def _launch_scores(q, w, k, k_scale, pos, out, FP8: bool, decode: bool, config: dict | None, gmax=None,
-                   group: int = 0):
+def _launch_scores(q, w, k, k_scale, pos, out, FP8: bool, decode: bool, config: dict | None):
     """Scores of the queries of q [B, T, H, D] against the first S' = out.shape[-1] keys of k, into out [B, T, S'].
-    Every tensor has a unit last stride (the kernels take the other strides). group > 0 (prefill kernel only):
-    also the max of every `group` keys into gmax [B, T, ceil(S' / group)] fp32."""
+    Every tensor has a unit last stride (the kernels take the other strides)."""
     B, T, H, D = q.shape
     S = out.shape[-1]
     ks = k_scale if FP8 else w  # any tensor: unused when FP8 is off
@@ -235,8 +223,7 @@ def _launch_scores(q, w, k, k_scale, pos, out, FP8: bool, decode: bool, config: 
     else:
         cfg = {**PREFILL_CONFIG, **(config or {})}
         grid = (triton.cdiv(S, cfg["BLOCK_N"]), triton.cdiv(T, cfg["BLOCK_M"]), B)
-        extra = dict(gmax_ptr=gmax, stride_gb=gmax.stride(0), stride_gt=gmax.stride(1), GROUP=group) if group else {}
-        _index_scores_kernel[grid](*args, D=D, BLOCK_D=block_d, FP8=FP8, **cfg, **extra)
+        _index_scores_kernel[grid](*args, D=D, BLOCK_D=block_d, FP8=FP8, **cfg)
     return out
 
 
@@ -273,7 +260,7 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_positions:
     return out
 
 
-TOPK_METHODS = ("torch", "radix", "threshold")
+TOPK_METHODS = ("torch", "radix")
 
 
 def index_topk(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_positions: torch.Tensor, topk: int, *,
@@ -295,10 +282,7 @@ def index_topk(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_positions: t
     `method`: how each chunk's top-k is found. "torch": `torch.topk`. "radix": `dslib.kernels.topk.radix_topk`
     (radix select: a few histogram passes over the scores, no sort; ties at the threshold go to the earlier key,
     exactly as `topk_selection`); its positions come out in increasing order, and `sorted=True` then orders them
-    by score (stable: the same order as `topk_selection`). "threshold" (prefill): the indexer kernel also writes
-    the maximum of every G scores, and `dslib.kernels.topk.threshold_select` keeps the scores above the k-th
-    largest group maximum as candidates for a short `torch.topk`; chunks whose rows see fewer than
-    2·k·4 keys use "torch". `topk_config` sets the radix or collect kernel's tiles.
+    by score (stable: the same order as `topk_selection`). `topk_config` sets its tiles.
     With `method` / `score_dtype` / `config` not given: the tuned choices (`dslib.kernels.use_tuning`), else
     torch.topk on fp32 scores with the built-in tiles.
     """
@@ -324,13 +308,10 @@ def index_topk(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_positions: t
         return selected
     starts = list(range(0, T, chunk))
     if T <= DECODE_MAX_QUERIES:  # decode: every key up to S (no device sync to find the last visible key)
-        last, first = [S - 1] * len(starts), [0] * len(starts)
-    else:  # one sync: the last position of each chunk bounds the keys its scores need (the first: threshold's G)
-        pad = (0, len(starts) * chunk - T)
-        hi = torch.nn.functional.pad(pos, pad, value=-1).view(B, len(starts), chunk).amax(dim=(0, 2))
-        lo = torch.nn.functional.pad(pos, pad, value=S).view(B, len(starts), chunk).amin(dim=(0, 2))
-        last, first = torch.stack([hi, lo]).tolist()
-    block_n = {**PREFILL_CONFIG, **(config or {})}["BLOCK_N"]
+        last = [S - 1] * len(starts)
+    else:  # one sync: the last position of each chunk bounds the keys its scores need
+        padded = torch.nn.functional.pad(pos, (0, len(starts) * chunk - T), value=-1)
+        last = padded.view(B, len(starts), chunk).amax(dim=(0, 2)).tolist()
     if method == "radix":  # rows padded to 64 scores: the radix kernels then read them in 16-byte vectors
         from dslib.kernels.topk import radix_topk
 
@@ -338,23 +319,12 @@ def index_topk(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_positions: t
         buffer = torch.empty(B, min(chunk, T), s_pad, dtype=score_dtype, device=q.device)
     else:
         buffer = torch.empty(B * min(chunk, T) * S, dtype=score_dtype, device=q.device)
-    for start, last_pos, first_pos in zip(starts, last, first):
+    for start, last_pos in zip(starts, last):
         rows = min(chunk, T - start)
         n_keys = min(S, int(last_pos) + 1)  # keys after the chunk's last position are -inf for all its queries
         if n_keys <= 0:
             continue
         sl = slice(start, start + rows)
-        group = 0
-        if method == "threshold" and T > DECODE_MAX_QUERIES:
-            from dslib.kernels.topk import threshold_group, threshold_select
-
-            group = threshold_group(min(S, int(first_pos) + 1), topk, block_n)
-        if group:  # the scores, their group maxima, then a top-k over a few candidates per row
-            scores = buffer[: B * rows * n_keys].view(B, rows, n_keys)
-            gmax = torch.empty(B, rows, -(-n_keys // group), dtype=torch.float32, device=q.device)
-            _launch_scores(q[:, sl], w[:, sl], k, k_scale, pos[:, sl], scores, FP8, False, config, gmax, group)
-            threshold_select(scores, gmax, topk, pos[:, sl], out=selected[:, sl], sorted=sorted, config=topk_config)
-            continue
         if method == "radix":
             scores = buffer[:, :rows, :n_keys]
             _launch_scores(q[:, sl], w[:, sl], k, k_scale, pos[:, sl], scores, FP8, T <= DECODE_MAX_QUERIES, config)

@@ -42,7 +42,13 @@ offline sm_90a compile: warps 8x1 for the scores, 4x2 for the weighted sum). Mea
 kernel on the same card, six tile choices: at best 217 TFLOP/s against 253 at 128K and 248 against 262 at 16K.
 What it pays instead (not measured apart): a softmax that reduces across warps, and no second pipeline stage,
 since q (72 KB) + 128 gathered rows (144 KB) fill shared memory (commit 38e6f3a,
-data/gpu_kernels/key_rows_trial.csv). Triton 3.6's automatic warp specialisation, `tl.range(...,
+data/gpu_kernels/key_rows_trial.csv). A fourth way lost, again on an H100 against this kernel on the same card
+(2026-12-07): two programs of one warpgroup per head block, each with half of the 512 value columns (108 KB,
+213-255 registers in the offline sm_90a compile: two programs share an SM, so one's softmax can overlap the
+other's products), at best 180.5 against 255.0 TFLOP/s at 128K, 195.9 against 266.0 at 16K, a whole causal 128K
+prefill 389 against 280 ms. Each half still scores with all 576 columns, so the score product is still done twice,
+and every selected row is gathered by four programs instead of two (commit fe51bc2,
+data/gpu_kernels/vsplit_trial.csv). Triton 3.6's automatic warp specialisation, `tl.range(...,
 warp_specialize=True)`, is no way out either: in an offline sm_90a compile of this loop it changes nothing with 8
 warps and stops on an assertion in its Hopper pass with 4.
 
@@ -124,34 +130,15 @@ def _load_rows(base, rows, stride, offs, n: tl.constexpr, BLOCK: tl.constexpr, O
 
 
 @triton.jit
-def _store_result(acc, m_i, l_i, out_ptr, lse_ptr, offs_h, offs_c, h_ok, c_ok, lse_ok, stride_oh,
-                  SPLIT: tl.constexpr):
+def _store_result(acc, m_i, l_i, out_ptr, lse_ptr, offs_h, offs_c, h_ok, c_ok, stride_oh, SPLIT: tl.constexpr):
     """Final output acc / l (0 for a query without valid keys), or, when the keys were split over programs,
-    this program's normalised partial result (fp32) and its log2-sum-exp (-inf when it saw no valid key; stored
-    where lse_ok)."""
+    this program's normalised partial result (fp32) and its log2-sum-exp (-inf when it saw no valid key)."""
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     ptrs = out_ptr + offs_h[:, None] * stride_oh + offs_c[None, :]
     tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & c_ok[None, :])
     if SPLIT:
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        tl.store(lse_ptr + offs_h, lse, mask=lse_ok)
-
-
-@triton.jit
-def _attend_block_half(q_own, q_other, q_r, kc_own, kc_other, kr, valid, m_i, l_i, acc, qk_scale):
-    """`_attend_block` for a program that owns half of the value columns (VSPLIT = 2): the scores still need all
-    C columns (own half + other half + rope), the weighted sum only the own half. acc [BH, C / 2]."""
-    s = tl.dot(q_own, tl.trans(kc_own))
-    s = tl.dot(q_other, tl.trans(kc_other), s)
-    s = tl.dot(q_r, tl.trans(kr), s)
-    s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_ref)
-    p = tl.exp2(s - m_ref[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(kc_own.dtype), kc_own)
-    return m_new, l_i, acc
+        tl.store(lse_ptr + offs_h, lse, mask=h_ok)
 
 
 @triton.jit
@@ -162,35 +149,27 @@ def _sparse_mla_kernel(
     s_ob, s_ot, s_osp, s_oh, s_lb, s_lt, s_lsp,
     C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, OFF32: tl.constexpr,
-    VSPLIT: tl.constexpr = 1,
 ):
     """q_absorbed [B,T,H,C], q_rope [B,T,H,R], kv_latent [B,S,C], k_rope [B,S,R], selected [B,T,TOPK] ->
-    out [B,T,NUM_SPLITS,H,C] (+ lse [B,T,NUM_SPLITS,H] when SPLIT). Grid: (T · NUM_SPLITS · head blocks ·
-    VSPLIT, B). VSPLIT = 2: each program owns half of the value columns (accumulator [BH, C / 2]: fits one
-    warpgroup), and still scores with all of them."""
-    pid = tl.program_id(0)  # column half, then head block fastest: they gather the same rows (L2 hits)
+    out [B,T,NUM_SPLITS,H,C] (+ lse [B,T,NUM_SPLITS,H] when SPLIT). Grid: (T · NUM_SPLITS · head blocks, B)."""
+    pid = tl.program_id(0)  # head block fastest: the head blocks of one query gather the same rows (L2 hits)
     b = tl.program_id(1).to(tl.int64)
     n_hb = tl.cdiv(H, BLOCK_H)
-    cb = pid % VSPLIT
-    hb = (pid // VSPLIT) % n_hb
-    split = (pid // VSPLIT // n_hb) % NUM_SPLITS
-    t = (pid // VSPLIT // n_hb // NUM_SPLITS).to(tl.int64)
-    BLOCK_V: tl.constexpr = BLOCK_C // VSPLIT
+    hb = pid % n_hb
+    split = (pid // n_hb) % NUM_SPLITS
+    t = (pid // n_hb // NUM_SPLITS).to(tl.int64)
     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_c = cb * BLOCK_V + tl.arange(0, BLOCK_V)  # this program's value columns
+    offs_c = tl.arange(0, BLOCK_C)
     offs_r = tl.arange(0, BLOCK_R)
     h_ok, c_ok, r_ok = offs_h < H, offs_c < C, offs_r < R
 
-    q_head = qc_ptr + b * s_qcb + t * s_qct + offs_h[:, None] * s_qch
-    q_c = tl.load(q_head + offs_c[None, :], mask=h_ok[:, None] & c_ok[None, :], other=0.0)  # [BH, BV]
-    if VSPLIT == 2:
-        offs_o = (1 - cb) * BLOCK_V + tl.arange(0, BLOCK_V)  # the other half: scores only
-        q_o = tl.load(q_head + offs_o[None, :], mask=h_ok[:, None] & (offs_o < C)[None, :], other=0.0)
+    q_c = tl.load(qc_ptr + b * s_qcb + t * s_qct + offs_h[:, None] * s_qch + offs_c[None, :],
+                  mask=h_ok[:, None] & c_ok[None, :], other=0.0)  # [BH, C]
     q_r = tl.load(qr_ptr + b * s_qrb + t * s_qrt + offs_h[:, None] * s_qrh + offs_r[None, :],
                   mask=h_ok[:, None] & r_ok[None, :], other=0.0)  # [BH, R]
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_H, BLOCK_V), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
 
     sel_row = sel_ptr + b * s_selb + t * s_selt
     kv_base = kv_ptr + b * s_kvb
@@ -204,18 +183,12 @@ def _sparse_mla_kernel(
         # The gather: the BN cache rows named by the indices, loaded straight into the tile. An empty slot
         # reads row 0 (as the PyTorch path does) and is masked in the scores: unmasked loads save registers.
         rows = tl.where(valid, idx, 0)
+        kc = _load_rows(kv_base, rows, s_kvs, offs_c, C, BLOCK_C, OFF32)  # [BN, C]
         kr = _load_rows(kr_base, rows, s_krs, offs_r, R, BLOCK_R, OFF32)  # [BN, R]
-        if VSPLIT == 1:
-            kc = _load_rows(kv_base, rows, s_kvs, offs_c, C, BLOCK_C, OFF32)  # [BN, C]
-            m_i, l_i, acc = _attend_block(q_c, q_r, kc, kr, valid, m_i, l_i, acc, qk_scale)
-        else:
-            kc = _load_rows(kv_base, rows, s_kvs, offs_c, C, BLOCK_C, OFF32)  # [BN, BV] own columns
-            ko = _load_rows(kv_base, rows, s_kvs, offs_o, C, BLOCK_C, OFF32)  # [BN, BV] the other half
-            m_i, l_i, acc = _attend_block_half(q_c, q_o, q_r, kc, ko, kr, valid, m_i, l_i, acc, qk_scale)
+        m_i, l_i, acc = _attend_block(q_c, q_r, kc, kr, valid, m_i, l_i, acc, qk_scale)
 
-    # the column halves compute the same max and sum (up to the order of the score sums): half 0 stores the lse
     _store_result(acc, m_i, l_i, out_ptr + b * s_ob + t * s_ot + split * s_osp, lse_ptr + b * s_lb + t * s_lt
-                  + split * s_lsp, offs_h, offs_c, h_ok, c_ok, offs_h < tl.where(cb == 0, H, 0), s_oh, SPLIT)
+                  + split * s_lsp, offs_h, offs_c, h_ok, c_ok, s_oh, SPLIT)
 
 
 @triton.jit
@@ -262,7 +235,7 @@ def _dense_mla_kernel(
         m_i, l_i, acc = _attend_block(q_c, q_r, kc, kr, valid, m_i, l_i, acc, qk_scale)
 
     _store_result(acc, m_i, l_i, out_ptr + b * s_ob + t * s_ot + split * s_osp, lse_ptr + b * s_lb + t * s_lt
-                  + split * s_lsp, offs_h, offs_c, h_ok, c_ok, h_ok, s_oh, SPLIT)
+                  + split * s_lsp, offs_h, offs_c, h_ok, c_ok, s_oh, SPLIT)
 
 
 @triton.jit
@@ -528,7 +501,7 @@ def _launch(kernel, keys_of, q_absorbed, q_rope, kv_latent, k_rope, scale, keys,
         lse = torch.empty(B, T, splits, H, dtype=torch.float32, device=dev)
         lse_strides = (lse.stride(0), lse.stride(1), lse.stride(2))
     n_hb = triton.cdiv(H, BLOCK_H)
-    grid = (T * splits * n_hb * cfg.get("VSPLIT", 1), B)
+    grid = (T * splits * n_hb, B)
     kernel[grid](
         q_absorbed, q_rope, kv_latent, k_rope, index, part, lse, T, S, H, *index_scalars, splits,
         keys_per_split, scale * LOG2E,
@@ -667,12 +640,8 @@ def sparse_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.
     if variant == "two_pass":
         return _launch_two_pass(selected, True, q_absorbed, q_rope, kv_latent, k_rope, scale, topk, cfg, out,
                                 num_splits)
-    vsplit = cfg.get("VSPLIT", 1)
-    if vsplit not in (1, 2) or (vsplit == 2 and pow2_block(C) < 32):
-        raise ValueError(f"sparse_mla: config VSPLIT (programs sharing one query's value columns) must be 1, or 2 "
-                         f"with kv_lora_rank C >= 32 (16 columns per half at least); got VSPLIT = {vsplit}, C = {C}.")
     blocks = triton.cdiv(max(topk, 1), cfg["BLOCK_N"])
-    splits = _num_splits(B * T * triton.cdiv(H, cfg["BLOCK_H"]) * vsplit, blocks, q_absorbed.device, num_splits)
+    splits = _num_splits(B * T * triton.cdiv(H, cfg["BLOCK_H"]), blocks, q_absorbed.device, num_splits)
     keys_of = (selected, (topk,), (selected.stride(0), selected.stride(1)))
     return _launch(_sparse_mla_kernel, keys_of, q_absorbed, q_rope, kv_latent, k_rope, scale,
                    max(topk, 1), splits, cfg, out)
@@ -709,8 +678,6 @@ def dense_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.T
         if S == 0:
             return out.zero_()
         return _launch_two_pass(pos, False, q_absorbed, q_rope, kv_latent, k_rope, scale, S, cfg, out, num_splits)
-    if cfg.get("VSPLIT", 1) != 1:
-        raise ValueError(f"dense_mla: the dense kernel has no value-column split; got VSPLIT = {cfg['VSPLIT']}.")
     blocks = triton.cdiv(max(S, 1), cfg["BLOCK_N"])
     splits = _num_splits(B * T * triton.cdiv(H, cfg["BLOCK_H"]), blocks, q_absorbed.device, num_splits)
     return _launch(_dense_mla_kernel, (pos, (), (pos.stride(0),)), q_absorbed, q_rope, kv_latent, k_rope, scale,

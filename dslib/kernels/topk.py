@@ -16,18 +16,18 @@ digit, like looking a word up in a dictionary letter by letter:
    (ties go to the earlier key, as chapter 3's stable sort does) to the output, in increasing position; a
    running count and a prefix sum (`tl.cumsum`) give each kept key its slot.
 
-**Threshold select** (`threshold_select`, prefill) needs one read of the scores instead of four. The indexer
-kernel also stores the maximum of every G consecutive scores (G = 4..32). The k-th largest of those group
-maxima, τ, is a lower bound of the k-th largest score: k groups have a maximum >= τ, so at least k scores are
->= τ. One pass (`_collect_above_kernel`) copies the scores >= τ and their positions into a short candidate
-list (usually 1.1-1.4 k of them when a row has >= 2k groups), and `torch.topk` picks k from it. The two
-top-ks run over n / G and ~k values per row instead of n. A row whose candidates overflow the list, or
-whose τ is not finite, falls back to `torch.topk` over the whole row.
-
 Each pass is one kernel launch over (row, segment) programs: a long row (decode: one query over 131K keys) is cut
 into segments so that enough programs run; each program stores its segment's histogram, and the next launch
 adds them up. Nothing is sorted and no partial top-k list is kept: the work is a few streaming reads of the
 scores. The selected positions come out in increasing order, not by score (attention does not care).
+
+Tried and not kept, a "threshold select" for prefill: the indexer kernel also stored the maximum of every G
+consecutive scores; the k-th largest of those maxima bounds the k-th largest score from below (k groups reach
+it), so one pass collected the ~1.1-1.4 k scores above it and a `torch.topk` over those few picked k. On an H100
+(one 4,096-row chunk of a 64K context, with the FP8 indexer) it took 6.31 ms against 6.20 ms for `torch.topk` on
+the bf16 scores (indexer included in both): its two smaller `torch.topk` calls, over n / 8 group maxima and 2k
+candidate slots per row, each still with k = 2,048, plus the collect pass cost no less than one `torch.topk` over
+the whole row (commit fe51bc2, data/gpu_kernels/threshold_trial.csv).
 """
 from __future__ import annotations
 
@@ -41,10 +41,6 @@ DIGIT_BITS = 6  # bits resolved per pass
 BINS = 1 << DIGIT_BITS  # 64 bins: tl.histogram needs a multiple of the warp size (32)
 MAX_SEGMENTS = 64  # programs per row at most (a power of two: the histograms of a row are loaded as one tile)
 RADIX_CONFIG = dict(BLOCK=2048, num_warps=8)  # elements per loop step and warps per program
-GROUPS = (32, 16, 8, 4)  # threshold select: keys per group maximum, the largest that leaves >= 2k groups
-GROUP_MARGIN = 2  # ... i.e. at least GROUP_MARGIN · k groups in the shortest row: candidates stay near k
-CANDIDATES = 2  # candidate slots per row: CANDIDATES · k
-COLLECT_CONFIG = dict(BLOCK=1024, num_warps=4)
 
 
 def passes_for(dtype: torch.dtype) -> int:
@@ -195,66 +191,7 @@ def _radix_select_kernel(x_ptr, pos_ptr, hist_ptr, out_ptr, N, K, ROWS_T, n_segs
             tl.store(out_row + offs, tl.full((BLOCK,), -1, dtype=tl.int64), mask=offs < K)
 
 
-@triton.jit
-def _collect_above_kernel(x_ptr, tau_ptr, pos_ptr, idx_ptr, val_ptr, count_ptr, N, W, ROWS_T,
-                          s_xb, s_xt, s_pb, s_pt, s_cr, BLOCK: tl.constexpr):
-    """Threshold select's pass: the scores >= tau[row] of one row (and NaNs, which torch.topk ranks first), in
-    increasing position, into idx / val [rows, W] (at most W of them), and how many there were into count[row].
-    x [B, ROWS_T, N]; keys after the row's position pos[b, t] are not read. Grid: (rows,)."""
-    row = tl.program_id(0).to(tl.int64)
-    b, t = row // ROWS_T, row % ROWS_T
-    x_row = x_ptr + b * s_xb + t * s_xt
-    n = tl.minimum(tl.load(pos_ptr + b * s_pb + t * s_pt) + 1, N).to(tl.int32)
-    tau = tl.load(tau_ptr + row)
-    written = 0
-    for i in range(0, n, BLOCK):
-        offs = i + tl.arange(0, BLOCK)
-        x = tl.load(x_row + offs, mask=offs < n, other=float("-inf")).to(tl.float32)
-        keep = (offs < n) & ((x >= tau) | (x != x))
-        slot = written + tl.cumsum(keep.to(tl.int32), axis=0) - 1  # a prefix sum gives each kept key its slot
-        ok = keep & (slot < W)
-        tl.store(idx_ptr + row * s_cr + slot, offs, mask=ok)
-        tl.store(val_ptr + row * s_cr + slot, x.to(val_ptr.dtype.element_ty), mask=ok)
-        written += tl.sum(keep.to(tl.int32), axis=0)
-    tl.store(count_ptr + row, written)
-
-
 # ---------------------------------------------------------------------------------------------------- wrapper
-def threshold_group(n_min: int, k: int, block_n: int) -> int:
-    """Keys per group maximum for a chunk whose shortest row sees n_min keys: the largest G in GROUPS (dividing
-    the indexer's key tile block_n) with n_min / G >= GROUP_MARGIN · k; 0 if none (then use torch.topk)."""
-    for g in GROUPS:
-        if block_n % g == 0 and n_min >= GROUP_MARGIN * k * g:
-            return g
-    return 0
-
-
-def threshold_select(scores: torch.Tensor, group_max: torch.Tensor, k: int, q_positions: torch.Tensor, *,
-                     out: torch.Tensor, sorted: bool = False, config: dict | None = None) -> torch.Tensor:
-    """The positions of the k highest scores of each row into out `[B, T, k]` int64 (by decreasing score when
-    sorted, else in no particular order), from the scores `[B, T, N]` and their group maxima `[B, T, N / G]` fp32
-    (written by the indexer kernel). Every row must see >= k groups (q_positions `[B, T]`, causal), as
-    `threshold_group` ensures. Equal scores may be chosen differently from `torch.topk` over the whole row."""
-    B, T, N = scores.shape
-    cfg = {**COLLECT_CONFIG, **(config or {})}
-    tau = torch.topk(group_max, k, dim=-1, sorted=False).values.amin(dim=-1).contiguous()  # [B, T]
-    W = CANDIDATES * k
-    val = torch.full((B, T, W), float("-inf"), dtype=scores.dtype, device=scores.device)
-    idx = torch.zeros((B, T, W), dtype=torch.int32, device=scores.device)
-    count = torch.empty((B, T), dtype=torch.int32, device=scores.device)
-    pos = q_positions.expand(B, T)
-    _collect_above_kernel[(B * T,)](scores, tau, pos, idx, val, count, N, W, T, scores.stride(0),
-                                    scores.stride(1), pos.stride(0), pos.stride(1), W, **cfg)
-    picks = torch.topk(val, k, dim=-1, sorted=sorted).indices  # [B, T, k] slots of the candidate lists
-    out.copy_(idx.gather(-1, picks))
-    redo = ((count > W) | ~torch.isfinite(tau)).nonzero()  # overflowing rows: torch.topk over the whole row
-    if redo.numel():
-        bi, ti = redo[:, 0], redo[:, 1]
-        values, chosen = torch.topk(scores[bi, ti], k, dim=-1, sorted=sorted)
-        out[bi, ti] = chosen.masked_fill_(values == float("-inf"), -1)  # as index_topk's torch path
-    return out
-
-
 def _padded(x: torch.Tensor, pad: int) -> bool:
     """Can every row of x [B, T, N] be read up to the next multiple of `pad` elements, inside x's storage and
     inside the row's own stride? (`index_topk` allocates its score rows so; then the loads vectorise.)"""
@@ -325,5 +262,4 @@ def radix_topk(scores: torch.Tensor, k: int, q_positions: torch.Tensor | None = 
     return out
 
 
-__all__ = ["BINS", "CANDIDATES", "DIGIT_BITS", "GROUPS", "RADIX_CONFIG", "passes_for", "radix_topk",
-           "threshold_group", "threshold_select"]
+__all__ = ["BINS", "DIGIT_BITS", "RADIX_CONFIG", "passes_for", "radix_topk"]

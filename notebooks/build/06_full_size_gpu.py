@@ -744,16 +744,23 @@ key_rows = [r for r in read_rows(trials / "key_rows_trial.csv") if r["shape"].st
 best = {v: max(float(r["tflops"]) for r in key_rows if f"'{v}'" in r["config"]) for v in ("one_pass", "key_rows")}
 print(f"on {key_rows[0]['device']}: one_pass {best['one_pass']:.1f} TFLOP/s, key_rows at best {best['key_rows']:.1f} "
       f"({len(key_rows) - 1} tile choices)")
+halves = [r for r in read_rows(trials / "vsplit_trial.csv") if r["shape"].startswith("T=2048 S=131072")]
+split = {v: max(float(r["tflops"]) for r in halves if f"'VSPLIT': {v}" in r["config"]) for v in (1, 2)}
+print(f"on {halves[0]['device']}: one_pass {split[1]:.1f} TFLOP/s, value columns in halves at best {split[2]:.1f} "
+      f"({len(halves) - 2} tile choices)")
 """)
 
 md(r"""
 Splitting the work made it slower: the two warpgroups now need each other's row maxima and exchange `p` through shared
 memory at every step, and each block's rows are read twice; duplicated work without communication was cheaper.
 Skipping the rescale while the maximum grows little (a branch per step) also lost. What helped was less arithmetic:
-32-bit instead of 64-bit offsets for the gather, about 5%. A later trial (the last line, measured on an H100, so
-compare it only with the one-pass line beside it) turned the score product around: the keys as its rows, so each
-warpgroup scores keys of its own and nothing is computed twice. It lost too. What it pays instead is a softmax that
-sums across warps and no second pipeline stage (its 128 gathered rows fill the shared memory). FlashMLA gets past the
+32-bit instead of 64-bit offsets for the gather, about 5%. Two later trials ran on an H100 (the two lines that name
+it; compare each only with the one-pass figure on its own line). The first turned the score product around: the
+keys as its rows, so each warpgroup scores keys of its own and nothing is computed twice. It lost. What it pays
+instead is a softmax that sums across warps and no second pipeline stage (its 128 gathered rows fill the shared
+memory). The second gave each of two one-warpgroup programs half of the 512 value columns of 64 heads, so that two
+programs fit an SM and one's softmax can run while the other's products do. It lost as well; what it pays: each
+half still computes every score, and each selected row is now gathered by four programs instead of two. FlashMLA gets past the
 duplication with warp specialisation (one warpgroup computes scores while the others sum), which Triton 3.6 does not
 do for this kernel on Hopper. (`tests/test_recorded_claims.py` checks these statements against the files.)
 """)
