@@ -6,6 +6,7 @@ those recorded times ("DSA decode is faster", "at batch 1 eager PyTorch is bound
 """
 from __future__ import annotations
 
+import ast
 import csv
 import gzip
 import json
@@ -49,15 +50,17 @@ def test_notebook06_graph_claim():
         assert r["graph_step_ms"] / r["layers"] * 61 < decode["extrapolation"][str(r["batch"])]["ms_per_step"]
 
 
+def rows(name):
+    """The rows of a CSV in data/gpu_kernels/."""
+    with open(DATA / "gpu_kernels" / name, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def test_notebook06_kernel_trial_claims():
     """Section 7's "what did not help": the lookahead variant lost to the shipped one-pass tiles, lazy rescaling
     lost, 32-bit offsets won about 5%, the key-rows variant lost in all six tile choices and the value-column halves in
     all four (same card each), threshold select lost to torch.topk (topk.py's docstring), and the 128K
     sparse kernel runs at ~30% of the 790 TFLOP/s bf16 ceiling."""
-    def rows(name):
-        with open(DATA / "gpu_kernels" / name, newline="") as f:
-            return list(csv.DictReader(f))
-
     trial = rows("lookahead_trial.csv")
     best = {"lookahead": 0.0, "one_pass": 0.0}
     for r in trial:
@@ -80,7 +83,7 @@ def test_notebook06_kernel_trial_claims():
     assert {r["device"] for r in halves} == {"NVIDIA H100 80GB HBM3"} and all(r["ok"] == "True" for r in halves)
     split = {v: [float(r["tflops"]) for r in halves if f"'VSPLIT': {v}" in r["config"]] for v in (1, 2)}
     assert len(split[2]) == len(halves) - 2 == 4 and max(split[2]) < max(split[1])  # four tile choices, all slower
-    full = {eval(r["config"])["VSPLIT"]: float(r["median_ms"]) for r in rows("vsplit_trial.csv")  # noqa: S307
+    full = {ast.literal_eval(r["config"])["VSPLIT"]: float(r["median_ms"]) for r in rows("vsplit_trial.csv")
             if r["kernel"] == "sparse_prefill_full"}
     assert full[2] > full[1]  # the whole causal 128K prefill too
     small = [r for r in rows("vsplit_trial.csv") if r["shape"].startswith("T=2048 S=16384")]
@@ -101,10 +104,6 @@ def test_notebook06_kernel_trial_claims():
 def test_radix_check_fix_recorded():
     """data/README: the H200 checks' one FAIL was the check's own comparison across score paths; the fixed check
     passes on the H100 run, whose 15 checks all pass."""
-    def rows(name):
-        with open(DATA / "gpu_kernels" / name, newline="") as f:
-            return list(csv.DictReader(f))
-
     name = "index_topk bf16 (radix, sorted) == topk_selection (same scores, ties to the earlier key)"
     h100 = rows("gpu_kernels_checks_h100.csv")
     assert len(h100) == 15 and all(r["ok"] == "pass" for r in h100)

@@ -755,14 +755,14 @@ Splitting the work made it slower: the two warpgroups now need each other's row 
 memory at every step, and each block's rows are read twice; duplicated work without communication was cheaper.
 Skipping the rescale while the maximum grows little (a branch per step) also lost. What helped was less arithmetic:
 32-bit instead of 64-bit offsets for the gather, about 5%. Two later trials ran on an H100 (the two lines that name
-it; compare each only with the one-pass figure on its own line). The first turned the score product around: the
-keys as its rows, so each warpgroup scores keys of its own and nothing is computed twice. It lost. What it pays
-instead is a softmax that sums across warps and no second pipeline stage (its 128 gathered rows fill the shared
-memory). The second gave each of two one-warpgroup programs half of the 512 value columns of 64 heads, so that two
-programs fit an SM and one's softmax can run while the other's products do. It lost as well; what it pays: each
-half still computes every score, and each selected row is now gathered by four programs instead of two. FlashMLA gets past the
-duplication with warp specialisation (one warpgroup computes scores while the others sum), which Triton 3.6 does not
-do for this kernel on Hopper. (`tests/test_recorded_claims.py` checks these statements against the files.)
+it; compare each only with the one-pass figure on its own line). The first turned the score product around: the keys
+as its rows, so each warpgroup scores keys of its own and nothing is computed twice. It lost. What it pays instead is
+a softmax that sums across warps and no second pipeline stage (its 128 gathered rows fill the shared memory). The
+second gave each of two one-warpgroup programs half of the 512 value columns of 64 heads, so that two programs fit an
+SM and one's softmax can run while the other's products do. It lost as well; what it pays: each half still computes
+every score, and each selected row is now gathered by four programs instead of two. FlashMLA gets past the duplication
+with warp specialisation (one warpgroup computes scores while the others sum), which Triton 3.6 does not do for this
+kernel on Hopper. (`tests/test_recorded_claims.py` checks these statements against the files.)
 """)
 
 md(r"""
