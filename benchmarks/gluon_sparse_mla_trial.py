@@ -29,7 +29,8 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma, warpgroup_mma_init,
+                                                               warpgroup_mma_wait)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -54,7 +55,7 @@ def _gl_sparse_mla_kernel(qc_ptr, qr_ptr, kv_ptr, kr_ptr, sel_ptr, out_ptr,
                           S, H, TOPK, qk_scale,
                           s_qct, s_qch, s_qrt, s_qrh, s_kvs, s_krs, s_selt, s_ot, s_oh,
                           C: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
-                          NUM_BUF: gl.constexpr, num_warps: gl.constexpr):
+                          NUM_BUF: gl.constexpr, DEFER: gl.constexpr, num_warps: gl.constexpr):
     """q_absorbed [T, H, C], q_rope [T, H, R], cache rows kv [S, C] / k_rope [S, R], selected [T, TOPK] int32
     (TOPK a multiple of BLOCK_N) -> out [T, H, C] bf16. Grid: T · H / BLOCK_H programs, head block fastest."""
     gl.static_assert(num_warps == 8)
@@ -85,6 +86,8 @@ def _gl_sparse_mla_kernel(qc_ptr, qr_ptr, kv_ptr, kr_ptr, sel_ptr, out_ptr,
     m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=gl.SliceLayout(1, mma_s))
     l_i = gl.zeros([BLOCK_H], gl.float32, layout=gl.SliceLayout(1, mma_s))
     acc = gl.zeros([BLOCK_H, C], gl.float32, layout=mma_o)
+    if DEFER:  # acc stays an in-flight wgmma result from one step to the next
+        acc = warpgroup_mma_init(acc)
     s_zero = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=mma_s)
 
     sel_row = sel_ptr + t * s_selt
@@ -100,15 +103,24 @@ def _gl_sparse_mla_kernel(qc_ptr, qr_ptr, kv_ptr, kr_ptr, sel_ptr, out_ptr,
         gl.thread_barrier()  # everyone's have; and every warp is done with block j - 1 (the buffer refilled next)
         fence_async_shared()  # make them visible to the tensor cores (async proxy)
         nxt = j + NUM_BUF - 1
-        if nxt < n_blocks:
-            _gather_rows(kc_smem.index(nxt % NUM_BUF), kr_smem.index(nxt % NUM_BUF), kv_ptr, kr_ptr, sel_row,
-                         nxt * BLOCK_N, S, s_kvs, s_krs, BLOCK_N, C, R, ld)
-        cp.commit_group()
-
         kc = kc_smem.index(buf)
         kr = kr_smem.index(buf)
+        if not DEFER:
+            if nxt < n_blocks:
+                _gather_rows(kc_smem.index(nxt % NUM_BUF), kr_smem.index(nxt % NUM_BUF), kv_ptr, kr_ptr, sel_row,
+                             nxt * BLOCK_N, S, s_kvs, s_krs, BLOCK_N, C, R, ld)
+            cp.commit_group()
         s = warpgroup_mma(qc_smem, kc.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma(qr_smem, kr.permute((1, 0)), s, is_async=True)
+        if DEFER:
+            # the weighted sum of block j - 1 ran behind these scores on the tensor cores; once both warpgroups
+            # have it, its buffer takes block j + NUM_BUF - 1
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+            gl.thread_barrier()
+            if nxt < n_blocks:
+                _gather_rows(kc_smem.index(nxt % NUM_BUF), kr_smem.index(nxt % NUM_BUF), kv_ptr, kr_ptr, sel_row,
+                             nxt * BLOCK_N, S, s_kvs, s_krs, BLOCK_N, C, R, ld)
+            cp.commit_group()
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
 
         idx = gl.load(sel_row + j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_s)))
@@ -123,7 +135,9 @@ def _gl_sparse_mla_kernel(qc_ptr, qr_ptr, kv_ptr, kr_ptr, sel_ptr, out_ptr,
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, mma_o))[:, None]
         p_bf = gl.convert_layout(p.to(gl.bfloat16), p_op)
         acc = warpgroup_mma(p_bf, kc, acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        if not DEFER:
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
 
     l_o = gl.convert_layout(l_i, gl.SliceLayout(1, mma_o))
     out = acc / gl.where(l_o > 0, l_o, 1.0)[:, None]
@@ -132,10 +146,12 @@ def _gl_sparse_mla_kernel(qc_ptr, qr_ptr, kv_ptr, kr_ptr, sel_ptr, out_ptr,
     gl.store(out_ptr + t * s_ot + offs_ho[:, None] * s_oh + offs_co[None, :], out.to(gl.bfloat16))
 
 
-CONFIGS = [dict(BLOCK_N=64, NUM_BUF=2), dict(BLOCK_N=32, NUM_BUF=2), dict(BLOCK_N=32, NUM_BUF=3)]
+CONFIGS = [dict(BLOCK_N=64, NUM_BUF=2, DEFER=False), dict(BLOCK_N=64, NUM_BUF=2, DEFER=True),
+           dict(BLOCK_N=32, NUM_BUF=3, DEFER=False), dict(BLOCK_N=32, NUM_BUF=3, DEFER=True),
+           dict(BLOCK_N=32, NUM_BUF=2, DEFER=False)]
 
 
-def gl_sparse_mla(qa, qr, kv, kr, sel, scale, *, BLOCK_H=64, BLOCK_N=64, NUM_BUF=2):
+def gl_sparse_mla(qa, qr, kv, kr, sel, scale, *, BLOCK_H=64, BLOCK_N=64, NUM_BUF=2, DEFER=False):
     """qa [T, H, C], qr [T, H, R], kv [S, C], kr [S, R] (unit last stride), sel [T, k] int32 -> [T, H, C]."""
     T, H, C = qa.shape
     R = qr.shape[-1]
@@ -148,17 +164,17 @@ def gl_sparse_mla(qa, qr, kv, kr, sel, scale, *, BLOCK_H=64, BLOCK_N=64, NUM_BUF
     _gl_sparse_mla_kernel[grid](qa, qr, kv, kr, sel, out, S, H, k, scale * 1.4426950408889634,
                                 qa.stride(0), qa.stride(1), qr.stride(0), qr.stride(1), kv.stride(0), kr.stride(0),
                                 sel.stride(0), out.stride(0), out.stride(1),
-                                C=C, R=R, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, NUM_BUF=NUM_BUF, num_warps=8)
+                                C=C, R=R, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, NUM_BUF=NUM_BUF, DEFER=DEFER, num_warps=8)
     return out
 
 
-def compile_only(BLOCK_N=64, NUM_BUF=2) -> dict:
+def compile_only(BLOCK_N=64, NUM_BUF=2, DEFER=False) -> dict:
     """Offline sm_90a compile: shared memory, registers, spills (as benchmarks/kernel_resources.py)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     fn = _gl_sparse_mla_kernel
-    consts = dict(C=512, R=64, BLOCK_H=64, BLOCK_N=BLOCK_N, NUM_BUF=NUM_BUF, num_warps=8)
+    consts = dict(C=512, R=64, BLOCK_H=64, BLOCK_N=BLOCK_N, NUM_BUF=NUM_BUF, DEFER=DEFER, num_warps=8)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -180,7 +196,7 @@ def compile_only(BLOCK_N=64, NUM_BUF=2) -> dict:
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores", log)
     ptx = kernel.asm["ptx"]
-    return dict(BLOCK_N=BLOCK_N, NUM_BUF=NUM_BUF, shared_kb=round(kernel.metadata.shared / 1024, 1),
+    return dict(BLOCK_N=BLOCK_N, NUM_BUF=NUM_BUF, DEFER=DEFER, shared_kb=round(kernel.metadata.shared / 1024, 1),
                 registers=int(regs.group(1)) if regs else log[-400:],
                 spill_bytes=int(spill.group(1)) if spill else None, wgmma=ptx.count("wgmma.mma_async"),
                 cp_async=len(re.findall(r"cp\.async\.c[ag]", ptx)), bar_sync=len(re.findall(r"bar\.sync", ptx)))
