@@ -29,8 +29,12 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma, warpgroup_mma_init,
-                                                               warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    warpgroup_mma,
+    warpgroup_mma_init,
+    warpgroup_mma_wait,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -51,11 +55,31 @@ def _gather_rows(kc_buf, kr_buf, kv_ptr, kr_ptr, sel_row, start, S, s_kvs, s_krs
 
 
 @gluon.jit
+def _softmax_pv(s, sel_row, start, S, qk_scale, m_i, l_i, acc, kc, BLOCK_N: gl.constexpr, mma_s: gl.constexpr,
+                mma_o: gl.constexpr, p_op: gl.constexpr):
+    """Online softmax of one block of scores s [BH, BN] (layout mma_s) and the weighted sum's wgmma, issued
+    asynchronously: returns m_i, l_i and the in-flight accumulator."""
+    idx = gl.load(sel_row + start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_s)))
+    valid = (idx >= 0) & (idx < S)
+    s = gl.where(valid[None, :], s * qk_scale, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1))
+    m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = gl.exp2(m_i - m_ref)
+    p = gl.exp2(s - m_ref[:, None])
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, mma_o))[:, None]
+    p_bf = gl.convert_layout(p.to(gl.bfloat16), p_op)
+    acc = warpgroup_mma(p_bf, kc, acc, is_async=True)
+    return m_new, l_i, acc
+
+
+@gluon.jit
 def _gl_sparse_mla_kernel(qc_ptr, qr_ptr, kv_ptr, kr_ptr, sel_ptr, out_ptr,
                           S, H, TOPK, qk_scale,
                           s_qct, s_qch, s_qrt, s_qrh, s_kvs, s_krs, s_selt, s_ot, s_oh,
                           C: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
-                          NUM_BUF: gl.constexpr, DEFER: gl.constexpr, num_warps: gl.constexpr):
+                          NUM_BUF: gl.constexpr, DEFER: gl.constexpr, OVERLAP: gl.constexpr,
+                          num_warps: gl.constexpr):
     """q_absorbed [T, H, C], q_rope [T, H, R], cache rows kv [S, C] / k_rope [S, R], selected [T, TOPK] int32
     (TOPK a multiple of BLOCK_N) -> out [T, H, C] bf16. Grid: T · H / BLOCK_H programs, head block fastest."""
     gl.static_assert(num_warps == 8)
@@ -97,46 +121,63 @@ def _gl_sparse_mla_kernel(qc_ptr, qr_ptr, kv_ptr, kr_ptr, sel_ptr, out_ptr,
             _gather_rows(kc_smem.index(b), kr_smem.index(b), kv_ptr, kr_ptr, sel_row, b * BLOCK_N, S, s_kvs, s_krs,
                          BLOCK_N, C, R, ld)
         cp.commit_group()
-    for j in range(n_blocks):
-        buf = j % NUM_BUF
-        cp.wait_group(NUM_BUF - 2)  # this thread's rows of block j have landed
-        gl.thread_barrier()  # everyone's have; and every warp is done with block j - 1 (the buffer refilled next)
-        fence_async_shared()  # make them visible to the tensor cores (async proxy)
-        nxt = j + NUM_BUF - 1
-        kc = kc_smem.index(buf)
-        kr = kr_smem.index(buf)
-        if not DEFER:
+    if OVERLAP:
+        # the scores of block j + 1 run on the tensor cores while the softmax of block j runs on the ALUs
+        # (NUM_BUF >= 3: block j feeds the weighted sum, j + 1 the scores, j + 2 is in flight)
+        gl.static_assert(NUM_BUF >= 3)
+        cp.wait_group(NUM_BUF - 2)
+        gl.thread_barrier()
+        fence_async_shared()
+        s_cur = warpgroup_mma(qc_smem, kc_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s_cur = warpgroup_mma(qr_smem, kr_smem.index(0).permute((1, 0)), s_cur, is_async=True)
+        s_cur = warpgroup_mma_wait(num_outstanding=0, deps=(s_cur, ))
+        for j in range(n_blocks):
+            cp.wait_group(NUM_BUF - 3)  # block j + 1 has landed (this thread's rows)
+            gl.thread_barrier()  # everyone's; and both warpgroups are done with block j - 1's weighted sum
+            fence_async_shared()
+            nxt = j + NUM_BUF - 1
             if nxt < n_blocks:
                 _gather_rows(kc_smem.index(nxt % NUM_BUF), kr_smem.index(nxt % NUM_BUF), kv_ptr, kr_ptr, sel_row,
                              nxt * BLOCK_N, S, s_kvs, s_krs, BLOCK_N, C, R, ld)
             cp.commit_group()
-        s = warpgroup_mma(qc_smem, kc.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s = warpgroup_mma(qr_smem, kr.permute((1, 0)), s, is_async=True)
-        if DEFER:
-            # the weighted sum of block j - 1 ran behind these scores on the tensor cores; once both warpgroups
-            # have it, its buffer takes block j + NUM_BUF - 1
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-            gl.thread_barrier()
-            if nxt < n_blocks:
-                _gather_rows(kc_smem.index(nxt % NUM_BUF), kr_smem.index(nxt % NUM_BUF), kv_ptr, kr_ptr, sel_row,
-                             nxt * BLOCK_N, S, s_kvs, s_krs, BLOCK_N, C, R, ld)
-            cp.commit_group()
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+            # block j + 1's scores (after the last block: a stale buffer, computed and dropped)
+            nb = (j + 1) % NUM_BUF
+            s_nxt = warpgroup_mma(qc_smem, kc_smem.index(nb).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s_nxt = warpgroup_mma(qr_smem, kr_smem.index(nb).permute((1, 0)), s_nxt, is_async=True)
+            m_i, l_i, acc = _softmax_pv(s_cur, sel_row, j * BLOCK_N, S, qk_scale, m_i, l_i, acc,
+                                        kc_smem.index(j % NUM_BUF), BLOCK_N, mma_s, mma_o, p_op)
+            acc, s_cur = warpgroup_mma_wait(num_outstanding=0, deps=(acc, s_nxt))
+    else:
+        for j in range(n_blocks):
+            buf = j % NUM_BUF
+            cp.wait_group(NUM_BUF - 2)  # this thread's rows of block j have landed
+            gl.thread_barrier()  # everyone's have; and every warp is done with block j - 1 (the buffer refilled next)
+            fence_async_shared()  # make them visible to the tensor cores (async proxy)
+            nxt = j + NUM_BUF - 1
+            kc = kc_smem.index(buf)
+            kr = kr_smem.index(buf)
+            if not DEFER:
+                if nxt < n_blocks:
+                    _gather_rows(kc_smem.index(nxt % NUM_BUF), kr_smem.index(nxt % NUM_BUF), kv_ptr, kr_ptr, sel_row,
+                                 nxt * BLOCK_N, S, s_kvs, s_krs, BLOCK_N, C, R, ld)
+                cp.commit_group()
+            s = warpgroup_mma(qc_smem, kc.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma(qr_smem, kr.permute((1, 0)), s, is_async=True)
+            if DEFER:
+                # the weighted sum of block j - 1 ran behind these scores on the tensor cores; once both warpgroups
+                # have it, its buffer takes block j + NUM_BUF - 1
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+                gl.thread_barrier()
+                if nxt < n_blocks:
+                    _gather_rows(kc_smem.index(nxt % NUM_BUF), kr_smem.index(nxt % NUM_BUF), kv_ptr, kr_ptr, sel_row,
+                                 nxt * BLOCK_N, S, s_kvs, s_krs, BLOCK_N, C, R, ld)
+                cp.commit_group()
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
 
-        idx = gl.load(sel_row + j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_s)))
-        valid = (idx >= 0) & (idx < S)
-        s = gl.where(valid[None, :], s * qk_scale, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=1))
-        m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_ref)
-        p = gl.exp2(s - m_ref[:, None])
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        m_i = m_new
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, mma_o))[:, None]
-        p_bf = gl.convert_layout(p.to(gl.bfloat16), p_op)
-        acc = warpgroup_mma(p_bf, kc, acc, is_async=True)
-        if not DEFER:
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            m_i, l_i, acc = _softmax_pv(s, sel_row, j * BLOCK_N, S, qk_scale, m_i, l_i, acc, kc, BLOCK_N, mma_s,
+                                        mma_o, p_op)
+            if not DEFER:
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
 
     l_o = gl.convert_layout(l_i, gl.SliceLayout(1, mma_o))
@@ -148,10 +189,12 @@ def _gl_sparse_mla_kernel(qc_ptr, qr_ptr, kv_ptr, kr_ptr, sel_ptr, out_ptr,
 
 CONFIGS = [dict(BLOCK_N=64, NUM_BUF=2, DEFER=False), dict(BLOCK_N=64, NUM_BUF=2, DEFER=True),
            dict(BLOCK_N=32, NUM_BUF=3, DEFER=False), dict(BLOCK_N=32, NUM_BUF=3, DEFER=True),
-           dict(BLOCK_N=32, NUM_BUF=2, DEFER=False)]
+           dict(BLOCK_N=32, NUM_BUF=2, DEFER=False), dict(BLOCK_N=32, NUM_BUF=3, OVERLAP=True),
+           dict(BLOCK_N=32, NUM_BUF=4, OVERLAP=True)]
 
 
-def gl_sparse_mla(qa, qr, kv, kr, sel, scale, *, BLOCK_H=64, BLOCK_N=64, NUM_BUF=2, DEFER=False):
+def gl_sparse_mla(qa, qr, kv, kr, sel, scale, *, BLOCK_H=64, BLOCK_N=64, NUM_BUF=2, DEFER=False,
+                  OVERLAP=False):
     """qa [T, H, C], qr [T, H, R], kv [S, C], kr [S, R] (unit last stride), sel [T, k] int32 -> [T, H, C]."""
     T, H, C = qa.shape
     R = qr.shape[-1]
@@ -164,17 +207,19 @@ def gl_sparse_mla(qa, qr, kv, kr, sel, scale, *, BLOCK_H=64, BLOCK_N=64, NUM_BUF
     _gl_sparse_mla_kernel[grid](qa, qr, kv, kr, sel, out, S, H, k, scale * 1.4426950408889634,
                                 qa.stride(0), qa.stride(1), qr.stride(0), qr.stride(1), kv.stride(0), kr.stride(0),
                                 sel.stride(0), out.stride(0), out.stride(1),
-                                C=C, R=R, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, NUM_BUF=NUM_BUF, DEFER=DEFER, num_warps=8)
+                                C=C, R=R, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, NUM_BUF=NUM_BUF, DEFER=DEFER,
+                                OVERLAP=OVERLAP, num_warps=8)
     return out
 
 
-def compile_only(BLOCK_N=64, NUM_BUF=2, DEFER=False) -> dict:
+def compile_only(BLOCK_N=64, NUM_BUF=2, DEFER=False, OVERLAP=False) -> dict:
     """Offline sm_90a compile: shared memory, registers, spills (as benchmarks/kernel_resources.py)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     fn = _gl_sparse_mla_kernel
-    consts = dict(C=512, R=64, BLOCK_H=64, BLOCK_N=BLOCK_N, NUM_BUF=NUM_BUF, DEFER=DEFER, num_warps=8)
+    consts = dict(C=512, R=64, BLOCK_H=64, BLOCK_N=BLOCK_N, NUM_BUF=NUM_BUF, DEFER=DEFER, OVERLAP=OVERLAP,
+                  num_warps=8)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -196,7 +241,8 @@ def compile_only(BLOCK_N=64, NUM_BUF=2, DEFER=False) -> dict:
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores", log)
     ptx = kernel.asm["ptx"]
-    return dict(BLOCK_N=BLOCK_N, NUM_BUF=NUM_BUF, DEFER=DEFER, shared_kb=round(kernel.metadata.shared / 1024, 1),
+    return dict(BLOCK_N=BLOCK_N, NUM_BUF=NUM_BUF, DEFER=DEFER, OVERLAP=OVERLAP,
+                shared_kb=round(kernel.metadata.shared / 1024, 1),
                 registers=int(regs.group(1)) if regs else log[-400:],
                 spill_bytes=int(spill.group(1)) if spill else None, wgmma=ptx.count("wgmma.mma_async"),
                 cp_async=len(re.findall(r"cp\.async\.c[ag]", ptx)), bar_sync=len(re.findall(r"bar\.sync", ptx)))
