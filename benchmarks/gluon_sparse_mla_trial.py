@@ -13,6 +13,23 @@ is cp.async into NUM_BUF shared buffers: block j+1's rows are in flight while bl
 
     python benchmarks/gluon_sparse_mla_trial.py --compile-only   # offline sm_90a compile (no GPU)
     python benchmarks/gluon_sparse_mla_trial.py --out DIR        # on a Hopper GPU: check, then time
+
+Status (2026-12-07): NOT yet run on a GPU (no device machine could be started that session), so nothing here is
+known to be correct or fast. What is known is the offline sm_90a compile with Triton 3.6 (`--compile-only`):
+
+    BLOCK_N  NUM_BUF  mode      shared memory  registers  spills
+    64       2        plain     220 KB         218        0
+    64       2        DEFER     220 KB         255        0
+    32       3        plain     184 KB         202        0
+    32       3        DEFER     184 KB         212        0
+    32       2        plain     148 KB         202        0
+    32       3        OVERLAP   184 KB         254        0
+    32       4        OVERLAP   220 KB         249        0
+
+DEFER: block j - 1's weighted sum stays in flight behind block j's scores. OVERLAP: block j + 1's scores run on
+the tensor cores during block j's softmax (FlashAttention-3's in-warpgroup pipelining). The GPU run compares each
+with the shipped one-pass kernel on the same card (T = 2048 queries at 128K and 16K, k = 2048) and writes
+gluon_trial.csv. Gluon has no interpreter, so a kernel like this can be checked only on the GPU.
 """
 from __future__ import annotations
 
