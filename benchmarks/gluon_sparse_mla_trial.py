@@ -35,10 +35,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -219,6 +216,11 @@ def gl_sparse_mla(qa, qr, kv, kr, sel, scale, *, BLOCK_H=64, BLOCK_N=64, NUM_BUF
     k = sel.shape[-1]
     if H % BLOCK_H or k % BLOCK_N:
         raise ValueError(f"gl_sparse_mla: H = {H} must be a multiple of {BLOCK_H}, k = {k} of {BLOCK_N}")
+    if qa.dtype != torch.bfloat16 or any(x.stride(-1) != 1 for x in (qa, qr, kv, kr, sel)):
+        raise ValueError("gl_sparse_mla: bf16 inputs with unit last stride only")
+    if S * max(kv.stride(0), kr.stride(0)) >= 2**31:
+        raise ValueError(f"gl_sparse_mla: the gather uses 32-bit row offsets; S = {S} rows of stride "
+                         f"{kv.stride(0)} do not fit")
     out = torch.empty(T, H, C, dtype=qa.dtype, device=qa.device)
     grid = (T * (H // BLOCK_H),)
     _gl_sparse_mla_kernel[grid](qa, qr, kv, kr, sel, out, S, H, k, scale * 1.4426950408889634,
@@ -230,39 +232,14 @@ def gl_sparse_mla(qa, qr, kv, kr, sel, scale, *, BLOCK_H=64, BLOCK_N=64, NUM_BUF
 
 
 def compile_only(BLOCK_N=64, NUM_BUF=2, DEFER=False, OVERLAP=False) -> dict:
-    """Offline sm_90a compile: shared memory, registers, spills (as benchmarks/kernel_resources.py)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+    """Offline sm_90a compile: shared memory, registers, spills (benchmarks/kernel_resources.py's report)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from kernel_resources import report
 
-    fn = _gl_sparse_mla_kernel
     consts = dict(C=512, R=64, BLOCK_H=64, BLOCK_N=BLOCK_N, NUM_BUF=NUM_BUF, DEFER=DEFER, OVERLAP=OVERLAP,
                   num_warps=8)
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            sig[name] = "constexpr"
-            continue
-        sig[name] = ("*i32" if name == "sel_ptr" else "*bf16") if name.endswith("_ptr") else (
-            "fp32" if name == "qk_scale" else "i32")
-        if name.endswith("_ptr") or name.startswith("s_") or name in ("S", "H", "TOPK"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    kernel = triton.compile(GluonASTSource(fn, sig, constexprs=consts, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    ptxas = next(bin_dir / n for n in ("ptxas-blackwell", "ptxas") if (bin_dir / n).exists())
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(kernel.asm["ptx"])
-        f.flush()
-        log = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", f.name, "-o", "/dev/null"], capture_output=True,
-                             text=True).stderr
-    regs = re.search(r"Used (\d+) registers", log)
-    spill = re.search(r"(\d+) bytes spill stores", log)
-    ptx = kernel.asm["ptx"]
-    return dict(BLOCK_N=BLOCK_N, NUM_BUF=NUM_BUF, DEFER=DEFER, OVERLAP=OVERLAP,
-                shared_kb=round(kernel.metadata.shared / 1024, 1),
-                registers=int(regs.group(1)) if regs else log[-400:],
-                spill_bytes=int(spill.group(1)) if spill else None, wgmma=ptx.count("wgmma.mma_async"),
-                cp_async=len(re.findall(r"cp\.async\.c[ag]", ptx)), bar_sync=len(re.findall(r"bar\.sync", ptx)))
+    res = report(_gl_sparse_mla_kernel, {"sel_ptr": "*i32", "qk_scale": "fp32"}, consts, num_warps=8, num_stages=1)
+    return dict(BLOCK_N=BLOCK_N, NUM_BUF=NUM_BUF, DEFER=DEFER, OVERLAP=OVERLAP, **res)
 
 
 def main() -> None:
@@ -277,18 +254,10 @@ def main() -> None:
     run_gpu(args.out)
 
 
-def strided(pos: torch.Tensor, k: int, seed: int) -> torch.Tensor:
-    """[T, k] int32 as benchmarks/gpu_kernels.py's strided_selection: one random key in each of k strata of 0..p
-    for p >= k; keys 0..p then -1 for p < k."""
-    g = torch.Generator(device=pos.device).manual_seed(seed)
-    j = torch.arange(k, device=pos.device)
-    u = torch.rand(pos.shape[0], k, generator=g, device=pos.device)
-    sel = torch.floor((j + u) * (pos.float() + 1)[:, None] / k).long().clamp(max=pos[:, None].expand(-1, k))
-    dense = torch.where(j[None, :] <= pos[:, None], j[None, :], -1)
-    return torch.where(pos[:, None] < k, dense, sel).to(torch.int32)
-
-
 def run_gpu(out_dir: Path | None) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_kernels import strided_selection
+
     from dslib.kernels import sparse_mla as kmla
     from dslib.sparse import sparse_attention
 
@@ -304,7 +273,7 @@ def run_gpu(out_dir: Path | None) -> None:
         qa = torch.randn(T, H, C, generator=g, device=dev, dtype=torch.bfloat16)
         qr = torch.randn(T, H, R, generator=g, device=dev, dtype=torch.bfloat16)
         cache = torch.randn(S, C + R, generator=g, device=dev, dtype=torch.bfloat16)
-        return qa, qr, cache[:, :C], cache[:, C:], strided(pos, k, seed)
+        return qa, qr, cache[:, :C], cache[:, C:], strided_selection(pos, k, 1, seed)[0]
 
     # correctness: early rows (p < k: dense selections with -1 slots) and late rows, against fp32 PyTorch and the
     # one-pass Triton kernel

@@ -51,7 +51,10 @@ def report(fn, types: dict, consts: dict, num_warps: int, num_stages: int) -> di
         sig[name] = types.get(name, "*bf16" if name.endswith("_ptr") else "i32")
         if name.endswith("_ptr") or name.startswith(("stride", "s_")) or name in SIZES:
             attrs[(i,)] = [["tt.divisibility", 16]]
-    kernel = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+    source = ASTSource
+    if getattr(fn, "is_gluon", lambda: False)():  # a Gluon kernel (benchmarks/gluon_sparse_mla_trial.py)
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    kernel = triton.compile(source(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(kernel.asm["ptx"])
