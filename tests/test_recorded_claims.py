@@ -112,3 +112,20 @@ def test_radix_check_fix_recorded():
     assert fixed["detail"] == "same_rows=1; same_rows_vs_torch_scores=0.727"
     old = [r for r in rows("gpu_kernels_checks.csv") if r["ok"] != "pass"]
     assert [(r["check"], r["ok"], r["detail"]) for r in old] == [(name, "FAIL", "same_rows=0.727")]
+
+
+def test_gluon_trial_recorded():
+    """The Gluon sparse MLA trial's docstring figures are those of its recorded H100 run."""
+    trial = rows("gluon_trial_h100.csv")
+    assert {r["device"] for r in trial} == {"NVIDIA H100 80GB HBM3"}
+    checks = [r for r in trial if r["kind"] == "check"]
+    assert len(checks) == 14 and all(r["ok"] == "True" for r in checks)  # seven modes, early and late rows
+    best = "gluon {'BLOCK_N': 64, 'NUM_BUF': 2, 'DEFER': False}"
+    doc = " ".join((DATA.parent / "benchmarks" / "gluon_sparse_mla_trial.py").read_text().split())
+    for S, tag in (("131072", "128K"), ("16384", "16K")):
+        t = {r["config"]: r for r in trial if r["kind"] == "time" and r["shape"] == f"T=2048 S={S} k=2048"}
+        assert all(r["ok"] == "True" for r in t.values()) and len(t) == 8
+        g, o = t[best], t["one_pass (Triton)"]
+        assert float(g["median_ms"]) < float(o["median_ms"])
+        assert f"{float(g['median_ms']):.3f} ms, {g['tflops']} TFLOP/s at {tag}" in doc
+        assert f"against one-pass {float(o['median_ms']):.3f} ms, {o['tflops']} TFLOP/s" in doc
