@@ -21,9 +21,9 @@ Measured (data/gpu_kernels/gluon_trial_h100.csv: one NVIDIA H100 80GB HBM3, torc
     BLOCK_N 64, NUM_BUF 2, plain   3.316 ms, 352.3 TFLOP/s at 128K   against one-pass 4.612 ms, 253.3 TFLOP/s
                                    3.260 ms, 358.4 TFLOP/s at 16K    against one-pass 4.407 ms, 265.1 TFLOP/s
 
-so 1.39x faster than the shipped kernel at 128K and 1.35x at 16K. DEFER is slower (3.70 ms at 128K), and BLOCK_N 32 at best ties
-one-pass (plain 4.63 ms, OVERLAP 4.71-4.74, DEFER 5.57). Not yet wired into dslib and not yet run on an H200.
-Offline sm_90a compile with Triton 3.6 (`--compile-only`):
+so 1.39x faster than the shipped kernel at 128K and 1.35x at 16K. DEFER is slower (3.70 ms at 128K), and
+BLOCK_N 32 at best ties one-pass (plain 4.63 ms, OVERLAP 4.71-4.74, DEFER 5.57).
+Not yet wired into dslib and not yet run on an H200. Offline sm_90a compile with Triton 3.6 (`--compile-only`):
 
     BLOCK_N  NUM_BUF  mode      shared memory  registers  spills
     64       2        plain     220 KB         218        0
