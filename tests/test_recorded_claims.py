@@ -120,12 +120,33 @@ def test_gluon_trial_recorded():
     assert {r["device"] for r in trial} == {"NVIDIA H100 80GB HBM3"}
     checks = [r for r in trial if r["kind"] == "check"]
     assert len(checks) == 14 and all(r["ok"] == "True" for r in checks)  # seven modes, early and late rows
-    best = "gluon {'BLOCK_N': 64, 'NUM_BUF': 2, 'DEFER': False}"
     doc = " ".join((DATA.parent / "benchmarks" / "gluon_sparse_mla_trial.py").read_text().split())
+    errs = [float(r["rel_err"]) for r in checks]
+    assert f"relative error {min(errs):.1e} to {max(errs):.1e}".replace("e-0", "e-") in doc
+    assert f"(within {max(float(r['rel_err_one_pass']) for r in checks):.1e})".replace("e-0", "e-") in doc
+
+    def mode(config):  # "gluon {...}" -> (BLOCK_N, "plain" | "DEFER" | "OVERLAP", NUM_BUF)
+        c = ast.literal_eval(config.removeprefix("gluon "))
+        return c["BLOCK_N"], "OVERLAP" if c.get("OVERLAP") else "DEFER" if c.get("DEFER") else "plain", c["NUM_BUF"]
+
     for S, tag in (("131072", "128K"), ("16384", "16K")):
         t = {r["config"]: r for r in trial if r["kind"] == "time" and r["shape"] == f"T=2048 S={S} k=2048"}
         assert all(r["ok"] == "True" for r in t.values()) and len(t) == 8
-        g, o = t[best], t["one_pass (Triton)"]
-        assert float(g["median_ms"]) < float(o["median_ms"])
+        o = t.pop("one_pass (Triton)")
+        ms = {mode(c): float(r["median_ms"]) for c, r in t.items()}
+        g = t["gluon {'BLOCK_N': 64, 'NUM_BUF': 2, 'DEFER': False}"]
+        assert float(g["median_ms"]) == min(ms.values()) < float(o["median_ms"])  # the fastest, and faster
         assert f"{float(g['median_ms']):.3f} ms, {g['tflops']} TFLOP/s at {tag}" in doc
         assert f"against one-pass {float(o['median_ms']):.3f} ms, {o['tflops']} TFLOP/s" in doc
+        ratio = float(o["median_ms"]) / float(g["median_ms"])
+        assert (f"{ratio:.2f}x faster than the shipped kernel at 128K" if tag == "128K" else
+                f"and {ratio:.2f}x at 16K.") in doc
+    # the other modes at 128K
+    t = {r["config"]: r for r in trial if r["kind"] == "time" and r["shape"] == "T=2048 S=131072 k=2048"}
+    one_pass = float(t.pop("one_pass (Triton)")["median_ms"])
+    ms = {mode(c): float(r["median_ms"]) for c, r in t.items()}
+    assert f"DEFER is slower ({ms[(64, 'DEFER', 2)]:.2f} ms at 128K)" in doc
+    plain32 = min(ms[(32, "plain", 2)], ms[(32, "plain", 3)])
+    assert (f"(plain {plain32:.2f} ms, OVERLAP {ms[(32, 'OVERLAP', 3)]:.2f}-{ms[(32, 'OVERLAP', 4)]:.2f}, "
+            f"DEFER {ms[(32, 'DEFER', 3)]:.2f})") in doc
+    assert plain32 / one_pass > 0.99  # "at best ties one-pass"
