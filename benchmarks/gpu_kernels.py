@@ -103,6 +103,7 @@ def one_pass(block_h, block_n, warps, stages):
 TWO_PASS_A = two_pass(64, 64, 2, 64, 512, 2)  # = kmla.TWO_PASS_CONFIG
 TWO_PASS_B = two_pass(32, 128, 2, 128, 256, 3)
 TWO_PASS_C = two_pass(32, 64, 3, 64, 512, 3)
+GLUON = dict(variant="gluon")
 SWEEP = {
     "index_prefill_fp8": [dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4),
                           dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
@@ -112,8 +113,9 @@ SWEEP = {
     "index_decode": [dict(BLOCK_N=128, num_warps=4, num_stages=1), dict(BLOCK_N=256, num_warps=8, num_stages=1)],
     # most promising first (a tight budget cuts the sweep after TUNING_SHARE of it); the first version's tiles
     # are measured in any case (the before / after rows reuse its compiled kernel)
-    "sparse_prefill": [TWO_PASS_A, one_pass(64, 32, 8, 3), TWO_PASS_B, {**TWO_PASS_A, "CHUNK": 512}, TWO_PASS_C,
-                       one_pass(64, 64, 8, 2)],
+    # gluon: dslib/kernels/sparse_mla_gluon.py, fixed tiles, Hopper only (rejected elsewhere)
+    "sparse_prefill": [GLUON, one_pass(64, 64, 8, 2), TWO_PASS_A, one_pass(64, 32, 8, 3), TWO_PASS_B,
+                       {**TWO_PASS_A, "CHUNK": 512}, TWO_PASS_C],
     "sparse_decode": [TWO_PASS_A, one_pass(64, 32, 8, 3), TWO_PASS_B],
     "dense_decode": [TWO_PASS_A, one_pass(64, 32, 8, 3), TWO_PASS_B, one_pass(64, 64, 8, 2)],
 }
@@ -192,6 +194,8 @@ def label(cfg: dict | None) -> str:
     """A short name of an MLA configuration, e.g. "two_pass N64 s64 v64x512 c4096" or "one_pass h64 n32"."""
     if not cfg:
         return "default"
+    if cfg.get("variant") == "gluon":
+        return "gluon"
     if cfg.get("variant") == "two_pass":
         return (f"two_pass N{cfg['BLOCK_N']} s{cfg['SCORE_BLOCK_H']} v{cfg['VALUE_BLOCK_H']}x{cfg['VALUE_BLOCK_C']} "
                 f"c{cfg['CHUNK']}")

@@ -10,6 +10,7 @@ the rest of dslib runs without Triton, with or without CUDA.
     indexer         the lightning indexer's scores and top-k, fused (bf16 / FP8)
     topk            top-k selection by radix select (histograms of key digits, no sort)
     sparse_mla      sparse MLA attention over the selected latents (in-kernel gather; online or two-pass softmax)
+    sparse_mla_gluon  the same prefill in Gluon for Hopper: each warpgroup computes different numbers
     fp8             act_quant (e4m3, one power-of-two scale per token per 128 channels) and fp8_linear
     moe             the routed + shared experts of one MoE layer as one grouped FP8 computation
 """
@@ -85,7 +86,7 @@ def available() -> bool:
     return unavailable_reason() is None
 
 
-SUBMODULES = ("indexer", "topk", "sparse_mla", "fp8", "moe", "launch")
+SUBMODULES = ("indexer", "topk", "sparse_mla", "sparse_mla_gluon", "fp8", "moe", "launch")
 
 # Tile configurations and variants measured fastest on a GPU (`benchmarks/gpu_kernels.py` writes them to
 # gpu_kernels_best.json; `use_tuning` reads that file). A kernel call that passes no `config` / `variant` /

@@ -72,10 +72,13 @@ processed in chunks, so the score buffer stays bounded.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
 
+from dslib.kernels import interpreting
 from dslib.kernels.launch import pow2_block, require_device, require_dtype, sm_count
 
 # Tiles and launch settings; benchmarks/gpu_kernels.py sweeps alternatives on the GPU (pass config= to try them).
@@ -89,7 +92,7 @@ DENSE_CONFIG = dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=3)
 # (the score buffer: CHUNK × H × k × 2 bytes, 2 GiB at 4096 × 128 × 2048).
 TWO_PASS_CONFIG = dict(BLOCK_N=64, SCORE_BLOCK_H=64, SCORE_WARPS=8, SCORE_STAGES=2, VALUE_BLOCK_H=64,
                        VALUE_BLOCK_C=512, VALUE_WARPS=8, VALUE_STAGES=2, CHUNK=4096)
-VARIANTS = ("one_pass", "two_pass")
+VARIANTS = ("one_pass", "two_pass", "gluon")  # gluon: prefill on Hopper, dslib/kernels/sparse_mla_gluon.py
 MAX_LATENT = 512  # C: the fp32 accumulator [BLOCK_H, C] lives in registers
 MAX_ROPE = 128
 COMBINE_BLOCK_H = 16  # the merge holds [16, C] fp32 per program: no register spills at C = 512
@@ -581,21 +584,80 @@ def _launch_two_pass(keys, gather: bool, q_absorbed, q_rope, kv_latent, k_rope, 
     return out
 
 
-def _tuned_variant(name: str, variant: str | None, config: dict | None) -> tuple[str, dict | None]:
+def _tuned_variant(name: str, variant: str | None, config: dict | None) -> tuple[str | None, dict | None]:
     """The variant and tiles to use: the caller's, else the tuned entry `name` (`dslib.kernels.use_tuning`),
-    else "one_pass" with the built-in tiles."""
+    else (None, None): the built-in choice (`_auto_variant`)."""
     if variant is None and config is None:
         from dslib.kernels import tuned
 
         entry = tuned(name)
-        return entry.pop("variant", "one_pass"), entry or None
+        return entry.pop("variant", None), entry or None
     return variant or "one_pass", config
 
 
 def _variant_config(variant: str, base: dict, config: dict | None) -> dict:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
+    if variant == "gluon":
+        if config:
+            raise ValueError(f"variant='gluon' has fixed tiles (see dslib/kernels/sparse_mla_gluon.py), got "
+                             f"config={config}.")
+        return {}
     return {**(TWO_PASS_CONFIG if variant == "two_pass" else base), **(config or {})}
+
+
+def gluon_problem(q_absorbed: torch.Tensor, kv_latent: torch.Tensor, k_rope: torch.Tensor) -> str | None:
+    """Why `variant="gluon"` cannot run these inputs here (device, Triton, dtype, widths), in words; None if it can."""
+    from dslib.kernels import triton_version
+
+    version = triton_version()
+    if version is None or version[:2] < (3, 6):
+        return f"Gluon needs Triton >= 3.6, found {'.'.join(map(str, version or ())) or 'none'}"
+    if interpreting():
+        return "Gluon has no CPU interpreter (TRITON_INTERPRET=1 is set)"
+    dev = q_absorbed.device
+    if dev.type != "cuda":
+        return f"the Gluon kernel needs a CUDA device, got {dev}"
+    major, minor = torch.cuda.get_device_capability(dev)
+    if major != 9:
+        return f"the Gluon kernel uses Hopper's wgmma (compute capability 9.x); this GPU is {major}.{minor}"
+    try:
+        from dslib.kernels import sparse_mla_gluon
+    except (ImportError, AttributeError) as e:
+        return f"this Triton's Gluon lacks what the kernel uses ({type(e).__name__}: {e})"
+    _, _, H, C = q_absorbed.shape
+    return sparse_mla_gluon.shape_problem(q_absorbed.dtype, H, C, k_rope.shape[-1],
+                                          _offsets_fit_32(kv_latent.shape[1], kv_latent, k_rope))
+
+
+_GLUON_FAILED: list[str] = []  # why the first automatic Gluon launch in this process failed (then one_pass is used)
+_GLUON_CHECKED: list[bool] = []  # the first automatic Gluon launch went well
+
+
+def _auto_variant(T: int, q_absorbed, kv_latent, k_rope) -> str:
+    """The built-in choice: the Gluon kernel for prefill (T > 8) where it runs, measured 1.39x faster than one_pass
+    on an H100 (data/gpu_kernels/gluon_trial_h100.csv); one_pass for decode, whose split-KV the Gluon kernel lacks."""
+    if T <= 8 or _GLUON_FAILED:
+        return "one_pass"
+    return "gluon" if gluon_problem(q_absorbed, kv_latent, k_rope) is None else "one_pass"
+
+
+def _launch_gluon(explicit: bool, q_absorbed, q_rope, kv_latent, k_rope, selected, scale, out):
+    """The Gluon kernel. Chosen automatically, a failure of its first launch (an untested Triton's Gluon, say) is
+    reported once and the one-pass kernel runs instead (returns None); asked for by name, the error is raised."""
+    from dslib.kernels import sparse_mla_gluon
+
+    if explicit or _GLUON_CHECKED:
+        return sparse_mla_gluon.launch(q_absorbed, q_rope, kv_latent, k_rope, selected, scale, out)
+    try:
+        result = sparse_mla_gluon.launch(q_absorbed, q_rope, kv_latent, k_rope, selected, scale, out)
+    except Exception as e:  # noqa: BLE001  (compilation or launch: fall back to a kernel that runs everywhere)
+        _GLUON_FAILED.append(f"{type(e).__name__}: {e}")
+        warnings.warn(f"sparse_mla: the Gluon kernel failed ({_GLUON_FAILED[0][:300]}); using variant='one_pass' "
+                      "from now on.", RuntimeWarning, stacklevel=3)
+        return None
+    _GLUON_CHECKED.append(True)
+    return result
 
 
 def _output(out, B, T, H, C, dtype, device, name):
@@ -618,9 +680,11 @@ def sparse_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.
     The maths of `dslib.sparse.sparse_attention`, with fp32 scores, softmax and accumulation (the probabilities
     enter the weighted sum in the inputs' dtype, as there). A query with no valid key gets 0 instead of NaN.
     `num_splits` overrides how many programs share one query's keys (default: chosen from the GPU's size).
-    `variant`: "one_pass" (online softmax, `_sparse_mla_kernel`) or "two_pass" (`_mla_scores_kernel` then
-    `_mla_values_kernel`); same maths, `config` keys as in SPARSE_CONFIG / TWO_PASS_CONFIG. With neither given,
-    the tuned choice for decode (T <= 8) or prefill (`dslib.kernels.use_tuning`), else one_pass.
+    `variant`: "one_pass" (online softmax, `_sparse_mla_kernel`), "two_pass" (`_mla_scores_kernel` then
+    `_mla_values_kernel`) or "gluon" (Hopper only, fixed tiles: `dslib/kernels/sparse_mla_gluon.py`; `gluon_problem`
+    says why it cannot run); same maths, `config` keys as in SPARSE_CONFIG / TWO_PASS_CONFIG. With neither given,
+    the tuned choice for decode (T <= 8) or prefill (`dslib.kernels.use_tuning`), else gluon for prefill where it
+    runs and one_pass otherwise.
     """
     B, T, H, C, _, _ = _check_mla(q_absorbed, q_rope, kv_latent, k_rope, "sparse_mla")
     if selected.dim() != 3 or tuple(selected.shape[:2]) != (B, T):
@@ -628,7 +692,14 @@ def sparse_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.
     if selected.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"sparse_mla: selected must be int32 or int64, got {selected.dtype}.")
     require_device(q_absorbed=q_absorbed, q_rope=q_rope, kv_latent=kv_latent, k_rope=k_rope, selected=selected)
+    explicit = variant is not None
     variant, config = _tuned_variant("sparse_decode" if T <= 8 else "sparse_prefill", variant, config)
+    if variant is None:
+        variant = _auto_variant(T, q_absorbed, kv_latent, k_rope)
+    elif variant == "gluon" and (problem := gluon_problem(q_absorbed, kv_latent, k_rope)) is not None:
+        if explicit:
+            raise ValueError(f"sparse_mla(variant='gluon'): {problem}. Use variant='one_pass' (any CUDA GPU).")
+        variant, config = "one_pass", None  # a tuning file from a Hopper GPU, used elsewhere
     cfg = _variant_config(variant, SPARSE_CONFIG, config)
     out = _output(out, B, T, H, C, q_absorbed.dtype, q_absorbed.device, "sparse_mla")
     topk = selected.shape[-1]
@@ -637,6 +708,11 @@ def sparse_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.
     if kv_latent.shape[1] == 0 or topk == 0:  # no keys at all: every query gets 0
         return out.zero_()
     q_absorbed, q_rope, kv_latent, k_rope, selected = _unit_last(q_absorbed, q_rope, kv_latent, k_rope, selected)
+    if variant == "gluon":
+        result = _launch_gluon(explicit, q_absorbed, q_rope, kv_latent, k_rope, selected, scale, out)
+        if result is not None:
+            return result
+        variant, cfg = "one_pass", _variant_config("one_pass", SPARSE_CONFIG, None)
     if variant == "two_pass":
         return _launch_two_pass(selected, True, q_absorbed, q_rope, kv_latent, k_rope, scale, topk, cfg, out,
                                 num_splits)
@@ -669,6 +745,10 @@ def dense_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.T
     require_device(q_absorbed=q_absorbed, q_rope=q_rope, kv_latent=kv_latent, k_rope=k_rope, q_positions=q_positions)
     pos = pos.expand(B, T).to(torch.int64).contiguous()
     variant, config = _tuned_variant("dense_decode", variant, config)
+    variant = variant or "one_pass"
+    if variant == "gluon":
+        raise ValueError("dense_mla has no Gluon kernel (variant='gluon' is sparse_mla's prefill); use 'one_pass' or "
+                         "'two_pass'.")
     cfg = _variant_config(variant, DENSE_CONFIG, config)
     out = _output(out, B, T, H, C, q_absorbed.dtype, q_absorbed.device, "dense_mla")
     if B * T * H == 0:
@@ -691,5 +771,5 @@ def sparse_mla_flops(selected: torch.Tensor, num_heads: int, kv_lora_rank: int, 
     return valid * 2 * num_heads * (2 * kv_lora_rank + rope_dim)
 
 
-__all__ = ["DENSE_CONFIG", "SPARSE_CONFIG", "TWO_PASS_CONFIG", "VARIANTS", "dense_mla", "sparse_mla",
+__all__ = ["DENSE_CONFIG", "SPARSE_CONFIG", "TWO_PASS_CONFIG", "VARIANTS", "dense_mla", "gluon_problem", "sparse_mla",
            "sparse_mla_flops"]
