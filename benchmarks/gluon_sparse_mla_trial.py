@@ -23,7 +23,9 @@ Measured (data/gpu_kernels/gluon_trial_h100.csv: one NVIDIA H100 80GB HBM3, torc
 
 so 1.39x faster than the shipped kernel at 128K and 1.35x at 16K. DEFER is slower (3.70 ms at 128K), and
 BLOCK_N 32 at best ties one-pass (plain 4.63 ms, OVERLAP 4.71-4.74, DEFER 5.57).
-Not yet wired into dslib and not yet run on an H200. Offline sm_90a compile with Triton 3.6 (`--compile-only`):
+Its plain mode is now dslib's `sparse_mla(variant="gluon")` (dslib/kernels/sparse_mla_gluon.py, with batches
+and any k); this file keeps the other modes. Not yet run on an H200. Offline sm_90a compile with Triton 3.6
+(`--compile-only`):
 
     BLOCK_N  NUM_BUF  mode      shared memory  registers  spills
     64       2        plain     220 KB         218        0

@@ -127,6 +127,15 @@ def test_gluon_matches_fp32_and_one_pass_on_the_gpu(B, T, H, C, R, S, k, idx_dty
     assert torch.isfinite(got).all() and (got[:, 1] == 0).all()
     assert _rel(got, ref) < 1e-2 and _rel(got, one) < 1e-2
     assert _rel(got, ref) < 1.5 * _rel(one, ref) + 1e-3  # no worse than the shipped kernel
-    assert kmla._auto_variant(T, qa, lat, kr) == "gluon"  # the built-in choice for prefill on Hopper
-    if not kernels.tuned("sparse_prefill"):  # no tuning file adopted: a call without variant= takes the Gluon kernel
+    assert kmla._auto_variant(T, qa, lat, kr) == ("gluon" if kmla.GLUON_BY_DEFAULT else "one_pass")
+    if kmla.GLUON_BY_DEFAULT and not kernels.tuned("sparse_prefill"):  # a call without variant= takes it
         assert torch.equal(kmla.sparse_mla(qa, qr, lat, kr, sel, scale), got)
+    saved = dict(kernels.TUNED)
+    kernels.TUNED["sparse_prefill"] = {"variant": "gluon"}  # as a tuning file that chose it
+    try:
+        assert torch.equal(kmla.sparse_mla(qa, qr, lat, kr, sel, scale), got)
+        few = [x[:, :4] for x in (qa, qr)] + [lat, kr, sel[:, :4], scale]  # decode (T <= 8): not its case
+        assert torch.equal(kmla.sparse_mla(*few), kmla.sparse_mla(*few, variant="one_pass"))
+    finally:
+        kernels.TUNED.clear()
+        kernels.TUNED.update(saved)

@@ -51,6 +51,9 @@ and every selected row is gathered by four programs instead of two (commit fe51b
 data/gpu_kernels/vsplit_trial.csv). Triton 3.6's automatic warp specialisation, `tl.range(...,
 warp_specialize=True)`, is no way out either: in an offline sm_90a compile of this loop it changes nothing with 8
 warps and stops on an assertion in its Hopper pass with 4.
+What does work is to leave Triton's layout choice: the same loop written in Gluon, Triton's lower-level dialect,
+with warps [4, 2] in both products, ran at 352 against 253 TFLOP/s at 128K on an H100
+(`variant="gluon"`, dslib/kernels/sparse_mla_gluon.py; Hopper only, no interpreter).
 
 **Two-pass softmax** (`variant="two_pass"`): the same maths in two kernels, each with ONE matrix product per
 step, so no dot feeds another and every warp computes different numbers:
@@ -630,21 +633,29 @@ def gluon_problem(q_absorbed: torch.Tensor, kv_latent: torch.Tensor, k_rope: tor
                                           _offsets_fit_32(kv_latent.shape[1], kv_latent, k_rope))
 
 
-_GLUON_FAILED: list[str] = []  # why the first automatic Gluon launch in this process failed (then one_pass is used)
-_GLUON_CHECKED: list[bool] = []  # the first automatic Gluon launch went well
+# Whether a call that names no variant (and has no tuning entry) takes the Gluon kernel for prefill where it runs.
+# Its trial version measured 1.39x faster than one_pass on an H100 (data/gpu_kernels/gluon_trial_h100.csv), but
+# this wired-in version (batches, int64 selections, padded k) has been compiled for sm_90a, not yet run on a GPU:
+# no GPU was lent after it was written (2026-12-08). Until tests/test_kernels_gluon.py has passed on a Hopper GPU it
+# runs only when asked for by name, or when a tuning file chose it: benchmarks/gpu_kernels.py checks every
+# candidate against PyTorch on the GPU before it times it.
+GLUON_BY_DEFAULT = False
+_GLUON_FAILED: list[str] = []  # why the first Gluon launch not asked for by name failed (then one_pass is used)
+_GLUON_CHECKED: list[bool] = []  # the first such launch went well
 
 
 def _auto_variant(T: int, q_absorbed, kv_latent, k_rope) -> str:
-    """The built-in choice: the Gluon kernel for prefill (T > 8) where it runs, measured 1.39x faster than one_pass
-    on an H100 (data/gpu_kernels/gluon_trial_h100.csv); one_pass for decode, whose split-KV the Gluon kernel lacks."""
-    if T <= 8 or _GLUON_FAILED:
+    """The built-in choice: one_pass, or with GLUON_BY_DEFAULT the Gluon kernel for prefill (T > 8) where it runs;
+    decode keeps one_pass, whose split-KV the Gluon kernel lacks."""
+    if not GLUON_BY_DEFAULT or T <= 8 or _GLUON_FAILED:
         return "one_pass"
     return "gluon" if gluon_problem(q_absorbed, kv_latent, k_rope) is None else "one_pass"
 
 
 def _launch_gluon(explicit: bool, q_absorbed, q_rope, kv_latent, k_rope, selected, scale, out):
-    """The Gluon kernel. Chosen automatically, a failure of its first launch (an untested Triton's Gluon, say) is
-    reported once and the one-pass kernel runs instead (returns None); asked for by name, the error is raised."""
+    """The Gluon kernel. Not asked for by name (a tuning file's or the built-in choice), a failure of its first
+    launch (an untested Triton's Gluon, say) is reported once and the one-pass kernel runs instead (returns None);
+    asked for by name, the error is raised."""
     from dslib.kernels import sparse_mla_gluon
 
     if explicit or _GLUON_CHECKED:
@@ -683,8 +694,8 @@ def sparse_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.
     `variant`: "one_pass" (online softmax, `_sparse_mla_kernel`), "two_pass" (`_mla_scores_kernel` then
     `_mla_values_kernel`) or "gluon" (Hopper only, fixed tiles: `dslib/kernels/sparse_mla_gluon.py`; `gluon_problem`
     says why it cannot run); same maths, `config` keys as in SPARSE_CONFIG / TWO_PASS_CONFIG. With neither given,
-    the tuned choice for decode (T <= 8) or prefill (`dslib.kernels.use_tuning`), else gluon for prefill where it
-    runs and one_pass otherwise.
+    the tuned choice for decode (T <= 8) or prefill (`dslib.kernels.use_tuning`), else one_pass (`GLUON_BY_DEFAULT`
+    says when gluon will take prefill).
     """
     B, T, H, C, _, _ = _check_mla(q_absorbed, q_rope, kv_latent, k_rope, "sparse_mla")
     if selected.dim() != 3 or tuple(selected.shape[:2]) != (B, T):
@@ -771,5 +782,5 @@ def sparse_mla_flops(selected: torch.Tensor, num_heads: int, kv_lora_rank: int, 
     return valid * 2 * num_heads * (2 * kv_lora_rank + rope_dim)
 
 
-__all__ = ["DENSE_CONFIG", "SPARSE_CONFIG", "TWO_PASS_CONFIG", "VARIANTS", "dense_mla", "gluon_problem", "sparse_mla",
-           "sparse_mla_flops"]
+__all__ = ["DENSE_CONFIG", "GLUON_BY_DEFAULT", "SPARSE_CONFIG", "TWO_PASS_CONFIG", "VARIANTS", "dense_mla",
+           "gluon_problem", "sparse_mla", "sparse_mla_flops"]
