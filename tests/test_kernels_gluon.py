@@ -139,3 +139,16 @@ def test_gluon_matches_fp32_and_one_pass_on_the_gpu(B, T, H, C, R, S, k, idx_dty
     finally:
         kernels.TUNED.clear()
         kernels.TUNED.update(saved)
+
+
+def test_notebook06_says_whether_gluon_is_the_default():
+    """Notebook 06 tells learners the Gluon kernel is not yet the default; whoever flips GLUON_BY_DEFAULT (after its
+    GPU test) must change that sentence too."""
+    import nbformat
+
+    nb = nbformat.read(ROOT / "notebooks" / "06_full_size_gpu.ipynb", as_version=4)
+    text = " ".join(" ".join(c.source for c in nb.cells if c.cell_type == "markdown").split())
+    source = (ROOT / "dslib" / "kernels" / "sparse_mla.py").read_text()
+    by_default = "GLUON_BY_DEFAULT = True" in source
+    assert by_default or "GLUON_BY_DEFAULT = False" in source
+    assert ("It has not yet replaced the one-pass kernel as the default" in text) == (not by_default)

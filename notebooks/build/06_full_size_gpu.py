@@ -766,6 +766,53 @@ kernel on Hopper. (`tests/test_recorded_claims.py` checks these statements again
 """)
 
 md(r"""
+**What did help: naming the layout.** Triton picks the layout of every tensor itself. Gluon, its lower-level dialect
+(Triton 3.6 and newer), lets the kernel name them. The kernel below is the one-pass loop again, with both products
+split over the warps as [4, 2]. In the scores, each warpgroup takes half of a block's 64 keys; in the weighted sum,
+half of the 512 value columns. So no tensor-core instruction is issued twice. The softmax's maximum and sum now
+cross the two warpgroups, as in the lookahead trial, but each block's rows are still gathered once, into shared
+memory, while the previous block computes (`cp.async`).
+""")
+
+code(r"""
+try:
+    from dslib.kernels import sparse_mla_gluon
+except ImportError as err:  # Gluon needs Triton >= 3.6
+    sparse_mla_gluon = None
+    print(f"this Triton has no Gluon ({err}); read dslib/kernels/sparse_mla_gluon.py")
+if sparse_mla_gluon is not None:
+    dslib.show(sparse_mla_gluon._sparse_mla_kernel)
+""")
+
+md(r"""
+It was measured on an H100 against the one-pass kernel on the same card: 2,048 queries at the end of the context,
+each with all 2,048 selected keys valid. The FLOPs come from the shapes, 2 · heads · (C + R + C) per query and key;
+the assert checks that the recorded rate is those FLOPs over the recorded time.
+""")
+
+code(r"""
+gluon_rows = {(r["shape"], r["config"]): r for r in read_rows(trials / "gluon_trial_h100.csv") if r["kind"] == "time"}
+H, C, R, k = cfg_full.num_attention_heads, cfg_full.kv_lora_rank, cfg_full.qk_rope_head_dim, cfg_full.index_topk
+plain = "gluon {'BLOCK_N': 64, 'NUM_BUF': 2, 'DEFER': False}"  # the version in dslib
+for S in (131072, 16384):
+    shape = f"T=2048 S={S} k={k}"
+    one_ms, gl_ms = (float(gluon_rows[(shape, c)]["median_ms"]) for c in ("one_pass (Triton)", plain))
+    flops = 2 * H * (C + R + C) * 2048 * k
+    assert abs(flops / (gl_ms * 1e-3) / 1e12 - float(gluon_rows[(shape, plain)]["tflops"])) < 0.1
+    print(f"{S // 1024:>3}K context: one-pass {one_ms:.2f} ms ({flops / one_ms / 1e9:.0f} TFLOP/s), "
+          f"Gluon {gl_ms:.2f} ms ({flops / gl_ms / 1e9:.0f} TFLOP/s): {one_ms / gl_ms:.2f}x faster")
+print("measured on", gluon_rows[(shape, plain)]["device"])
+""")
+
+md(r"""
+In dslib it is `sparse_mla(..., variant="gluon")`, for prefill on a Hopper GPU. A decode step keeps the one-pass kernel,
+which splits one query's keys over many programs; Gluon has no CPU interpreter, so CI only compiles it for Hopper.
+It has not yet replaced the one-pass kernel as the default. Its trial version ran on the GPU, but the version in dslib
+(batches, any k) has so far only been compiled. Until it has passed its GPU test, it runs when asked for by name, or
+when the kernel benchmark's tuning file chose it (that benchmark checks every candidate against PyTorch first).
+""")
+
+md(r"""
 ## 8. When users outgrow one machine: vLLM and SGLang
 
 Serving DeepSeek-V3.2 to many users is the job of an inference engine, not of this series. The two engines DeepSeek
