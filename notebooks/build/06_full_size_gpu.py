@@ -786,8 +786,9 @@ if sparse_mla_gluon is not None:
 
 md(r"""
 It was measured on an H100 against the one-pass kernel on the same card: 2,048 queries at the end of the context,
-each with all 2,048 selected keys valid. The FLOPs come from the shapes, 2 · heads · (C + R + C) per query and key;
-the assert checks that the recorded rate is those FLOPs over the recorded time.
+each with all 2,048 selected keys valid. The FLOPs come from the shapes, 2 · heads · (C + R + C) per query and key,
+and the rate is those FLOPs over the recorded time. The trial used the tiles dslib's version has (64 keys per step,
+two buffers).
 """)
 
 code(r"""
@@ -798,10 +799,12 @@ for S in (131072, 16384):
     shape = f"T=2048 S={S} k={k}"
     one_ms, gl_ms = (float(gluon_rows[(shape, c)]["median_ms"]) for c in ("one_pass (Triton)", plain))
     flops = 2 * H * (C + R + C) * 2048 * k
-    assert abs(flops / (gl_ms * 1e-3) / 1e12 - float(gluon_rows[(shape, plain)]["tflops"])) < 0.1
+    assert gluon_rows[(shape, plain)]["ok"] == "True"  # checked against fp32 PyTorch before it was timed
     print(f"{S // 1024:>3}K context: one-pass {one_ms:.2f} ms ({flops / one_ms / 1e9:.0f} TFLOP/s), "
           f"Gluon {gl_ms:.2f} ms ({flops / gl_ms / 1e9:.0f} TFLOP/s): {one_ms / gl_ms:.2f}x faster")
 print("measured on", gluon_rows[(shape, plain)]["device"])
+if sparse_mla_gluon is not None:
+    assert (sparse_mla_gluon.BLOCK_N, sparse_mla_gluon.NUM_BUF) == (64, 2)
 """)
 
 md(r"""
