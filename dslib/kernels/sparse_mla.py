@@ -705,8 +705,8 @@ def sparse_mla(q_absorbed: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.
     require_device(q_absorbed=q_absorbed, q_rope=q_rope, kv_latent=kv_latent, k_rope=k_rope, selected=selected)
     explicit = variant is not None
     variant, config = _tuned_variant("sparse_decode" if T <= 8 else "sparse_prefill", variant, config)
-    if variant is None:
-        variant = _auto_variant(T, q_absorbed, kv_latent, k_rope)
+    if variant is None:  # tiles without a variant (a tuning entry) are one_pass tiles
+        variant = _auto_variant(T, q_absorbed, kv_latent, k_rope) if config is None else "one_pass"
     elif variant == "gluon" and (problem := gluon_problem(q_absorbed, kv_latent, k_rope)) is not None:
         if explicit:
             raise ValueError(f"sparse_mla(variant='gluon'): {problem}. Use variant='one_pass' (any CUDA GPU).")
