@@ -64,19 +64,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-@gluon.jit
-def _gather_rows(kc_buf, kr_buf, kv_ptr, kr_ptr, sel_row, start, S, s_kvs, s_krs,
-                 BLOCK_N: gl.constexpr, C: gl.constexpr, R: gl.constexpr, layout: gl.constexpr):
-    """cp.async of the BLOCK_N cache rows selected[start : start + BLOCK_N] into the two shared buffers.
-    An empty slot (-1, or >= S) reads row 0; its score is masked later."""
-    offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
-    idx = gl.load(sel_row + offs_n)
-    rows = gl.where((idx >= 0) & (idx < S), idx, 0).to(gl.int32)
-    offs_c = gl.arange(0, C, layout=gl.SliceLayout(0, layout))
-    offs_r = gl.arange(0, R, layout=gl.SliceLayout(0, layout))
-    cp.async_copy_global_to_shared(kc_buf, kv_ptr + (rows[:, None] * s_kvs + offs_c[None, :]))
-    cp.async_copy_global_to_shared(kr_buf, kr_ptr + (rows[:, None] * s_krs + offs_r[None, :]))
+# the gather and the barrier under either Triton's names (dslib's kernel is this file's plain mode)
+from dslib.kernels.sparse_mla_gluon import _barrier, _gather_rows  # noqa: E402
 
 
 @gluon.jit
@@ -151,14 +140,14 @@ def _gl_sparse_mla_kernel(qc_ptr, qr_ptr, kv_ptr, kr_ptr, sel_ptr, out_ptr,
         # (NUM_BUF >= 3: block j feeds the weighted sum, j + 1 the scores, j + 2 is in flight)
         gl.static_assert(NUM_BUF >= 3)
         cp.wait_group(NUM_BUF - 2)
-        gl.thread_barrier()
+        _barrier()
         fence_async_shared()
         s_cur = warpgroup_mma(qc_smem, kc_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s_cur = warpgroup_mma(qr_smem, kr_smem.index(0).permute((1, 0)), s_cur, is_async=True)
         s_cur = warpgroup_mma_wait(num_outstanding=0, deps=(s_cur, ))
         for j in range(n_blocks):
             cp.wait_group(NUM_BUF - 3)  # block j + 1 has landed (this thread's rows)
-            gl.thread_barrier()  # everyone's; and both warpgroups are done with block j - 1's weighted sum
+            _barrier()  # everyone's; and both warpgroups are done with block j - 1's weighted sum
             fence_async_shared()
             nxt = j + NUM_BUF - 1
             if nxt < n_blocks:
@@ -176,7 +165,7 @@ def _gl_sparse_mla_kernel(qc_ptr, qr_ptr, kv_ptr, kr_ptr, sel_ptr, out_ptr,
         for j in range(n_blocks):
             buf = j % NUM_BUF
             cp.wait_group(NUM_BUF - 2)  # this thread's rows of block j have landed
-            gl.thread_barrier()  # everyone's have; and every warp is done with block j - 1 (the buffer refilled next)
+            _barrier()  # everyone's have; and every warp is done with block j - 1 (the buffer refilled next)
             fence_async_shared()  # make them visible to the tensor cores (async proxy)
             nxt = j + NUM_BUF - 1
             kc = kc_smem.index(buf)
@@ -192,7 +181,7 @@ def _gl_sparse_mla_kernel(qc_ptr, qr_ptr, kv_ptr, kr_ptr, sel_ptr, out_ptr,
                 # the weighted sum of block j - 1 ran behind these scores on the tensor cores; once both warpgroups
                 # have it, its buffer takes block j + NUM_BUF - 1
                 acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-                gl.thread_barrier()
+                _barrier()
                 if nxt < n_blocks:
                     _gather_rows(kc_smem.index(nxt % NUM_BUF), kr_smem.index(nxt % NUM_BUF), kv_ptr, kr_ptr, sel_row,
                                  nxt * BLOCK_N, S, s_kvs, s_krs, BLOCK_N, C, R, ld)

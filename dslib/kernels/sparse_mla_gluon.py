@@ -67,7 +67,7 @@ def _gather_rows(kc_buf, kr_buf, kv_ptr, kr_ptr, sel_row, start, S, s_kvs, s_krs
                  BLOCK_N: gl.constexpr, C: gl.constexpr, R: gl.constexpr, layout: gl.constexpr):
     """Start the copy of the cache rows selected[start : start + BLOCK_N] into the two shared buffers. An empty
     slot (-1, or >= S) reads row 0; its score is masked in the softmax."""
-    idx = gl.load(sel_row + start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout)))
+    idx = gl.load(sel_row + (start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))))
     rows = gl.where((idx >= 0) & (idx < S), idx, 0).to(gl.int32)
     offs_c = gl.arange(0, C, layout=gl.SliceLayout(0, layout))
     offs_r = gl.arange(0, R, layout=gl.SliceLayout(0, layout))
@@ -136,7 +136,7 @@ def _sparse_mla_kernel(qc_ptr, qr_ptr, kv_ptr, kr_ptr, sel_ptr, out_ptr, S, H, T
         nxt = j + NUM_BUF - 1
         if nxt < n_blocks:
             _gather_rows(kc_smem.index(nxt % NUM_BUF), kr_smem.index(nxt % NUM_BUF), kv_ptr, kr_ptr, sel_row,
-                        nxt * BLOCK_N, S, s_kvs, s_krs, BLOCK_N, C, R, ld)
+                         nxt * BLOCK_N, S, s_kvs, s_krs, BLOCK_N, C, R, ld)
         cp.commit_group()
 
         # scores: content part + position part, fp32 on the tensor cores
